@@ -1,0 +1,261 @@
+"""Plumbing shared by the fake SageTV and Plex servers: real HTTP on 127.0.0.1,
+a request log, and faults injected on purpose.
+
+A fake is an *app*: an object with ``handle(request) -> Response`` (and optionally
+``function_of(request) -> str | None`` naming the API function a request calls, so
+faults and the log can refer to it). ``FakeServer`` serves an app on a free port in a
+background thread, records every request in ``log`` and applies the faults registered
+with ``add_fault`` before (or instead of) calling the app.
+
+Only the standard library is used, so the sandbox demo runs wherever the tool runs.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, Optional
+from urllib.parse import parse_qs, urlsplit
+
+
+@dataclass
+class Request:
+    """One request as the fake saw it (also what the log keeps)."""
+
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]
+    body: bytes = b""
+    function: Optional[str] = None  # API function (sagex ``c=``, or a Plex endpoint name)
+
+    def param(self, name: str, default: Optional[str] = None) -> Optional[str]:
+        """First value of a query (or form) parameter."""
+        values = self.query.get(name)
+        return values[0] if values else default
+
+    def header(self, name: str, default: Optional[str] = None) -> Optional[str]:
+        """A request header, looked up case-insensitively."""
+        return self.headers.get(name.lower(), default)
+
+
+@dataclass
+class Response:
+    status: int = 200
+    body: bytes = b""
+    content_type: str = "text/plain; charset=utf-8"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Fault:
+    """A failure served on purpose to the requests it matches.
+
+    Matching: ``path`` (prefix of the URL path), ``function`` (API function name),
+    ``method``, and ``when`` (any predicate over the Request); all given ones must hold.
+    ``skip`` lets that many matching requests through first; ``times`` limits how many
+    are hit (None: all of them).
+
+    Effect, in this order: ``delay_s`` sleeps first (past a client's timeout it is a
+    slow server); ``drop`` closes the connection with no reply; ``status`` answers that
+    status with ``body`` (or a short text); ``body`` alone answers 200 with that body
+    *without running the app* (so ``body=b"{}"`` is a write that did nothing);
+    ``truncate`` runs the app and sends only the first half of its reply, then closes.
+    With only ``delay_s`` the app runs normally after the delay.
+    """
+
+    path: Optional[str] = None
+    function: Optional[str] = None
+    method: Optional[str] = None
+    when: Optional[Callable[[Request], bool]] = None
+    status: Optional[int] = None
+    body: Optional[bytes] = None
+    content_type: str = "text/plain; charset=utf-8"
+    delay_s: float = 0.0
+    drop: bool = False
+    truncate: bool = False
+    skip: int = 0
+    times: Optional[int] = None
+    hits: int = 0
+    seen: int = 0
+
+    def matches(self, request: Request) -> bool:
+        if self.path is not None and not request.path.startswith(self.path):
+            return False
+        if self.function is not None and request.function != self.function:
+            return False
+        if self.method is not None and request.method != self.method.upper():
+            return False
+        return self.when is None or bool(self.when(request))
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: clients reuse sockets, as with real servers
+    server: _Server
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass  # the request log replaces stderr chatter
+
+    def _serve(self) -> None:
+        fake = self.server.fake
+        split = urlsplit(self.path)
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        query = parse_qs(split.query, keep_blank_values=True)
+        content_type = self.headers.get("Content-Type") or ""
+        if body and content_type.startswith("application/x-www-form-urlencoded"):
+            for key, values in parse_qs(body.decode("utf-8"), keep_blank_values=True).items():
+                query.setdefault(key, []).extend(values)
+        request = Request(
+            method=self.command,
+            path=split.path,
+            query=query,
+            headers={k.lower(): v for k, v in self.headers.items()},
+            body=body,
+        )
+        function_of = getattr(fake.app, "function_of", None)
+        if function_of is not None:
+            request.function = function_of(request)
+        with fake.lock:
+            fake.log.append(request)
+        fault = fake._take_fault(request)
+        if fault is not None and fault.delay_s:
+            time.sleep(fault.delay_s)
+        if fault is not None and fault.drop:
+            self._drop()
+            return
+        if fault is not None and fault.status is not None:
+            response = Response(fault.status, fault.body or f"{fault.status} fault".encode(),
+                                fault.content_type)
+        elif fault is not None and fault.body is not None:
+            response = Response(200, fault.body, fault.content_type)
+        else:
+            try:
+                response = fake.app.handle(request)
+            except Exception as exc:  # a bug in a fake must be loud, not a hung client
+                fake.errors.append(exc)
+                response = Response(500, f"fake server error: {exc!r}".encode())
+        if fault is not None and fault.truncate:
+            self._send(response, truncate=True)
+            return
+        self._send(response)
+
+    def _send(self, response: Response, truncate: bool = False) -> None:
+        self.send_response(response.status)
+        self.send_header("Content-Type", response.content_type)
+        self.send_header("Content-Length", str(len(response.body)))
+        for name, value in response.headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(response.body[: len(response.body) // 2] if truncate else response.body)
+        if truncate:
+            self.wfile.flush()
+            self._drop()
+
+    def _drop(self) -> None:
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_OPTIONS = _serve
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+    fake: FakeServer
+
+
+class FakeServer:
+    """Serves one fake app on 127.0.0.1 (a free port unless one is given).
+
+    Use as a context manager, or call ``start()``/``stop()``. ``log`` lists every
+    request received; ``errors`` collects exceptions raised inside the app.
+    """
+
+    def __init__(self, app: object, port: int = 0) -> None:
+        self.app = app
+        self.log: list[Request] = []
+        self.errors: list[BaseException] = []
+        self.faults: list[Fault] = []
+        self.lock = threading.Lock()
+        self._port = port
+        self._httpd: Optional[_Server] = None
+        self._thread: Optional[threading.Thread] = None
+
+    # -- lifecycle -------------------------------------------------------------------
+    def start(self) -> FakeServer:
+        self._httpd = _Server(("127.0.0.1", self._port), _Handler)
+        self._httpd.fake = self
+        self._port = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever,
+                                        kwargs={"poll_interval": 0.05},
+                                        name=f"fake-{type(self.app).__name__}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving; connections still open are closed (a server that goes away)."""
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    def __enter__(self) -> FakeServer:
+        return self.start() if self._httpd is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self._port}"
+
+    # -- faults ----------------------------------------------------------------------
+    def add_fault(self, fault: Optional[Fault] = None, **kwargs: object) -> Fault:
+        """Register a fault (a Fault, or its fields as keyword arguments)."""
+        fault = fault or Fault(**kwargs)  # type: ignore[arg-type]
+        with self.lock:
+            self.faults.append(fault)
+        return fault
+
+    def clear_faults(self) -> None:
+        with self.lock:
+            self.faults.clear()
+
+    def _take_fault(self, request: Request) -> Optional[Fault]:
+        with self.lock:
+            for fault in self.faults:
+                if not fault.matches(request):
+                    continue
+                fault.seen += 1
+                if fault.seen <= fault.skip:
+                    continue
+                if fault.times is not None and fault.hits >= fault.times:
+                    continue
+                fault.hits += 1
+                return fault
+        return None
+
+    # -- the log ---------------------------------------------------------------------
+    def requests(self, function: Optional[str] = None, path: Optional[str] = None) -> list[Request]:
+        """Logged requests, optionally only those of one function or path prefix."""
+        with self.lock:
+            return [r for r in self.log
+                    if (function is None or r.function == function)
+                    and (path is None or r.path.startswith(path))]
+
+    def clear_log(self) -> None:
+        with self.lock:
+            self.log.clear()

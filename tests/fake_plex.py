@@ -1,0 +1,1046 @@
+"""A fake Plex Media Server that the unmodified ``plexapi`` library cannot tell from a
+real one for the calls sageplex_sync makes (see shared/reference/plex-api.md, §8).
+
+``FakePlex`` is an *app* for ``tests.fake_http.FakeServer``: it answers real HTTP on
+127.0.0.1 with the XML a PMS sends, keeps watch state per user (token), and applies the
+watch-state semantics of plex-api.md §4.1 to ``/:/scrobble``, ``/:/unscrobble``,
+``/:/progress`` and ``/:/timeline``. The library admin calls of §5 (``library.add``,
+``section.update``, ``section.delete``) work too, including the ``/services/browse``
+look-ups ``library.add`` makes before it POSTs.
+
+Speed matters (benchmarks run 50 000-item libraries), so each item's XML fragment is
+rendered once and cached per user until that item changes, and each section keeps its
+ordered item list; a listing is then a join of cached bytes.
+
+Places where the real server's behaviour is not documented are marked ``GUESS:``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ntpath
+import posixpath
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Callable
+from urllib.parse import unquote
+
+try:
+    from tests.fake_http import FakeServer, Request, Response
+except ImportError:  # run from inside tests/ (e.g. a demo script next to this file)
+    from fake_http import FakeServer, Request, Response  # type: ignore[no-redef]
+
+IDENTIFIER = "com.plexapp.plugins.library"
+OWNER = "owner"  # user name of the main token (the server owner)
+XML_TYPE = "text/xml;charset=utf-8"  # with charset, or requests mojibakes non-ASCII (§1.3)
+PROLOG = b'<?xml version="1.0" encoding="UTF-8"?>\n'
+
+# plexapi's utils.SEARCHTYPES for the types this fake serves
+TYPE_NUMBERS = {"movie": 1, "show": 2, "season": 3, "episode": 4}
+_TYPE_BY_NUMBER = {v: k for k, v in TYPE_NUMBERS.items()}
+_DEFAULTS = {  # section type -> (agent, scanner, the type an untyped /all lists)
+    "movie": ("tv.plex.agents.movie", "Plex Movie", "movie"),
+    "show": ("tv.plex.agents.series", "Plex TV Series", "show"),
+}
+_PLAYABLE = ("movie", "episode")
+_STATES = ("playing", "paused", "stopped", "buffering")
+
+WRITE_FUNCTIONS = frozenset(
+    {"scrobble", "unscrobble", "progress", "timeline", "add_section", "delete_section", "refresh"}
+)
+
+# one-pass escaping for double-quoted attributes; newlines and tabs as character
+# references, or the XML parser would normalise them to spaces
+_ATTR_TABLE = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;",
+                             "\n": "&#10;", "\r": "&#13;", "\t": "&#9;"})
+
+
+def _esc(value: object) -> str:
+    """Escape a value for a double-quoted XML attribute."""
+    if type(value) is int:  # most attributes: nothing to escape
+        return str(value)
+    return str(value).translate(_ATTR_TABLE)
+
+
+def _attrs(pairs: Iterable[tuple[str, object]]) -> str:
+    """`` k="v"`` for each pair whose value is not None (PMS omits unknown attributes)."""
+    return "".join(f' {k}="{_esc(v)}"' for k, v in pairs if v is not None)
+
+
+def _html_error(status: int, reason: str) -> Response:
+    # Real PMS error bodies are small HTML pages (python-plexapi #1467)
+    body = (f"<html><head><title>{reason}</title></head><body><h1>{status} {reason}</h1>"
+            f"</body></html>").encode()
+    return Response(status, body, "text/html")
+
+
+class _HttpError(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+
+
+def _bad(reason: str = "Bad Request") -> _HttpError:
+    return _HttpError(400, reason)
+
+
+def _not_found() -> _HttpError:
+    return _HttpError(404, "Not Found")
+
+
+# --------------------------------------------------------------------------------------
+# public state snapshots (what tests assert on)
+# --------------------------------------------------------------------------------------
+@dataclass
+class PlexSection:
+    key: int
+    title: str
+    type: str
+    agent: str
+    scanner: str
+    language: str
+    uuid: str
+    locations: list[str]
+    created_at_s: int
+    updated_at_s: int
+    scanned_at_s: int
+    refreshed_count: int = 0  # incremented by each /refresh (a scan request)
+    refresh_paths: list[str | None] = field(default_factory=list)  # ``path=`` of each refresh
+
+
+@dataclass
+class PlexItem:
+    """A copy of one item with one user's watch state (changing it changes nothing)."""
+
+    rating_key: int
+    type: str  # movie, episode, show, season
+    title: str
+    section: int
+    files: list[str]
+    duration_ms: int
+    view_count: int = 0
+    view_offset_ms: int = 0
+    last_viewed_at_s: int | None = None
+    year: int | None = None
+    show_title: str | None = None  # episodes, seasons and shows
+    season: int | None = None  # episodes and seasons
+    episode: int | None = None  # episodes
+    parent_key: int | None = None  # ratingKey of the season (episode) or show (season)
+    grandparent_key: int | None = None  # ratingKey of the show (episode)
+    guid: str = ""
+    added_at_s: int = 0
+    updated_at_s: int = 0
+    part_sizes: list[int] = field(default_factory=list)
+    leaf_count: int = 0  # shows and seasons: episodes below
+    viewed_leaf_count: int = 0  # shows and seasons: of those, with viewCount > 0
+
+
+# --------------------------------------------------------------------------------------
+# internal records
+# --------------------------------------------------------------------------------------
+class _Meta:
+    """Metadata of one item, shared by all users (watch state lives in _Watch)."""
+
+    __slots__ = ("rk", "type", "title", "section", "files", "sizes", "part_ids", "duration",
+                 "year", "show", "season", "episode", "parent", "grandparent", "guid",
+                 "added_at", "updated_at", "children", "children_sorted")
+
+    def __init__(self, rk: int, type_: str, title: str, section: int) -> None:
+        self.rk = rk
+        self.type = type_
+        self.title = title
+        self.section = section
+        self.files: list[str] = []
+        self.sizes: list[int] = []
+        self.part_ids: list[int] = []
+        self.duration = 0
+        self.year: int | None = None
+        self.show: str | None = None
+        self.season: int | None = None
+        self.episode: int | None = None
+        self.parent: int | None = None
+        self.grandparent: int | None = None
+        self.guid = ""
+        self.added_at = 0
+        self.updated_at = 0
+        self.children: list[int] = []  # show -> seasons, season -> episodes
+        self.children_sorted = True
+
+
+class _Watch:
+    __slots__ = ("count", "offset", "last")
+
+    def __init__(self, count: int = 0, offset: int = 0, last: int | None = None) -> None:
+        self.count = count
+        self.offset = offset
+        self.last = last
+
+
+# --------------------------------------------------------------------------------------
+# paths for /services/browse
+# --------------------------------------------------------------------------------------
+def _is_windows_path(path: str) -> bool:
+    return "\\" in path or (len(path) >= 2 and path[1] == ":")
+
+
+def _norm_dir(path: str) -> str:
+    """A directory without its trailing separator (roots keep theirs)."""
+    if _is_windows_path(path):
+        stripped = path.rstrip("\\/")
+        return stripped + "\\" if len(stripped) == 2 and stripped[1] == ":" else stripped
+    return path.rstrip("/") or "/"
+
+
+def _parent_dir(path: str) -> str | None:
+    mod = ntpath if _is_windows_path(path) else posixpath
+    parent = mod.dirname(path)
+    return parent if parent and parent != path else None
+
+
+def _basename(path: str) -> str:
+    mod = ntpath if _is_windows_path(path) else posixpath
+    return mod.basename(path) or path
+
+
+def _extension(path: str) -> str:
+    """A file's extension, lower case, as PMS reports the container ("" if none);
+    only the safe characters, as it goes into attributes unescaped."""
+    name = path.rsplit("/", 1)[-1].rsplit("\\", 1)[-1]
+    ext = name.rsplit(".", 1)[1].lower() if "." in name.lstrip(".") else ""
+    return ext if ext.isalnum() else ""
+
+
+def _browse_key(path: str) -> str:
+    return "/services/browse/" + base64.b64encode(path.encode("utf-8")).decode("ascii")
+
+
+# --------------------------------------------------------------------------------------
+# the app
+# --------------------------------------------------------------------------------------
+class FakePlex:
+    """A fake PMS. Build a library with ``add_section``/``add_movie``/``add_episode``,
+    serve it with ``FakeServer(app)`` (or ``serve_plex``), inspect it with ``item``/
+    ``items``/``sections``. All state is guarded by one lock: ThreadingHTTPServer serves
+    requests concurrently and tests read state from their own thread."""
+
+    WRITE_FUNCTIONS = WRITE_FUNCTIONS
+    version = "1.41.3.9314-fake"  # the shape of a PMS version string
+
+    def __init__(self, token: str = "fake-plex-token", *, clock: Callable[[], float] = time.time,
+                 min_progress_ms: int = 60_000, played_threshold: float = 0.9,
+                 progress_past_threshold: str = "played", omit_total_size: bool = False,
+                 extra_tokens: dict[str, str] | None = None,
+                 machine_identifier: str | None = None,
+                 friendly_name: str = "fake-plex") -> None:
+        if progress_past_threshold not in ("played", "offset", "ignore"):
+            raise ValueError(f"progress_past_threshold: {progress_past_threshold!r}")
+        self.token = token
+        self.clock = clock
+        self.min_progress_ms = min_progress_ms
+        self.played_threshold = played_threshold
+        self.progress_past_threshold = progress_past_threshold
+        self.omit_total_size = omit_total_size
+        self.tokens: dict[str, str] = {token: OWNER, **(extra_tokens or {})}
+        self.machine_identifier = machine_identifier or (uuid.uuid4().hex + uuid.uuid4().hex[:8])
+        self.friendly_name = friendly_name
+        self.started_at = int(clock())
+        self.lock = threading.RLock()
+        self._sections: dict[int, PlexSection] = {}
+        self._meta: dict[int, _Meta] = {}
+        self._watch: dict[str, dict[int, _Watch]] = {user: {} for user in self.tokens.values()}
+        self._shows: dict[tuple[int, str], int] = {}  # (section, show title) -> show rk
+        self._seasons: dict[tuple[int, int], int] = {}  # (show rk, season) -> season rk
+        self._next_section = 1
+        self._next_rk = 1000
+        self._next_id = 1  # Part and Location ids
+        # caches: per-user rendered fragments, per (section, type) ordered rating keys
+        self._frags: dict[str, dict[int, bytes]] = {user: {} for user in self._watch}
+        self._order: dict[tuple[int, str], list[int]] = {}
+        # watch-independent pieces of Video elements: per item, and per season for episodes
+        self._static: dict[int, tuple[str, str]] = {}
+        self._episode_ctx: dict[int, str] = {}
+        # the server's file system as /services/browse shows it: dir -> subdirs / files
+        self._subdirs: dict[str, set[str]] = {}
+        self._files: dict[str, set[str]] = {}
+
+    # ----------------------------------------------------------------------------------
+    # building the library
+    # ----------------------------------------------------------------------------------
+    def add_section(self, title: str, type: str, locations: Iterable[str] = (), *,  # noqa: A002
+                    key: int | None = None, agent: str | None = None,
+                    scanner: str | None = None, language: str = "en-US") -> int:
+        """Create a library section ("movie" or "show"); returns its key."""
+        if type not in _DEFAULTS:
+            raise ValueError(f"section type must be 'movie' or 'show', not {type!r}")
+        with self.lock:
+            if key is None:
+                key = self._next_section
+            elif key in self._sections:
+                raise ValueError(f"section {key} exists")
+            self._next_section = max(self._next_section, key + 1)
+            now = int(self.clock())
+            default_agent, default_scanner, _ = _DEFAULTS[type]
+            locations = [_norm_dir(loc) for loc in locations]
+            self._sections[key] = PlexSection(
+                key=key, title=title, type=type, agent=agent or default_agent,
+                scanner=scanner or default_scanner, language=language, uuid=str(uuid.uuid4()),
+                locations=locations, created_at_s=now, updated_at_s=now, scanned_at_s=now)
+            for loc in locations:
+                self._add_dir(loc)
+            return key
+
+    def add_movie(self, section: int, title: str, files: str | list[str], duration_ms: int, *,
+                  year: int | None = None, view_count: int = 0, view_offset_ms: int = 0,
+                  last_viewed_at_s: int | None = None, rating_key: int | None = None,
+                  sizes: list[int] | None = None) -> int:
+        """Add a movie (several files = one stacked item with several Parts); returns its
+        ratingKey. The watch state given is the owner's."""
+        with self.lock:
+            self._section_of_type(section, "movie")
+            meta = self._new_meta(rating_key, "movie", title, section)
+            meta.year = year
+            self._set_media(meta, files, duration_ms, sizes)
+            self._store(meta, view_count, view_offset_ms, last_viewed_at_s)
+            return meta.rk
+
+    def add_episode(self, section: int, show_title: str, season: int, episode: int, title: str,
+                    files: str | list[str], duration_ms: int, *, view_count: int = 0,
+                    view_offset_ms: int = 0, last_viewed_at_s: int | None = None,
+                    rating_key: int | None = None, sizes: list[int] | None = None) -> int:
+        """Add an episode, creating its show and season directories on first use;
+        returns its ratingKey. The watch state given is the owner's."""
+        with self.lock:
+            self._section_of_type(section, "show")
+            show = self._show(section, show_title)
+            season_meta = self._season(show, season)
+            meta = self._new_meta(rating_key, "episode", title, section)
+            meta.show, meta.season, meta.episode = show_title, season, episode
+            meta.parent, meta.grandparent = season_meta.rk, show.rk
+            self._set_media(meta, files, duration_ms, sizes)
+            season_meta.children.append(meta.rk)
+            season_meta.children_sorted = False
+            self._store(meta, view_count, view_offset_ms, last_viewed_at_s)
+            self._drop_frags(season_meta.rk, show.rk)  # leafCount changed
+            return meta.rk
+
+    def add_browse_dir(self, path: str) -> None:
+        """Make a directory (and its ancestors) visible through /services/browse."""
+        with self.lock:
+            self._add_dir(_norm_dir(path))
+
+    def set_watch_state(self, rating_key: int, *, user: str = OWNER, view_count: int = 0,
+                        view_offset_ms: int = 0, last_viewed_at_s: int | None = None) -> None:
+        """Set one user's watch state of a movie or episode directly (test set-up)."""
+        with self.lock:
+            meta = self._meta[rating_key]
+            self._set_watch(user, meta, _Watch(view_count, view_offset_ms, last_viewed_at_s))
+
+    # ----------------------------------------------------------------------------------
+    # inspecting state
+    # ----------------------------------------------------------------------------------
+    @property
+    def sections(self) -> dict[int, PlexSection]:
+        with self.lock:
+            return dict(self._sections)
+
+    def item(self, rating_key: int, *, user: str = OWNER) -> PlexItem:
+        """A snapshot of one item with ``user``'s watch state (KeyError if unknown)."""
+        with self.lock:
+            return self._snapshot(self._meta[rating_key], user)
+
+    def items(self, section: int | None = None, type: str | None = None,  # noqa: A002
+              *, user: str = OWNER) -> list[PlexItem]:
+        """Snapshots of all items (optionally of one section / type), by ratingKey."""
+        with self.lock:
+            return [self._snapshot(m, user) for rk, m in sorted(self._meta.items())
+                    if (section is None or m.section == section)
+                    and (type is None or m.type == type)]
+
+    def show_key(self, section: int, show_title: str) -> int:
+        with self.lock:
+            return self._shows[(section, show_title)]
+
+    def season_key(self, section: int, show_title: str, season: int) -> int:
+        with self.lock:
+            return self._seasons[(self._shows[(section, show_title)], season)]
+
+    # ----------------------------------------------------------------------------------
+    # the app protocol
+    # ----------------------------------------------------------------------------------
+    def function_of(self, request: Request) -> str | None:
+        """Short endpoint name of a request, for the log and fault matching."""
+        return self._route(request.method, request.path)[0]
+
+    def handle(self, request: Request) -> Response:
+        name, args = self._route(request.method, request.path)
+        if name == "identity":  # PMS answers /identity without a token
+            return self._xml(f'<MediaContainer size="0" claimed="0"'
+                             f' machineIdentifier="{self.machine_identifier}"'
+                             f' version="{self.version}"/>')
+        # The token is checked before anything else, on every path (unknown ones too)
+        token = request.header("X-Plex-Token") or request.param("X-Plex-Token")
+        user = self.tokens.get(token or "")
+        if user is None:
+            return _html_error(401, "Unauthorized")
+        if name is None:
+            return _html_error(404, "Not Found")
+        if name == "_method":
+            return _html_error(405, "Method Not Allowed")
+        try:
+            with self.lock:
+                return getattr(self, "_do_" + name)(request, user, *args)
+        except _HttpError as exc:
+            return _html_error(exc.status, exc.reason)
+
+    # ----------------------------------------------------------------------------------
+    # routing
+    # ----------------------------------------------------------------------------------
+    _READ = ("GET", "HEAD")
+    _WRITE = ("GET", "HEAD", "PUT", "POST")  # PMS takes GET for the /:/ writes too (§4)
+
+    def _route(self, method: str, path: str) -> tuple[str | None, tuple]:
+        """(function name, arguments); name None = unknown path, "_method" = wrong method."""
+        def allow(name: str, methods: tuple[str, ...], *args: object) -> tuple:
+            return (name if method in methods else "_method"), args
+
+        parts = [p for p in path.split("/") if p]
+        if not parts:
+            return allow("root", self._READ)
+        if parts[0] == ":" and len(parts) == 2 and parts[1] in (
+                "scrobble", "unscrobble", "progress", "timeline"):
+            return allow(parts[1], self._WRITE)
+        if parts == ["identity"]:
+            return allow("identity", self._READ)
+        if parts[:2] == ["services", "browse"]:
+            # base64 of the path may itself contain "/" (it is the standard alphabet)
+            encoded = path.split("/services/browse", 1)[1].strip("/")
+            return allow("browse", self._READ, encoded or None)
+        if parts[0] != "library":
+            return None, ()
+        if len(parts) == 1:
+            return allow("library", self._READ)
+        if parts[1] == "sections":
+            if len(parts) == 2:
+                if method == "POST":
+                    return "add_section", ()
+                return allow("sections", self._READ)
+            if parts[2] == "all" and parts[3:] == ["refresh"]:
+                if method == "DELETE":
+                    return "cancel_refresh", (None,)
+                return allow("refresh", self._WRITE, None)
+            if not parts[2].isdigit():
+                return None, ()
+            sid = int(parts[2])
+            if len(parts) == 3:
+                if method == "DELETE":
+                    return "delete_section", (sid,)
+                return allow("section", self._READ, sid)
+            if parts[3:] == ["all"]:
+                return allow("section_all", self._READ, sid)
+            if parts[3:] == ["refresh"]:
+                if method == "DELETE":
+                    return "cancel_refresh", (sid,)
+                return allow("refresh", self._WRITE, sid)
+            return None, ()
+        if parts[1] == "metadata" and len(parts) in (3, 4):
+            if len(parts) == 3:
+                return allow("metadata", self._READ, parts[2])
+            if parts[3] in ("children", "allLeaves"):
+                return allow(parts[3], self._READ, parts[2])
+        return None, ()
+
+    # ----------------------------------------------------------------------------------
+    # read endpoints
+    # ----------------------------------------------------------------------------------
+    def _do_root(self, request: Request, user: str) -> Response:
+        attrs = _attrs([
+            ("size", 1), ("allowCameraUpload", 0), ("allowChannelAccess", 1),
+            ("allowMediaDeletion", 1), ("allowSharing", 1), ("allowSync", 1), ("allowTuners", 0),
+            ("backgroundProcessing", 1), ("certificate", 0), ("companionProxy", 1),
+            ("countryCode", "usa"), ("diagnostics", "logs,databases,streaminglogs"),
+            ("eventStream", 1), ("friendlyName", self.friendly_name), ("hubSearch", 1),
+            ("itemClusters", 1), ("livetv", 0), ("machineIdentifier", self.machine_identifier),
+            ("mediaProviders", 1), ("multiuser", 1), ("myPlex", 0),
+            ("myPlexMappingState", "unknown"), ("myPlexSigninState", "none"),
+            ("myPlexSubscription", 0), ("offlineTranscode", 1), ("photoAutoTag", 0),
+            ("platform", "Linux"), ("platformVersion", "6.1.0"), ("pluginHost", 0),
+            ("pushNotifications", 0), ("readOnlyLibraries", 0), ("requestParametersInCookie", 1),
+            ("streamingBrainABRVersion", 3), ("streamingBrainVersion", 2), ("sync", 0),
+            ("transcoderActiveVideoSessions", 0), ("transcoderAudio", 1),
+            ("transcoderLyrics", 1), ("transcoderPhoto", 1), ("transcoderSubtitles", 1),
+            ("transcoderVideo", 1), ("updatedAt", self.started_at), ("updater", 0),
+            ("version", self.version), ("voiceSearch", 1),
+        ])
+        return self._xml(f'<MediaContainer{attrs}>'
+                         f'<Directory count="1" key="library" title="library"/>'
+                         f'</MediaContainer>')
+
+    def _do_library(self, request: Request, user: str) -> Response:
+        # GUESS: only the owner may read /library (plexapi's fallback to /library/sections/
+        # exists for exactly this case: "Only the owner has access to /library")
+        if user != OWNER:
+            raise _HttpError(403, "Forbidden")
+        return self._xml(
+            f'<MediaContainer size="3" allowSync="0" art="/:/resources/library-art.png"'
+            f' content="" identifier="{IDENTIFIER}" mediaTagPrefix="/system/bundle/media/flags/"'
+            f' mediaTagVersion="{self.started_at}" title1="Plex Library" title2="">'
+            f'<Directory key="sections" title="Library Sections"/>'
+            f'<Directory key="recentlyAdded" title="Recently Added Content"/>'
+            f'<Directory key="onDeck" title="On Deck Content"/>'
+            f'</MediaContainer>')
+
+    def _do_sections(self, request: Request, user: str) -> Response:
+        dirs = "".join(self._section_xml(s) for s in self._sections.values())
+        return self._xml(f'<MediaContainer size="{len(self._sections)}" allowSync="0"'
+                         f' title1="Plex Library">{dirs}</MediaContainer>')
+
+    def _do_section(self, request: Request, user: str, sid: int) -> Response:
+        # GUESS: a section's own key lists its browse directories; only "all" is modelled
+        section = self._section(sid)
+        return self._xml(
+            f'<MediaContainer size="1" allowSync="0" content="secondary"'
+            f' identifier="{IDENTIFIER}" librarySectionID="{section.key}"'
+            f' title1="{_esc(section.title)}" viewGroup="secondary">'
+            f'<Directory key="all" title="All"/></MediaContainer>')
+
+    def _do_section_all(self, request: Request, user: str, sid: int) -> Response:
+        section = self._section(sid)
+        type_param = request.param("type")
+        if type_param is None:
+            wanted = _DEFAULTS[section.type][2]
+        else:
+            try:
+                wanted = _TYPE_BY_NUMBER.get(int(type_param), "")
+            except ValueError:
+                raise _bad("type must be a number") from None
+        # a type the section does not hold (e.g. type=1 in a show section) lists nothing
+        order = self._ordered(sid, wanted)
+        return self._listing(request, user, order, section,
+                             extra=[("title1", section.title), ("viewGroup", wanted or None)])
+
+    def _do_metadata(self, request: Request, user: str, keys: str) -> Response:
+        rks = []
+        for part in keys.split(","):
+            if not part.isdigit():
+                raise _bad("ratingKey must be a number")
+            if int(part) not in self._meta:
+                raise _not_found()
+            rks.append(int(part))
+        sections = {self._meta[rk].section for rk in rks}
+        section = self._sections.get(sections.pop()) if len(sections) == 1 else None
+        return self._listing(request, user, rks, section)
+
+    def _do_children(self, request: Request, user: str, key: str) -> Response:
+        meta = self._meta_of(key)
+        # GUESS: children of a movie/episode is an empty container, not an error
+        order = self._sorted_children(meta) if meta.type in ("show", "season") else []
+        extra = [("key", meta.rk), ("parentRatingKey", meta.rk), ("parentTitle", meta.title)]
+        if meta.type == "season":
+            extra += [("parentIndex", meta.season), ("grandparentTitle", meta.show),
+                      ("grandparentRatingKey", meta.parent), ("title2", meta.title)]
+        return self._listing(request, user, order, self._sections.get(meta.section), extra=extra)
+
+    def _do_allLeaves(self, request: Request, user: str, key: str) -> Response:  # noqa: N802
+        meta = self._meta_of(key)
+        if meta.type == "show":
+            order = [ep for season in self._sorted_children(meta)
+                     for ep in self._sorted_children(self._meta[season])]
+        elif meta.type == "season":
+            order = self._sorted_children(meta)
+        else:
+            order = []  # GUESS: as for children
+        extra = [("key", meta.rk), ("parentRatingKey", meta.rk), ("parentTitle", meta.title),
+                 ("title2", "All episodes")]
+        return self._listing(request, user, order, self._sections.get(meta.section), extra=extra)
+
+    def _do_browse(self, request: Request, user: str, encoded: str | None) -> Response:
+        if encoded is None:
+            path = ""
+        else:
+            text = unquote(encoded)
+            text += "=" * (-len(text) % 4)  # be lenient about missing padding
+            try:
+                raw = (base64.urlsafe_b64decode(text) if "-" in text or "_" in text
+                       else base64.b64decode(text, validate=True))
+                path = raw.decode("utf-8")
+            except (binascii.Error, ValueError):
+                raise _bad("path is not base64") from None
+        if path:
+            path = _norm_dir(path)
+            subdirs = self._subdirs.get(path, set())
+        else:  # the top: "/" on a POSIX server, drive roots on Windows
+            subdirs = self._subdirs.get("/", set()) | {
+                d for d in self._subdirs if _parent_dir(d) is None and d != "/"}
+        # GUESS: an unknown directory lists nothing (200) rather than failing, so plexapi's
+        # Library.add raises its own BadRequest('Path: ... does not exist.')
+        def entry(tag: str, p: str) -> str:
+            attrs = _attrs([("key", _browse_key(p)), ("path", p), ("title", _basename(p))])
+            return f"<{tag}{attrs}/>"
+        children = [entry("Path", d) for d in sorted(subdirs)]
+        if request.param("includeFiles", "1") not in ("0", "false"):
+            children += [entry("File", f) for f in sorted(self._files.get(path, set()))]
+        head = _attrs([("size", len(children)), ("path", path or None)])
+        return self._xml(f'<MediaContainer{head}>{"".join(children)}</MediaContainer>')
+
+    # ----------------------------------------------------------------------------------
+    # watch-state writes (§4.1)
+    # ----------------------------------------------------------------------------------
+    def _write_target(self, request: Request, key_param: str) -> _Meta:
+        if request.param("identifier") != IDENTIFIER:
+            raise _bad("identifier is missing or not " + IDENTIFIER)
+        key = request.param(key_param)
+        if key is None or not key.strip().isdigit():
+            raise _bad(f"{key_param} is missing or not a number")
+        meta = self._meta.get(int(key))
+        if meta is None:
+            raise _not_found()
+        return meta
+
+    def _leaves(self, meta: _Meta) -> list[_Meta]:
+        """The playable items a write on ``meta`` applies to (a show/season: its episodes)."""
+        if meta.type in _PLAYABLE:
+            return [meta]
+        seasons = [meta] if meta.type == "season" else [self._meta[s] for s in meta.children]
+        return [self._meta[ep] for s in seasons for ep in s.children]
+
+    def _do_scrobble(self, request: Request, user: str) -> Response:
+        meta = self._write_target(request, "key")
+        now = int(self.clock())
+        for leaf in self._leaves(meta):
+            self._played(user, leaf, now)
+        return self._empty()
+
+    def _do_unscrobble(self, request: Request, user: str) -> Response:
+        meta = self._write_target(request, "key")
+        for leaf in self._leaves(meta):
+            self._set_watch(user, leaf, _Watch())
+        return self._empty()
+
+    def _do_progress(self, request: Request, user: str) -> Response:
+        meta = self._write_target(request, "key")
+        self._apply_progress(request, user, meta)
+        return self._empty()
+
+    def _do_timeline(self, request: Request, user: str) -> Response:
+        meta = self._write_target(request, "ratingKey")
+        self._apply_progress(request, user, meta)
+        return self._xml('<MediaContainer size="0"/>')
+
+    def _apply_progress(self, request: Request, user: str, meta: _Meta) -> None:
+        if meta.type not in _PLAYABLE:
+            raise _bad("not a playable item")  # GUESS: 400 for a show/season
+        try:
+            position = int(float(request.param("time") or ""))
+        except ValueError:
+            raise _bad("time is missing or not a number") from None
+        state = request.param("state", "stopped")
+        if position < 0 or state not in _STATES:
+            raise _bad("bad time or state")
+        if position <= self.min_progress_ms:
+            return  # under the minimum progress time PMS ignores the report (§4.1)
+        now = int(self.clock())
+        # GUESS: the threshold is taken from the item's own duration (the server knows it),
+        # not from timeline's duration= parameter; an item without duration never crosses it
+        past = meta.duration > 0 and position >= self.played_threshold * meta.duration
+        if past and self.progress_past_threshold == "played":
+            self._played(user, meta, now)
+        elif past and self.progress_past_threshold == "ignore":
+            return
+        else:
+            old = self._watch[user].get(meta.rk) or _Watch()
+            self._set_watch(user, meta, _Watch(old.count, position, now))
+
+    def _played(self, user: str, meta: _Meta, now: int) -> None:
+        old = self._watch[user].get(meta.rk) or _Watch()
+        self._set_watch(user, meta, _Watch(old.count + 1, 0, now))
+
+    # ----------------------------------------------------------------------------------
+    # library admin (§5)
+    # ----------------------------------------------------------------------------------
+    def _owner_only(self, user: str) -> None:
+        if user != OWNER:  # GUESS: shared users may not manage libraries
+            raise _HttpError(403, "Forbidden")
+
+    def _do_add_section(self, request: Request, user: str) -> Response:
+        self._owner_only(user)
+        name = request.param("name")
+        type_ = request.param("type")
+        locations = [loc for loc in request.query.get("location", []) if loc]
+        if not name or not locations:  # PMS answers 400 without a location (plexapi CI)
+            raise _bad("name and location are required")
+        if type_ not in _DEFAULTS:  # GUESS: only the two types this fake models
+            raise _bad("type must be movie or show")
+        key = self.add_section(name, type_, locations, agent=request.param("agent") or None,
+                               scanner=request.param("scanner") or None,
+                               language=request.param("language") or "en-US")
+        # GUESS: the reply is the new section's Directory (the spec's MediaContainer)
+        return self._xml(f'<MediaContainer size="1">{self._section_xml(self._sections[key])}'
+                         f'</MediaContainer>')
+
+    def _do_delete_section(self, request: Request, user: str, sid: int) -> Response:
+        self._owner_only(user)
+        self._section(sid)
+        del self._sections[sid]
+        for rk in [rk for rk, m in self._meta.items() if m.section == sid]:
+            del self._meta[rk]
+            for per_user in self._watch.values():
+                per_user.pop(rk, None)
+            self._static.pop(rk, None)
+            self._episode_ctx.pop(rk, None)
+            for frags in self._frags.values():
+                frags.pop(rk, None)
+        self._shows = {k: v for k, v in self._shows.items() if k[0] != sid}
+        self._seasons = {k: v for k, v in self._seasons.items() if v in self._meta}
+        self._order = {k: v for k, v in self._order.items() if k[0] != sid}
+        return self._empty()
+
+    def _do_refresh(self, request: Request, user: str, sid: int | None) -> Response:
+        self._owner_only(user)
+        targets = list(self._sections.values()) if sid is None else [self._section(sid)]
+        now = int(self.clock())
+        for section in targets:
+            # a real scan is asynchronous and finds nothing new here: just count it
+            section.refreshed_count += 1
+            section.refresh_paths.append(request.param("path"))
+            section.scanned_at_s = now
+        return self._empty()
+
+    def _do_cancel_refresh(self, request: Request, user: str, sid: int | None) -> Response:
+        self._owner_only(user)
+        if sid is not None:
+            self._section(sid)
+        return self._empty()
+
+    # ----------------------------------------------------------------------------------
+    # rendering
+    # ----------------------------------------------------------------------------------
+    @staticmethod
+    def _xml(text: str) -> Response:
+        return Response(200, PROLOG + text.encode("utf-8"), XML_TYPE)
+
+    @staticmethod
+    def _empty() -> Response:
+        return Response(200, b"", XML_TYPE)
+
+    def _section_xml(self, s: PlexSection) -> str:
+        attrs = _attrs([
+            ("allowSync", 1), ("art", f"/:/resources/{s.type}-fanart.jpg"),
+            ("composite", f"/library/sections/{s.key}/composite/{s.updated_at_s}"),
+            ("filters", 1), ("refreshing", 0), ("thumb", f"/:/resources/{s.type}.png"),
+            ("key", s.key), ("type", s.type), ("title", s.title), ("agent", s.agent),
+            ("scanner", s.scanner), ("language", s.language), ("uuid", s.uuid),
+            ("updatedAt", s.updated_at_s), ("createdAt", s.created_at_s),
+            ("scannedAt", s.scanned_at_s), ("content", 1), ("directory", 1),
+            ("contentChangedAt", s.updated_at_s), ("hidden", 0),
+        ])
+        locs = "".join(f'<Location id="{i + 1}" path="{_esc(p)}"/>'
+                       for i, p in enumerate(s.locations))
+        return f"<Directory{attrs}>{locs}</Directory>"
+
+    def _listing(self, request: Request, user: str, order: list[int],
+                 section: PlexSection | None, extra: Iterable[tuple[str, object]] = ()
+                 ) -> Response:
+        """A paged MediaContainer of the items in ``order`` (§2.3)."""
+        start, size = self._paging(request)
+        total = len(order)
+        page = order[start:] if size is None else order[start:start + size]
+        frags = self._frags[user]
+        get = frags.get
+        body = [get(rk) or self._render(user, rk) for rk in page]
+        head = [("size", len(page)),
+                ("totalSize", None if self.omit_total_size else total),
+                ("offset", start), ("allowSync", 1), ("identifier", IDENTIFIER)]
+        if section is not None:
+            head += [("librarySectionID", section.key), ("librarySectionTitle", section.title),
+                     ("librarySectionUUID", section.uuid)]
+        head += [("mediaTagPrefix", "/system/bundle/media/flags/"),
+                 ("mediaTagVersion", self.started_at), *extra]
+        data = b"".join([PROLOG, f"<MediaContainer{_attrs(head)}>".encode(), *body,
+                         b"</MediaContainer>"])
+        headers = {"X-Plex-Container-Start": str(start)}
+        if not self.omit_total_size:
+            headers["X-Plex-Container-Total-Size"] = str(total)
+        return Response(200, data, XML_TYPE, headers)
+
+    @staticmethod
+    def _paging(request: Request) -> tuple[int, int | None]:
+        """Start and size from the query string or (as fetchItems sends them) headers.
+        GUESS: the query string wins when both are given; no size = everything."""
+        def value(name: str) -> int | None:
+            raw = request.param(name)
+            if raw is None:
+                raw = request.header(name)
+            if raw is None or raw == "":
+                return None
+            try:
+                number = int(raw)
+            except ValueError:
+                raise _bad(f"{name} is not a number") from None
+            if number < 0:
+                raise _bad(f"{name} is negative")
+            return number
+        return value("X-Plex-Container-Start") or 0, value("X-Plex-Container-Size")
+
+    def _render(self, user: str, rk: int) -> bytes:
+        meta = self._meta[rk]
+        if meta.type in _PLAYABLE:
+            text = self._video_xml(meta, self._watch[user].get(rk))
+        else:
+            text = self._directory_xml(user, meta)
+        data = text.encode("utf-8")
+        self._frags[user][rk] = data
+        return data
+
+    def _video_xml(self, m: _Meta, w: _Watch | None) -> str:
+        static = self._static.get(m.rk)
+        if static is None:
+            static = self._static[m.rk] = self._video_static(m)
+        head, tail = static
+        if w is None:
+            return head + tail
+        # PMS omits watch attributes for never-watched / never-started items
+        watch = ((f' viewCount="{w.count}"' if w.count else "")
+                 + (f' viewOffset="{w.offset}"' if w.offset else "")
+                 + (f' lastViewedAt="{w.last}"' if w.last is not None else ""))
+        return head + watch + tail
+
+    def _video_static(self, m: _Meta) -> tuple[str, str]:
+        """The parts of a Video element that do not depend on watch state: the opening
+        tag's attributes up to the watch ones, and the rest (cached: renders are hot)."""
+        rk = m.rk
+        head = (f'<Video ratingKey="{rk}" key="/library/metadata/{rk}" guid="{_esc(m.guid)}"'
+                f' type="{m.type}" title="{_esc(m.title)}"')
+        if m.type == "episode":
+            ctx = self._episode_ctx.get(m.parent)  # type: ignore[arg-type]
+            if ctx is None:
+                ctx = self._episode_ctx[m.parent] = self._season_ctx(m)  # type: ignore[index]
+            head += f' index="{m.episode}"{ctx}'
+        else:
+            head += _attrs([("librarySectionTitle", self._sections[m.section].title),
+                            ("librarySectionID", m.section),
+                            ("librarySectionKey", f"/library/sections/{m.section}"),
+                            ("year", m.year)])
+        n = len(m.files)
+        parts = []
+        for i, (path, size, pid) in enumerate(zip(m.files, m.sizes, m.part_ids)):
+            ext = _extension(path)
+            # GUESS: a stacked item's duration is split evenly over its parts
+            pdur = m.duration // n + (m.duration % n if i == n - 1 else 0)
+            dot_ext = "." + ext if ext else ""
+            container = f' container="{ext}"' if ext else ""
+            parts.append(f'<Part id="{pid}" key="/library/parts/{pid}/{m.added_at}/file{dot_ext}"'
+                         f' duration="{pdur}" file="{_esc(path)}" size="{size}"{container}/>')
+        ext0 = _extension(m.files[0])
+        media = _attrs([("id", rk), ("duration", m.duration), ("container", ext0 or None)])
+        tail = (f' duration="{m.duration}" addedAt="{m.added_at}" updatedAt="{m.updated_at}">'
+                f'<Media{media}>{"".join(parts)}</Media></Video>')
+        return head, tail
+
+    def _season_ctx(self, m: _Meta) -> str:
+        """Attributes every episode of one season shares (show, season, section)."""
+        show, season = self._meta[m.grandparent], self._meta[m.parent]  # type: ignore[index]
+        section = self._sections[m.section]
+        return _attrs([("parentIndex", season.season), ("parentRatingKey", season.rk),
+                       ("grandparentRatingKey", show.rk), ("parentGuid", season.guid),
+                       ("grandparentGuid", show.guid),
+                       ("grandparentKey", f"/library/metadata/{show.rk}"),
+                       ("parentKey", f"/library/metadata/{season.rk}"),
+                       ("librarySectionTitle", section.title), ("librarySectionID", section.key),
+                       ("librarySectionKey", f"/library/sections/{section.key}"),
+                       ("grandparentTitle", show.title), ("parentTitle", season.title)])
+
+    def _directory_xml(self, user: str, m: _Meta) -> str:
+        section = self._sections[m.section]
+        watch = self._watch[user]
+        leaves = self._leaves(m)
+        viewed = [watch[e.rk] for e in leaves if e.rk in watch and watch[e.rk].count > 0]
+        lasts = [watch[e.rk].last for e in leaves if e.rk in watch and watch[e.rk].last]
+        pairs: list[tuple[str, object]] = [("ratingKey", m.rk),
+                                           ("key", f"/library/metadata/{m.rk}/children")]
+        if m.type == "season":
+            show = self._meta[m.parent]  # type: ignore[index]
+            pairs += [("parentRatingKey", show.rk), ("guid", m.guid), ("parentGuid", show.guid),
+                      ("type", "season"), ("title", m.title),
+                      ("parentKey", f"/library/metadata/{show.rk}"),
+                      ("librarySectionTitle", section.title), ("librarySectionID", section.key),
+                      ("librarySectionKey", f"/library/sections/{section.key}"),
+                      ("parentTitle", show.title), ("index", m.season), ("parentIndex", 1)]
+        else:
+            pairs += [("guid", m.guid), ("type", "show"), ("title", m.title),
+                      ("librarySectionTitle", section.title), ("librarySectionID", section.key),
+                      ("librarySectionKey", f"/library/sections/{section.key}"), ("index", 1),
+                      ("duration", leaves[0].duration if leaves else None),
+                      ("childCount", len(m.children))]
+        # GUESS: a directory's lastViewedAt is the latest of its episodes'; no viewCount
+        pairs += [("leafCount", len(leaves)), ("viewedLeafCount", len(viewed)),
+                  ("lastViewedAt", max(lasts) if lasts else None),
+                  ("addedAt", m.added_at), ("updatedAt", m.updated_at)]
+        return f"<Directory{_attrs(pairs)}></Directory>"
+
+    # ----------------------------------------------------------------------------------
+    # state helpers (callers hold the lock)
+    # ----------------------------------------------------------------------------------
+    def _section(self, sid: int) -> PlexSection:
+        section = self._sections.get(sid)
+        if section is None:
+            raise _not_found()
+        return section
+
+    def _section_of_type(self, sid: int, type_: str) -> PlexSection:
+        section = self._sections.get(sid)
+        if section is None or section.type != type_:
+            raise ValueError(f"no {type_} section {sid}")
+        return section
+
+    def _meta_of(self, key: str) -> _Meta:
+        if not key.isdigit():
+            raise _bad("ratingKey must be a number")
+        meta = self._meta.get(int(key))
+        if meta is None:
+            raise _not_found()
+        return meta
+
+    def _new_meta(self, rating_key: int | None, type_: str, title: str, section: int) -> _Meta:
+        if rating_key is None:
+            rating_key = self._next_rk
+        elif rating_key in self._meta:
+            raise ValueError(f"ratingKey {rating_key} exists")
+        self._next_rk = max(self._next_rk, rating_key + 1)
+        meta = _Meta(rating_key, type_, title, section)
+        # GUESS at the shape only: new-agent guids are plex://<type>/<24 hex>
+        agent = self._sections[section].agent
+        meta.guid = (f"local://{rating_key}" if agent.endswith(".none")
+                     else f"plex://{type_}/{rating_key:024x}")
+        meta.added_at = meta.updated_at = int(self.clock())
+        self._meta[rating_key] = meta
+        self._order = {k: v for k, v in self._order.items() if k[0] != section}
+        return meta
+
+    def _show(self, section: int, title: str) -> _Meta:
+        rk = self._shows.get((section, title))
+        if rk is not None:
+            return self._meta[rk]
+        meta = self._new_meta(None, "show", title, section)
+        meta.show = title
+        self._shows[(section, title)] = meta.rk
+        return meta
+
+    def _season(self, show: _Meta, number: int) -> _Meta:
+        rk = self._seasons.get((show.rk, number))
+        if rk is not None:
+            return self._meta[rk]
+        title = "Specials" if number == 0 else f"Season {number}"
+        meta = self._new_meta(None, "season", title, show.section)
+        meta.show, meta.season, meta.parent = show.title, number, show.rk
+        self._seasons[(show.rk, number)] = meta.rk
+        show.children.append(meta.rk)
+        show.children_sorted = False
+        self._drop_frags(show.rk)
+        return meta
+
+    def _set_media(self, meta: _Meta, files: str | list[str], duration_ms: int,
+                   sizes: list[int] | None) -> None:
+        meta.files = [files] if isinstance(files, str) else list(files)
+        if not meta.files:
+            raise ValueError("an item needs at least one file")
+        meta.duration = int(duration_ms)
+        if sizes is None:
+            # GUESS: sizes are made up, ~2 Mbit/s of the part's share of the duration
+            sizes = [max(1, meta.duration // len(meta.files)) * 250 for _ in meta.files]
+        if len(sizes) != len(meta.files):
+            raise ValueError("one size per file")
+        meta.sizes = list(sizes)
+        meta.part_ids = []
+        for path in meta.files:
+            meta.part_ids.append(self._next_id)
+            self._next_id += 1
+            parent = _parent_dir(path)  # the file exists on the server's disk
+            if parent is not None:
+                self._add_dir(parent)
+                self._files.setdefault(parent, set()).add(path)
+
+    def _store(self, meta: _Meta, count: int, offset: int, last: int | None) -> None:
+        if count or offset or last is not None:
+            self._watch[OWNER][meta.rk] = _Watch(count, offset, last)
+
+    def _set_watch(self, user: str, meta: _Meta, watch: _Watch) -> None:
+        if user not in self._watch:
+            raise KeyError(f"unknown user {user!r}")
+        if watch.count or watch.offset or watch.last is not None:
+            self._watch[user][meta.rk] = watch
+        else:
+            self._watch[user].pop(meta.rk, None)
+        # the item's fragment and its season's/show's viewedLeafCount change
+        frags = self._frags[user]
+        for rk in (meta.rk, meta.parent, meta.grandparent):
+            if rk is not None:
+                frags.pop(rk, None)
+
+    def _drop_frags(self, *rks: int) -> None:
+        for frags in self._frags.values():
+            for rk in rks:
+                frags.pop(rk, None)
+
+    def _add_dir(self, path: str) -> None:
+        while True:
+            parent = _parent_dir(path)
+            self._subdirs.setdefault(path, set())
+            if parent is None:
+                return
+            children = self._subdirs.setdefault(parent, set())
+            if path in children:
+                return
+            children.add(path)
+            path = parent
+
+    def _sorted_children(self, meta: _Meta) -> list[int]:
+        if not meta.children_sorted:
+            if meta.type == "show":
+                meta.children.sort(key=lambda rk: self._meta[rk].season or 0)
+            else:
+                meta.children.sort(key=lambda rk: (self._meta[rk].episode or 0, rk))
+            meta.children_sorted = True
+        return meta.children
+
+    def _ordered(self, sid: int, type_: str) -> list[int]:
+        """Rating keys of one type in a section, in PMS's default order (cached).
+        GUESS: by title for movies and shows (PMS sorts by titleSort, which drops
+        leading articles; not modelled), show/season/episode order for the rest."""
+        order = self._order.get((sid, type_))
+        if order is not None:
+            return order
+        metas = [m for m in self._meta.values() if m.section == sid and m.type == type_]
+        shows = {m.rk: m.title.casefold() for m in self._meta.values()
+                 if m.section == sid and m.type == "show"}
+        if type_ in ("movie", "show"):
+            metas.sort(key=lambda m: (m.title.casefold(), m.rk))
+        elif type_ == "season":
+            metas.sort(key=lambda m: (shows[m.parent], m.parent, m.season, m.rk))  # type: ignore[index]
+        else:
+            metas.sort(key=lambda m: (shows[m.grandparent], m.grandparent, m.season,  # type: ignore[index]
+                                      m.episode, m.rk))
+        order = self._order[(sid, type_)] = [m.rk for m in metas]
+        return order
+
+    def _snapshot(self, m: _Meta, user: str) -> PlexItem:
+        w = self._watch[user].get(m.rk) or _Watch()
+        leaves = self._leaves(m) if m.type in ("show", "season") else []
+        watch = self._watch[user]
+        return PlexItem(
+            rating_key=m.rk, type=m.type, title=m.title, section=m.section,
+            files=list(m.files), duration_ms=m.duration, view_count=w.count,
+            view_offset_ms=w.offset, last_viewed_at_s=w.last, year=m.year, show_title=m.show,
+            season=m.season, episode=m.episode, parent_key=m.parent,
+            grandparent_key=m.grandparent, guid=m.guid, added_at_s=m.added_at,
+            updated_at_s=m.updated_at, part_sizes=list(m.sizes), leaf_count=len(leaves),
+            viewed_leaf_count=sum(1 for e in leaves if e.rk in watch and watch[e.rk].count > 0))
+
+
+def serve_plex(app: FakePlex | None = None, **kwargs: object) -> FakeServer:
+    """Start a FakeServer for ``app`` (or a new FakePlex built from ``kwargs``)."""
+    return FakeServer(app or FakePlex(**kwargs)).start()  # type: ignore[arg-type]

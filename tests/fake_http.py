@@ -94,6 +94,9 @@ class Fault:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: clients reuse sockets, as with real servers
+    # headers and body go out in separate writes; with Nagle on, the body waits for the
+    # client's delayed ACK (~40 ms per reply on a kept-alive socket)
+    disable_nagle_algorithm = True
     server: _Server
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002

@@ -71,26 +71,33 @@ def _attrs(pairs: Iterable[tuple[str, object]]) -> str:
     return "".join(f' {k}="{_esc(v)}"' for k, v in pairs if v is not None)
 
 
-def _html_error(status: int, reason: str) -> Response:
-    # Real PMS error bodies are small HTML pages (python-plexapi #1467)
+_REASONS = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+            405: "Method Not Allowed"}
+
+
+def _html_error(status: int, detail: str = "") -> Response:
+    """Real PMS error bodies are small HTML pages (python-plexapi #1467); the fake adds
+    a line saying why, which plexapi puts in its exception message."""
+    reason = _REASONS.get(status, "Error")
+    extra = f"<p>{_esc(detail)}</p>" if detail else ""
     body = (f"<html><head><title>{reason}</title></head><body><h1>{status} {reason}</h1>"
-            f"</body></html>").encode()
+            f"{extra}</body></html>").encode()
     return Response(status, body, "text/html")
 
 
 class _HttpError(Exception):
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(f"{status} {reason}")
+    def __init__(self, status: int, detail: str = "") -> None:
+        super().__init__(f"{status} {detail}")
         self.status = status
-        self.reason = reason
+        self.detail = detail
 
 
-def _bad(reason: str = "Bad Request") -> _HttpError:
-    return _HttpError(400, reason)
+def _bad(detail: str) -> _HttpError:
+    return _HttpError(400, detail)
 
 
 def _not_found() -> _HttpError:
-    return _HttpError(404, "Not Found")
+    return _HttpError(404)
 
 
 # --------------------------------------------------------------------------------------
@@ -338,6 +345,8 @@ class FakePlex:
         """Set one user's watch state of a movie or episode directly (test set-up)."""
         with self.lock:
             meta = self._meta[rating_key]
+            if meta.type not in _PLAYABLE:
+                raise ValueError("watch state belongs to movies and episodes")
             self._set_watch(user, meta, _Watch(view_count, view_offset_ms, last_viewed_at_s))
 
     # ----------------------------------------------------------------------------------
@@ -374,7 +383,8 @@ class FakePlex:
     # ----------------------------------------------------------------------------------
     def function_of(self, request: Request) -> str | None:
         """Short endpoint name of a request, for the log and fault matching."""
-        return self._route(request.method, request.path)[0]
+        name = self._route(request.method, request.path)[0]
+        return None if name == "_method" else name
 
     def handle(self, request: Request) -> Response:
         name, args = self._route(request.method, request.path)
@@ -386,16 +396,16 @@ class FakePlex:
         token = request.header("X-Plex-Token") or request.param("X-Plex-Token")
         user = self.tokens.get(token or "")
         if user is None:
-            return _html_error(401, "Unauthorized")
+            return _html_error(401)
         if name is None:
-            return _html_error(404, "Not Found")
+            return _html_error(404)
         if name == "_method":
-            return _html_error(405, "Method Not Allowed")
+            return _html_error(405)
         try:
             with self.lock:
                 return getattr(self, "_do_" + name)(request, user, *args)
         except _HttpError as exc:
-            return _html_error(exc.status, exc.reason)
+            return _html_error(exc.status, exc.detail)
 
     # ----------------------------------------------------------------------------------
     # routing
@@ -484,7 +494,7 @@ class FakePlex:
         # GUESS: only the owner may read /library (plexapi's fallback to /library/sections/
         # exists for exactly this case: "Only the owner has access to /library")
         if user != OWNER:
-            raise _HttpError(403, "Forbidden")
+            raise _HttpError(403, "owner only")
         return self._xml(
             f'<MediaContainer size="3" allowSync="0" art="/:/resources/library-art.png"'
             f' content="" identifier="{IDENTIFIER}" mediaTagPrefix="/system/bundle/media/flags/"'
@@ -664,7 +674,7 @@ class FakePlex:
     # ----------------------------------------------------------------------------------
     def _owner_only(self, user: str) -> None:
         if user != OWNER:  # GUESS: shared users may not manage libraries
-            raise _HttpError(403, "Forbidden")
+            raise _HttpError(403, "owner only")
 
     def _do_add_section(self, request: Request, user: str) -> Response:
         self._owner_only(user)

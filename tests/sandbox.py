@@ -1,0 +1,139 @@
+"""Sandbox demo: sageplex_sync against a fake SageTV and a fake Plex, no servers needed.
+
+    python -m tests.sandbox                      report every section (the tool's `all`)
+    python -m tests.sandbox all -s               sync them
+    python -m tests.sandbox --run "all -s" --run all    several runs on the same library
+    python -m tests.sandbox --serve              keep the fakes up and try commands by hand
+
+Both fakes start on free ports of 127.0.0.1 with a sample library of about 30 items in
+every interesting state, a temporary sageplex_cfg.json points at them, and the tool runs
+in this process exactly as it would against real servers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make `tests` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.world import DAY, HOUR, MIN, World, at, none, watched  # noqa: E402
+
+
+def demo_world(now_ms: int | None = None) -> World:
+    """About 30 items, each in a state worth seeing (the comment says which)."""
+    w = World(now_ms=now_ms)
+    show = "Castle"
+    # in sync already
+    w.episode(show, 7, 1, "Driven", sage=none(), plex=none())
+    w.episode(show, 7, 2, "Resurrection", sage=watched(ago=5 * DAY), plex=watched(ago=5 * DAY))
+    w.episode(show, 7, 3, "Reckoning", sage=at(12 * MIN, ago=DAY), plex=at(12 * MIN + 800))
+    w.episode(show, 7, 4, "Clear & Present Danger", sage=at(40_000), plex=none())  # < 1 min
+    w.episode(show, 7, 5, "Time of Our Lives", sage=at(26 * MIN), plex=watched())  # near end
+    w.episode(show, 7, 6, "Habeas Corpse", sage=at(9 * MIN, ago=3 * HOUR),
+              plex=at(9 * MIN, ago=2 * HOUR, view_count=2))  # a Plex rewatch, same place
+    # watched on one side only (rows 1 and 2)
+    w.episode(show, 7, 7, "Once Upon a Time", sage=watched(ago=2 * DAY), plex=none())
+    w.episode(show, 7, 8, "Kill Switch", sage=none(), plex=watched(ago=DAY))
+    w.episode(show, 7, 9, "Private Eye Caramba!", sage=watched(ago=None), plex=at(30_000))
+    w.episode(show, 7, 10, "The Wrong Stuff", sage=none(), plex=at(29 * MIN))  # near end
+    # a resume position on one side only (rows 3 and 4)
+    w.episode(show, 7, 11, "Dead from New York", sage=at(14 * MIN, ago=HOUR), plex=none())
+    w.episode(show, 7, 12, "Bad Santa", sage=none(), plex=at(17 * MIN, ago=HOUR))
+    # watched on one side, in progress on the other (rows 5 and 6, newer side wins)
+    doctor = "Doctor Who"
+    w.episode(doctor, 9, 1, "The Magician's Apprentice", sage=watched(ago=3 * DAY),
+              plex=at(6 * MIN, ago=HOUR, view_count=1), duration_ms=45 * MIN,
+              folder="Doctor Who\\Season 09")
+    w.episode(doctor, 9, 2, "The Witch's Familiar", sage=watched(ago=HOUR),
+              plex=at(20 * MIN, ago=3 * DAY, view_count=1), duration_ms=45 * MIN,
+              folder="Doctor Who\\Season 09")
+    w.episode(doctor, 9, 3, "Under the Lake", sage=at(11 * MIN, ago=4 * DAY),
+              plex=watched(ago=HOUR), duration_ms=45 * MIN, folder="Doctor Who\\Season 09")
+    w.episode(doctor, 9, 4, "Before the Flood", sage=at(22 * MIN, ago=HOUR),
+              plex=watched(ago=2 * DAY), duration_ms=45 * MIN, folder="Doctor Who\\Season 09")
+    # in progress on both sides at different places (row 7)
+    w.episode(doctor, 9, 5, "The Girl Who Died", sage=at(30 * MIN, ago=2 * DAY),
+              plex=at(8 * MIN, ago=HOUR), duration_ms=45 * MIN, folder="Doctor Who\\Season 09")
+    w.episode(doctor, 9, 6, "The Woman Who Lived", sage=at(18 * MIN, ago=HOUR),
+              plex=at(4 * MIN, ago=DAY), duration_ms=45 * MIN, folder="Doctor Who\\Season 09")
+    # recordings with padding, a late start, two segments, a unicode title
+    news = "Nature"
+    w.episode(news, 34, 1, "Padded Start", sage=at(15 * MIN, ago=HOUR), plex=none(),
+              duration_ms=60 * MIN, pad_start_ms=2 * MIN, pad_end_ms=3 * MIN)
+    w.episode(news, 34, 2, "Late Start", sage=none(), plex=at(20 * MIN, ago=HOUR),
+              duration_ms=60 * MIN, late_start_ms=90_000)
+    w.episode(news, 34, 3, "Two Segments", sage=none(), plex=at(40 * MIN, ago=HOUR),
+              duration_ms=60 * MIN, segments=2)
+    w.episode("Café Society", 1, 1, "Ünïcødé — 日本の夜", sage=watched(ago=DAY), plex=none())
+    # movies
+    w.movie("Heat", year=1995, sage=watched(ago=7 * DAY), plex=watched(ago=7 * DAY))
+    w.movie("Ronin", year=1998, sage=at(50 * MIN, ago=HOUR), plex=none())
+    w.movie("Collateral", year=2004, sage=none(), plex=watched(ago=DAY))
+    w.movie("Thief", year=1981, sage=at(100 * MIN, ago=DAY), plex=at(112 * MIN, ago=2 * DAY))
+    w.movie("Home Video", year=2024, is_tv=False, sage=none(), plex=at(15 * MIN, ago=HOUR),
+            duration_ms=40 * MIN)
+    # not in SageTV (left alone), and one file name SageTV has twice (ambiguous)
+    w.movie("Blu-ray Rip", year=2010, in_sage=False, plex=watched())
+    w.episode(show, 8, 1, "XY", in_sage=False, plex=at(10 * MIN))
+    twin = w.episode("Twins", 1, 1, "First", file_name="Twins-S01E01.mpg", plex=watched())
+    w.episode("Twins", 1, 2, "Second", file_name="Twins-S01E01.mpg", in_plex=False,
+              sage=watched(ago=DAY))
+    assert twin.rating_key is not None
+    return w
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.sandbox", allow_abbrev=False,
+        description="Run sageplex_sync against fake SageTV and Plex servers.",
+        epilog="Anything else on the command line is passed to sageplex_sync "
+               "(default: all).")
+    parser.add_argument("--serve", action="store_true",
+                        help="keep the fake servers up and print the config path")
+    parser.add_argument("--run", action="append", metavar="ARGS", default=[],
+                        help="one sageplex_sync command line (repeat for several runs)")
+    options, rest = parser.parse_known_args(argv)
+    runs = [shlex.split(r) for r in options.run] + ([rest] if rest else [])
+    if not runs and not options.serve:
+        runs = [["all"]]
+
+    folder = Path(tempfile.mkdtemp(prefix="sageplex-sandbox-"))
+    os.environ["SAGEPLEX_LOG"] = str(folder / "sageplex_sync.log")
+    os.environ.setdefault("PLEXAPI_CONFIG_PATH", str(folder / "no-plexapi-config.ini"))
+    import sageplex_sync
+
+    world = demo_world()
+    with world.running() as servers:
+        config = servers.write_config(folder / "sageplex_cfg.json")
+        os.environ["SAGEPLEX_CFG"] = str(config)
+        print(f"sandbox: fake SageTV at {servers.sage.base_url}, fake Plex at "
+              f"{servers.plex.base_url}, {len(world.items)} recordings\n"
+              f"sandbox: config {config}\n", file=sys.stderr)
+        code = 0
+        for args in runs:
+            print(f"$ sageplex_sync.py {shlex.join(args)}", file=sys.stderr)
+            code = sageplex_sync.main(args)
+            print(file=sys.stderr)
+        if options.serve:
+            tool = Path(sageplex_sync.__file__).resolve()
+            print(f"sandbox: serving until Ctrl-C. In another shell:\n"
+                  f"  export SAGEPLEX_CFG={config}\n"
+                  f"  python {tool} -l\n  python {tool} all\n  python {tool} all -s",
+                  file=sys.stderr)
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                print("\nsandbox: stopped", file=sys.stderr)
+        return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Optional
+from typing import Callable
 from urllib.parse import parse_qs, urlsplit
 
 
@@ -30,14 +30,14 @@ class Request:
     query: dict[str, list[str]]
     headers: dict[str, str]
     body: bytes = b""
-    function: Optional[str] = None  # API function (sagex ``c=``, or a Plex endpoint name)
+    function: str | None = None  # API function (sagex ``c=``, or a Plex endpoint name)
 
-    def param(self, name: str, default: Optional[str] = None) -> Optional[str]:
+    def param(self, name: str, default: str | None = None) -> str | None:
         """First value of a query (or form) parameter."""
         values = self.query.get(name)
         return values[0] if values else default
 
-    def header(self, name: str, default: Optional[str] = None) -> Optional[str]:
+    def header(self, name: str, default: str | None = None) -> str | None:
         """A request header, looked up case-insensitively."""
         return self.headers.get(name.lower(), default)
 
@@ -67,18 +67,18 @@ class Fault:
     With only ``delay_s`` the app runs normally after the delay.
     """
 
-    path: Optional[str] = None
-    function: Optional[str] = None
-    method: Optional[str] = None
-    when: Optional[Callable[[Request], bool]] = None
-    status: Optional[int] = None
-    body: Optional[bytes] = None
+    path: str | None = None
+    function: str | None = None
+    method: str | None = None
+    when: Callable[[Request], bool] | None = None
+    status: int | None = None
+    body: bytes | None = None
     content_type: str = "text/plain; charset=utf-8"
     delay_s: float = 0.0
     drop: bool = False
     truncate: bool = False
     skip: int = 0
-    times: Optional[int] = None
+    times: int | None = None
     hits: int = 0
     seen: int = 0
 
@@ -154,7 +154,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         if self.command != "HEAD":
-            self.wfile.write(response.body[: len(response.body) // 2] if truncate else response.body)
+            body = response.body[: len(response.body) // 2] if truncate else response.body
+            self.wfile.write(body)
         if truncate:
             self.wfile.flush()
             self._drop()
@@ -190,8 +191,8 @@ class FakeServer:
         self.faults: list[Fault] = []
         self.lock = threading.Lock()
         self._port = port
-        self._httpd: Optional[_Server] = None
-        self._thread: Optional[threading.Thread] = None
+        self._httpd: _Server | None = None
+        self._thread: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> FakeServer:
@@ -226,7 +227,7 @@ class FakeServer:
         return f"http://127.0.0.1:{self._port}"
 
     # -- faults ----------------------------------------------------------------------
-    def add_fault(self, fault: Optional[Fault] = None, **kwargs: object) -> Fault:
+    def add_fault(self, fault: Fault | None = None, **kwargs: object) -> Fault:
         """Register a fault (a Fault, or its fields as keyword arguments)."""
         fault = fault or Fault(**kwargs)  # type: ignore[arg-type]
         with self.lock:
@@ -237,7 +238,7 @@ class FakeServer:
         with self.lock:
             self.faults.clear()
 
-    def _take_fault(self, request: Request) -> Optional[Fault]:
+    def _take_fault(self, request: Request) -> Fault | None:
         with self.lock:
             for fault in self.faults:
                 if not fault.matches(request):
@@ -252,7 +253,7 @@ class FakeServer:
         return None
 
     # -- the log ---------------------------------------------------------------------
-    def requests(self, function: Optional[str] = None, path: Optional[str] = None) -> list[Request]:
+    def requests(self, function: str | None = None, path: str | None = None) -> list[Request]:
         """Logged requests, optionally only those of one function or path prefix."""
         with self.lock:
             return [r for r in self.log

@@ -443,7 +443,7 @@ class FakePlex:
                 if method == "DELETE":
                     return "cancel_refresh", (None,)
                 return allow("refresh", self._WRITE, None)
-            if not parts[2].isdigit():
+            if not parts[2].isdecimal():
                 return None, ()
             sid = int(parts[2])
             if len(parts) == 3:
@@ -536,7 +536,7 @@ class FakePlex:
     def _do_metadata(self, request: Request, user: str, keys: str) -> Response:
         rks = []
         for part in keys.split(","):
-            if not part.isdigit():
+            if not part.isdecimal():
                 raise _bad("ratingKey must be a number")
             if int(part) not in self._meta:
                 raise _not_found()
@@ -604,7 +604,7 @@ class FakePlex:
         if request.param("identifier") != IDENTIFIER:
             raise _bad("identifier is missing or not " + IDENTIFIER)
         key = request.param(key_param)
-        if key is None or not key.strip().isdigit():
+        if key is None or not key.strip().isdecimal():
             raise _bad(f"{key_param} is missing or not a number")
         meta = self._meta.get(int(key))
         if meta is None:
@@ -646,7 +646,7 @@ class FakePlex:
             raise _bad("not a playable item")  # GUESS: 400 for a show/season
         try:
             position = int(float(request.param("time") or ""))
-        except ValueError:
+        except (ValueError, OverflowError):  # also "nan" and "inf"
             raise _bad("time is missing or not a number") from None
         state = request.param("state", "stopped")
         if position < 0 or state not in _STATES:
@@ -908,7 +908,7 @@ class FakePlex:
         return section
 
     def _meta_of(self, key: str) -> _Meta:
-        if not key.isdigit():
+        if not key.isdecimal():
             raise _bad("ratingKey must be a number")
         meta = self._meta.get(int(key))
         if meta is None:

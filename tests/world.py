@@ -19,9 +19,9 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from tests.fake_http import FakeServer
 from tests.fake_plex import FakePlex

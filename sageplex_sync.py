@@ -348,11 +348,11 @@ def _write_retries() -> Retry:
 def _transport_error(server: ServerConfig, exc: requests.RequestException, what: str) -> str:
     label = "SageTV" if server.name == "sagex" else "Plex"
     if isinstance(exc, requests.Timeout):
-        return (f"{label} at {server.address} did not answer {what} within "
-                f"{server.timeout_s:g} s; check the server, or raise {server.name}.timeout")
+        return (f"{label} at {server.address} did not answer within {server.timeout_s:g} s "
+                f"({what}); check the server, or raise {server.name}.timeout in the config")
     if isinstance(exc, requests.ConnectionError):
-        reason = "the connection was lost" if "refused" not in str(exc).lower() else "refused"
-        return (f"cannot connect to {label} at {server.address} ({reason}) {what}; check "
+        reason = "connection refused" if "refused" in str(exc).lower() else "connection lost"
+        return (f"cannot reach {label} at {server.address} ({reason}, {what}); check "
                 f"{server.name}.host and {server.name}.port and that the server is running")
     return f"{label} at {server.address} failed {what}: {exc.__class__.__name__}"
 

@@ -427,6 +427,8 @@ class SageClient:
         # A top-level "error" is a failed call (sagex-api.md §3.1); one nested inside a
         # serialized object is only a getter that failed, and is ignored.
         error = data.get("error")
+        if error is None and isinstance(data.get("exception"), str):
+            error = data["exception"]  # a Java exception with no message has only this
         if error is not None:
             message = error.get("message") if isinstance(error, dict) else error
             first_line = (str(message or "unknown error").splitlines() or ["unknown error"])[0]

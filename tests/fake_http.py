@@ -13,11 +13,12 @@ Only the standard library is used, so the sandbox demo runs wherever the tool ru
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
+from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 
 
@@ -176,6 +177,37 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 128
     fake: FakeServer
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # open (keep-alive) connections, so stop() can close them: shutdown() only stops
+        # accepting, and a handler thread would go on serving a client's pooled connection
+        self.connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.connections_lock:
+            self.connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self.connections_lock:
+            self.connections.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        with self.connections_lock:
+            connections = list(self.connections)
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], OSError):
+            return  # the connection was closed under the handler (stop(), a dropped client)
+        super().handle_error(request, client_address)
+
 
 class FakeServer:
     """Serves one fake app on 127.0.0.1 (a free port unless one is given).
@@ -209,6 +241,7 @@ class FakeServer:
         """Stop serving; connections still open are closed (a server that goes away)."""
         if self._httpd is not None:
             self._httpd.shutdown()
+            self._httpd.close_connections()
             self._httpd.server_close()
             self._httpd = None
 

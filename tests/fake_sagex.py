@@ -429,8 +429,11 @@ class _Plan:
             self.mf.append((key, get))
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # compact, like sagex
+
+
 def _dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _ENCODER.encode(value).encode("utf-8")
 
 
 # A reply before encoding: (kind, value).  Kinds: "scalar", "list", "mflist", "mf", "airing",
@@ -1144,9 +1147,10 @@ def add_example_library(sage: FakeSage, *, base_ms: int, fillers: int = 55,
                         root: str = "/var/media/tv") -> dict[str, SageMediaFile]:
     """The §8.5 fixture set, one airing a day from ``base_ms``, plus ``fillers`` plain recordings.
 
-    Names: on_time (file 5 ms after a 59 min airing), padded (2 min early, 3 min late), late
-    (file starts 90 s into the airing), two_segment (20 min + 37 min with a 2 min gap),
-    imported (a library video), movie (2 h, IsMovie), rerun_a / rerun_b (one ShowExternalID).
+    Names: on_time (the file starts 5 ms into a 59 min airing), padded (file 2 min early,
+    3 min late), late (the file starts 90 s into the airing), two_segment (20 min + 37 min
+    with a 2 min gap), imported (a library video), movie (2 h, IsMovie), rerun_a / rerun_b
+    (one ShowExternalID); fillers are filler_0, filler_1, ...
     """
     day = 24 * 60 * MINUTE_MS
     a0 = [base_ms + i * day for i in range(8)]

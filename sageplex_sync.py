@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import argparse
 import base64
+import codecs
 import collections
+import contextlib
+import gc
 import json
 import logging
 import logging.handlers
@@ -33,11 +36,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from enum import Enum, IntEnum
 from pathlib import Path
-from typing import Any, Callable, TextIO, Union
-from xml.etree.ElementTree import Element, ParseError
+from typing import Any, Callable, NoReturn, TextIO, Union
+from xml.etree.ElementTree import Element, ParseError, XMLPullParser
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3 import exceptions as urllib3_errors
 from urllib3.util.retry import Retry
 
 __version__ = "1.0.0"
@@ -62,6 +66,11 @@ PLEX_MIN_PROGRESS_MS = 60_000
 #: when no size is given (sagex-api.md §4.1) and plexapi at 100.
 SAGEX_PAGE_SIZE = 100_000
 PLEX_PAGE_SIZE = 100_000
+#: A Plex listing is parsed as it arrives, this many bytes at a time.
+PLEX_STREAM_CHUNK = 128 * 1024
+#: Control characters XML does not allow; plexapi drops them from a reply (as
+#: utils.cleanXMLString does) and so does the streamed listing.
+XML_C0_CONTROLS = bytes(c for c in range(32) if c not in (9, 10, 13))
 #: Seconds to wait for any one reply; ``sagex.timeout`` / ``plex.timeout`` change it.
 DEFAULT_TIMEOUT_S = 30.0
 #: Retries of a failed read (connection refused, 5xx, timeout), with backoff.
@@ -69,6 +78,9 @@ READ_RETRIES = 3
 RETRY_BACKOFF_S = 0.3
 #: Writes go through a small pool; SageTV and Plex both serve a few requests at once.
 WRITE_WORKERS = 4
+#: Report lines are written in batches: this many, or what this many seconds have made.
+OUTPUT_BATCH_LINES = 1000
+OUTPUT_BATCH_S = 0.2
 #: Only these sagex fields are asked for: ~0.5 KB a recording instead of ~6 KB.
 #: MediaFileAiring keeps the nested Airing, Show keeps its Show (sagex-api.md §2.6).
 SAGE_FIELDS = sorted([
@@ -236,9 +248,12 @@ def load_config(path: Path) -> Config:
     """Read and check the config file; every problem names the file and the key."""
     try:
         text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start + 1}); "
+                          "save it as UTF-8") from None
+    except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.__class__.__name__}: "
-                          f"{getattr(exc, 'strerror', None) or exc}") from None
+                          f"{exc.strerror or exc}") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -345,11 +360,51 @@ def _write_retries() -> Retry:
                  backoff_factor=RETRY_BACKOFF_S, raise_on_status=False)
 
 
+def _read_again_if_cut_off(read: Callable[[], Any]) -> Any:
+    """A read whose reply was cut off mid-body, asked again with backoff: urllib3's Retry
+    sees only the status line and headers, and requests reads the body after it."""
+    for attempt in range(READ_RETRIES):
+        try:
+            return read()
+        except requests.exceptions.ChunkedEncodingError as exc:
+            log.debug("reply cut off (%r); asking again", exc)
+            time.sleep(RETRY_BACKOFF_S * 2 ** attempt)
+    return read()
+
+
+def _reply_decoder(content_type: str) -> Callable[..., str]:
+    """An incremental decoder of a reply in its charset (UTF-8 when it names none or an
+    unknown one) that is as lenient as plexapi's query(): bytes that do not decode become
+    U+FFFD, as in requests' response.text, and the control characters XML does not allow
+    are dropped, as utils.cleanXMLString does."""
+    found = re.search(r"charset=([\w.:-]+)", content_type)
+    try:
+        codec = codecs.lookup(found.group(1) if found else "utf-8")
+    except LookupError:
+        codec = codecs.lookup("utf-8")
+    decode = codec.incrementaldecoder(errors="replace").decode
+    if codec.encode("\x01")[0] != b"\x01":
+        return decode  # not ASCII-based (UTF-16...): no control bytes to drop
+    return lambda data, final=False: decode(data.translate(None, XML_C0_CONTROLS), final)
+
+
 def _transport_error(server: ServerConfig, exc: requests.RequestException, what: str) -> str:
     label = "SageTV" if server.name == "sagex" else "Plex"
-    if isinstance(exc, requests.Timeout):
+    # Once its retries are used up, requests reports a timeout or a failed name lookup as
+    # a ConnectionError around urllib3's MaxRetryError: the reason says what it was.
+    # (urllib3's NewConnectionError, a refused connection, is a TimeoutError by descent.)
+    reason_exc = getattr(exc.args[0], "reason", None) if exc.args else None
+    if isinstance(reason_exc, urllib3_errors.NameResolutionError):
+        return (f"cannot reach {label}: the host name {server.host!r} is not known ({what}); "
+                f"check {server.name}.host in the config")
+    if isinstance(exc, requests.Timeout) or (
+            isinstance(reason_exc, urllib3_errors.TimeoutError)
+            and not isinstance(reason_exc, urllib3_errors.NewConnectionError)):
         return (f"{label} at {server.address} did not answer within {server.timeout_s:g} s "
                 f"({what}); check the server, or raise {server.name}.timeout in the config")
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+        return (f"{label} at {server.address} cut its reply off {what} (connection lost); "
+                "check that the server is running, then try again")
     if isinstance(exc, requests.ConnectionError):
         reason = "connection refused" if "refused" in str(exc).lower() else "connection lost"
         return (f"cannot reach {label} at {server.address} ({reason}, {what}); check "
@@ -403,8 +458,11 @@ class SageClient:
         what = f"to {function}"
         log.debug("sagex %s %s", function, args)
         session = self._writes if write else self._reads
+
+        def get() -> requests.Response:
+            return session.get(self.url, params=params, timeout=self.server.timeout_s)
         try:
-            response = session.get(self.url, params=params, timeout=self.server.timeout_s)
+            response = get() if write else _read_again_if_cut_off(get)
         except requests.RequestException as exc:
             log.debug("sagex %s failed: %r", function, exc)
             raise SageError(_transport_error(self.server, exc, what)) from None
@@ -514,11 +572,17 @@ class PlexClient:
 
     def _guard(self, what: str, call: Callable[[], Any], missing: str | None = None) -> Any:
         """Run a plexapi call, turning its exceptions into one-line PlexErrors."""
+        with self._plex_errors(what, missing):
+            return call()
+
+    @contextlib.contextmanager
+    def _plex_errors(self, what: str, missing: str | None = None) -> Iterator[None]:
+        """plexapi's and requests' exceptions inside the block, as one-line PlexErrors."""
         from plexapi import exceptions as plex_errors
 
         where = f"Plex at {self.server.address}"
         try:
-            return call()
+            yield
         except plex_errors.Unauthorized:
             raise PlexError(f"{where} refused the token (HTTP 401); "
                             "check plex.token in the config") from None
@@ -563,7 +627,10 @@ class PlexClient:
         retries a request that reached the server."""
         plex = self.plex
         method = getattr(self._writes, write) if write else None
-        return self._guard(what, lambda: plex.query(path, method=method, headers=headers),
+
+        def call() -> Any:
+            return plex.query(path, method=method, headers=headers)
+        return self._guard(what, call if write else lambda: _read_again_if_cut_off(call),
                            missing=missing)
 
     def sections(self) -> list[PlexSection]:
@@ -575,24 +642,104 @@ class PlexClient:
                 for d in root.iter("Directory")]
 
     def section_videos(self, section: PlexSection) -> Iterator[Element]:
-        """Every movie or episode of a section, in as few requests as the server allows."""
+        """Every movie or episode of a section, in as few requests as the server allows,
+        each as soon as it has arrived."""
         path = f"/library/sections/{section.key}/all?type={VIDEO_SECTION_TYPES[section.type]}"
+        what = f"to the listing of section {section.key}"
         start = 0
         while True:
-            root = self.query(path, f"to the listing of section {section.key}", headers={
+            container: dict[str, str] = {}
+            videos = self._streamed_videos(path, {
                 "X-Plex-Container-Start": str(start),
-                "X-Plex-Container-Size": str(PLEX_PAGE_SIZE)})
-            videos = [] if root is None else root.findall("Video")
-            yield from videos
-            start += len(videos)
-            total = None if root is None else root.get("totalSize")
-            if not videos or (total is not None and start >= int(total)):
+                "X-Plex-Container-Size": str(PLEX_PAGE_SIZE)}, container)
+            count = 0
+            with self._plex_errors(what):
+                for video in videos:
+                    count += 1
+                    yield video
+            start += count
+            total = container.get("totalSize")
+            if not count or (total is not None and start >= int(total)):
                 return
             if total is None:
                 # Without totalSize a short page may still not be the last (a server that
                 # caps page sizes): ask until a page comes back empty.
                 log.warning("Plex listing of section %s has no totalSize; paging on",
                             section.key)
+
+    def _streamed_videos(self, path: str, headers: dict[str, str],
+                         container: dict[str, str]) -> Iterator[Element]:
+        """The Video children of one listing page, parsed while the reply streams in
+        (plexapi's raw query path without the object layer, and without holding the reply
+        or its tree: a video is dropped once handed on). The page's own attributes go
+        into ``container``. Errors are plexapi's and requests' own, as from query(); a
+        reply cut off half-way is asked for again, skipping the videos already handed on."""
+        done = 0
+        for attempt in range(READ_RETRIES + 1):
+            skip = done
+            try:
+                for video in self._parse_listing(path, headers, container):
+                    if skip:
+                        skip -= 1
+                        continue
+                    done += 1
+                    yield video
+                return
+            except requests.exceptions.ChunkedEncodingError as exc:
+                if attempt == READ_RETRIES:
+                    raise
+                log.debug("reply cut off (%r); asking again", exc)
+                time.sleep(RETRY_BACKOFF_S * 2 ** attempt)
+
+    def _parse_listing(self, path: str, headers: dict[str, str],
+                       container: dict[str, str]) -> Iterator[Element]:
+        from plexapi import exceptions as plex_errors
+
+        plex = self.plex
+        log.debug("GET %s (streamed)", path)
+        response = self._reads.get(plex.url(path), headers=plex._headers(**headers),
+                                   timeout=self.server.timeout_s, stream=True)
+        with response:
+            status = response.status_code
+            if status not in (200, 201, 204):  # as plexapi's query() raises them
+                error = (plex_errors.Unauthorized if status == 401 else
+                         plex_errors.NotFound if status == 404 else plex_errors.BadRequest)
+                raise error(f"({status}) {response.reason}; {response.url} "
+                            f"{response.text[:200]}".replace("\n", " "))
+            decode = _reply_decoder(response.headers.get("Content-Type", ""))
+            parser = XMLPullParser(events=("start", "end"))
+            root: Element | None = None
+            depth = 0
+            empty = True  # plexapi reads an empty (or blank) reply as no container at all
+            chunks = response.iter_content(PLEX_STREAM_CHUNK)
+            while True:
+                chunk = next(chunks, None)
+                if chunk is None:
+                    if empty:
+                        return
+                    parser.feed(decode(b"", True))
+                    parser.close()
+                else:
+                    text = decode(chunk)
+                    if empty and not text.strip():
+                        continue
+                    empty = False
+                    parser.feed(text)
+                for event, element in parser.read_events():
+                    if event == "start":
+                        if depth == 0:
+                            root = element
+                            container.update(root.attrib)
+                        depth += 1
+                        continue
+                    depth -= 1
+                    if depth == 1:  # a whole child of the container: hand it on, keep nothing
+                        assert root is not None
+                        root.remove(element)
+                        if element.tag == "Video":
+                            yield element
+                if chunk is None:
+                    return
 
     def metadata(self, rating_key: int) -> Element:
         """One item's element (movie, episode, season or show)."""
@@ -699,6 +846,11 @@ class Status:
         return self.kind.value
 
 
+#: The two statuses without a position, shared (most items are one of them).
+WATCHED = Status(Kind.WATCHED)
+NOT_WATCHED = Status(Kind.NONE)
+
+
 def format_hms(ms: int) -> str:
     seconds = max(0, int(ms)) // 1000
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -715,12 +867,16 @@ def end_ms(side: SideState) -> float:
 def classify(side: SideState, *, is_sage: bool, ignore_ms: int) -> Status:
     """Reduce one side to NONE, PROGRESS(position) or WATCHED (sync-rules.md §1)."""
     if is_sage and side.watched:
-        return Status(Kind.WATCHED)  # SageTV leaves its position at the end: it means nothing
-    if max(ignore_ms, 1) <= side.position_ms < end_ms(side):
-        return Status(Kind.PROGRESS, side.position_ms)  # on Plex, also a rewatch in progress
-    if side.position_ms >= end_ms(side) and side.position_ms > 0:
-        return Status(Kind.WATCHED)
-    return Status(Kind.WATCHED) if side.watched else Status(Kind.NONE)
+        return WATCHED  # SageTV leaves its position at the end: it means nothing
+    position = side.position_ms
+    if position <= 0:
+        return WATCHED if side.watched else NOT_WATCHED
+    end = end_ms(side)
+    if max(ignore_ms, 1) <= position < end:
+        return Status(Kind.PROGRESS, position)  # on Plex, also a rewatch in progress
+    if position >= end:
+        return WATCHED
+    return WATCHED if side.watched else NOT_WATCHED
 
 
 @dataclass
@@ -859,7 +1015,8 @@ def plex_item_from_element(video: Element) -> PlexItem:
 def file_name(path: str) -> str:
     """A path's last component, whichever separator the server uses (SageTV on Windows
     says F:\\TV\\x.mpg where Plex on Linux says /mnt/tv/x.mpg), in one Unicode form."""
-    return unicodedata.normalize("NFC", re.split(r"[\\/]", path)[-1])
+    name = path[max(path.rfind("/"), path.rfind("\\")) + 1:]
+    return name if name.isascii() else unicodedata.normalize("NFC", name)
 
 
 ###############################################################################
@@ -871,24 +1028,39 @@ class SageIndex:
     """SageTV's media files by file name (every segment of every file)."""
 
     def __init__(self, items: Iterable[SageItem]) -> None:
+        self.items: list[SageItem] = []
         self.by_name: dict[str, list[SageItem]] = collections.defaultdict(list)
-        self.by_show: dict[str, list[SageItem]] = collections.defaultdict(list)
+        self._by_show: dict[str, list[SageItem]] | None = None  # made when first needed
         for item in items:
-            for name in {file_name(p) for p in item.paths}:
+            self.items.append(item)
+            paths = item.paths
+            names = (file_name(paths[0]),) if len(paths) == 1 else {file_name(p) for p in paths}
+            for name in names:
                 self.by_name[name].append(item)
-            if item.show_id:
-                self.by_show[item.show_id].append(item)
 
     def __len__(self) -> int:
-        return len({id(i) for items in self.by_name.values() for i in items})
+        return len(self.items)
 
     def match(self, plex_item: PlexItem) -> list[SageItem]:
         """The SageTV files the Plex item's parts name: none, one, or (ambiguous) more."""
+        paths = plex_item.paths
+        if len(paths) == 1:  # most items: one part, and a name lists each file once
+            return list(self.by_name.get(file_name(paths[0]), ()))
         found: dict[int, SageItem] = {}
-        for name in {file_name(p) for p in plex_item.paths}:
+        for name in {file_name(p) for p in paths}:
             for item in self.by_name.get(name, ()):
                 found[id(item)] = item
         return list(found.values())
+
+    @property
+    def by_show(self) -> dict[str, list[SageItem]]:
+        """The media files of each show (ShowExternalID)."""
+        if self._by_show is None:
+            self._by_show = collections.defaultdict(list)
+            for item in self.items:
+                if item.show_id:
+                    self._by_show[item.show_id].append(item)
+        return self._by_show
 
     def watched_siblings(self, item: SageItem) -> list[SageItem]:
         """Other watched recordings of the same show, which a ClearWatched un-watches too."""
@@ -1211,6 +1383,8 @@ class Report:
     ambiguous: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     interrupted: bool = False
+    #: The run stopped half-way on an error (printed on stderr after the summary).
+    stopped: bool = False
 
     def add(self, pair: Pair) -> None:
         self.videos += 1
@@ -1261,6 +1435,9 @@ class Report:
                 lines += ["", heading] + [f"\t{e}" for e in entries]
         if self.interrupted:
             lines += ["", "Interrupted: the summary covers the items done so far."]
+        if self.stopped:
+            lines += ["", "Stopped by the error below: the summary covers the items done "
+                          "so far."]
         lines += ["", self.total_line()]
         return "\n".join(lines)
 
@@ -1309,8 +1486,16 @@ exit codes: 0 all writes done, 1 a write or the run failed, 2 usage error, 130 i
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on the run's own stderr (main prints it),
+    not a usage block on sys.stderr."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message if "--help" in message else f"{message} (see --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sageplex_sync.py", usage="sageplex_sync.py [options] [id [id ...]]",
         description="SageTV and Plex watch status synchronization.", epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1470,6 +1655,8 @@ class Run:
         self.applier = Applier(sage, plex, self.opts)
         self.report = Report()
         self.pending: collections.deque[tuple[Pair, Future | None]] = collections.deque()
+        self.lines: list[str] = []  # output not yet written (see flush)
+        self.flush_due = time.monotonic() + OUTPUT_BATCH_S
 
     def plex_items(self) -> Iterable[PlexItem]:
         """What to work on. Sections are resolved and media ids looked up before anything
@@ -1498,7 +1685,8 @@ class Run:
         return stream()
 
     def prepare(self, plex_item: PlexItem, index: SageIndex) -> Pair:
-        """Match and decide one item (reads segment times of multi-segment files)."""
+        """Match and decide one item (reads segment times of a multi-segment file that
+        has a position)."""
         pair = Pair(plex_item)
         matches = index.match(plex_item)
         pair.candidates = len(matches)
@@ -1507,9 +1695,13 @@ class Run:
                 pair.detail = "media files " + ", ".join(str(m.media_file_id) for m in matches)
             return pair
         item = pair.sage = matches[0]
-        if item.segments is None:
-            item.segments = tuple(self.sage.segment_times(item.media_file_id, item.segment_count))
-        pair.segments = covered_segments(item, {file_name(p) for p in plex_item.paths})
+        # A split recording's segment times cost two requests a segment: they are read to
+        # place a position (SageTV's, or --position) and before writing to SageTV
+        # (dispatch). Without a position its state needs no times: it is not watched, or
+        # watched, whatever its length.
+        if item.segments is not None or self.args.position is not None or (
+                item.watched_end_ms > 0 and not item.watched):
+            self.read_segments(pair)
         sage = pair.sage_side
         if self.args.position is not None:
             if sage.duration_ms and self.args.position_ms >= sage.duration_ms:
@@ -1530,10 +1722,21 @@ class Run:
             pair.notes.append(f"skipped: {pair.action.blocked}")
         return pair
 
+    def read_segments(self, pair: Pair) -> None:
+        """The segments of its SageTV file that the Plex item plays; a split recording's
+        times are read (two requests a segment) the first time they are needed."""
+        item = pair.sage
+        assert item is not None
+        if item.segments is None:
+            item.segments = tuple(self.sage.segment_times(item.media_file_id, item.segment_count))
+        pair.segments = covered_segments(item, (file_name(p) for p in pair.plex.paths))
+
     def execute(self) -> ExitCode:
         items = self.plex_items()
-        index = SageIndex(sage_item_from_json(r) for r in self.sage.media_files())
+        with _no_cyclic_gc():
+            index = SageIndex(sage_item_from_json(r) for r in self.sage.media_files())
         log.info("SageTV lists %d media files", len(index))
+        gc.freeze()  # the index lives as long as the run: the collector need not scan it
         pool = ThreadPoolExecutor(max_workers=WRITE_WORKERS, thread_name_prefix="write")
         try:
             for plex_item in items:
@@ -1542,11 +1745,22 @@ class Run:
                 pair = self.prepare(plex_item, index)
                 self.pending.append((pair, self.dispatch(pair, pool)))
                 self.drain(keep=WRITE_WORKERS * 4)
-            self.report.interrupted = self.stop.is_set()
+        except SyncError:
+            # A read failed half-way (a listing, a segment lookup): what was done so far,
+            # then main() prints the error.
+            self.report.stopped = self.report.videos > 0 or bool(self.pending)
+            raise
         finally:
             self.drain(keep=0)  # never leave a write behind half-reported
             pool.shutdown(wait=True)
-        self.out.write(self.report.summary() + "\n")
+            gc.unfreeze()
+            if self.report.stopped:
+                self.lines.append(self.report.summary())
+                self.flush()
+        # After the drain: a Ctrl-C while the last writes were in flight counts too.
+        self.report.interrupted = self.stop.is_set()
+        self.lines.append(self.report.summary())
+        self.flush()
         return self.report.exit_code()
 
     def dispatch(self, pair: Pair, pool: ThreadPoolExecutor) -> Future | None:
@@ -1569,7 +1783,18 @@ class Run:
             if not self.confirm(pair):
                 pair.outcome, pair.detail = Outcome.SKIPPED, "not confirmed"
                 return None
-        return pool.submit(self.applier.apply, pair)
+        if pair.sage is not None and any(isinstance(w, (SageMarkWatched, SageSetPosition))
+                                         for w in action.writes):
+            self.read_segments(pair)  # a SageTV write and its read-back place positions
+        return pool.submit(self.apply_unless_stopped, pair)
+
+    def apply_unless_stopped(self, pair: Pair) -> None:
+        """In the pool: an item whose writes have not started when Ctrl-C comes is left
+        as it is (reported as skipped); one that has started is finished."""
+        if self.stop.is_set():
+            pair.outcome, pair.detail = Outcome.SKIPPED, "interrupted before writing"
+            return
+        self.applier.apply(pair)
 
     def confirm(self, pair: Pair) -> bool:
         assert pair.action is not None
@@ -1588,7 +1813,8 @@ class Run:
                 signal.signal(signal.SIGINT, previous)
 
     def drain(self, keep: int) -> None:
-        """Report finished items in the order they came, keeping at most `keep` in flight."""
+        """Report finished items in the order they came, keeping at most `keep` in flight
+        (with `keep=0` their lines are also written out at once)."""
         pending = self.pending
         while pending and (len(pending) > keep or pending[0][1] is None
                            or pending[0][1].done()):
@@ -1601,22 +1827,48 @@ class Run:
                     pair.outcome = Outcome.FAILED
                     pair.detail = f"internal error: {exc.__class__.__name__}: {exc}"
             self.report.add(pair)
-            line = SECRETS.redact(item_line(pair))
+            line = item_line(pair)
             if pair.outcome is not Outcome.UNCHANGED or pair.sage is None:
-                log.info("%s", line)
-            self.out.write(line + "\n")
+                log.info("%s", SECRETS.redact(line))
+            self.lines.append(line)
+        if keep == 0 or len(self.lines) >= OUTPUT_BATCH_LINES or \
+                time.monotonic() >= self.flush_due:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the lines made so far in one piece, secrets hidden: one write per line
+        would cost more than deciding the item."""
+        if self.lines:
+            self.lines.append("")
+            self.out.write(SECRETS.redact("\n".join(self.lines)))
+            self.lines.clear()
+        self.flush_due = time.monotonic() + OUTPUT_BATCH_S
 
     def show_sagedata(self, pair: Pair) -> None:
         if pair.sage is None:
             return
         record = self.sage.media_file(pair.sage.media_file_id, full=True)
-        self.out.write(f"SageTV data for media id {pair.plex.rating_key} (media file "
-                       f"{pair.sage.media_file_id}):\n")
-        self.out.write(json.dumps(record, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+        self.lines.append(f"SageTV data for media id {pair.plex.rating_key} (media file "
+                          f"{pair.sage.media_file_id}):")
+        self.lines.append(json.dumps(record, indent=2, sort_keys=True, ensure_ascii=False))
 
 
 def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
+
+
+@contextlib.contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    """Python's cyclic garbage collector paused in a block that makes many long-lived
+    objects and no garbage cycles: reading a 50,000-item listing makes a million, which
+    it would otherwise scan over and over while they are made."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def run_admin(args: argparse.Namespace, plex: PlexClient, out: TextIO, err: TextIO) -> ExitCode:
@@ -1692,8 +1944,11 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None,
     try:
         args = parser.parse_args(argv)
         validate_args(parser, args)
-    except SystemExit as exc:  # argparse has printed usage or help
+    except SystemExit as exc:  # argparse has printed the help or the version
         return exc.code if isinstance(exc.code, int) else ExitCode.USAGE
+    except UsageError as exc:
+        err.write(f"sageplex_sync: error: {SECRETS.redact(str(exc))}\n")
+        return exc.exit_code
     setup_logging(args.verbose, err)
     log.info("***** sageplex_sync %s %s *****", __version__, argv if argv is not None
              else sys.argv[1:])

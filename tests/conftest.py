@@ -86,6 +86,16 @@ class Env:
     def writes(self) -> list[Request]:
         return self.sage_writes() + self.plex_writes()
 
+    def written_airings(self) -> set[int]:
+        """The SageTV airing ids that got a write request (``airing:ID`` arguments)."""
+        refs = (r.param("1") or "" for r in self.sage_writes())
+        return {int(ref.split(":", 1)[1]) for ref in refs if ref.startswith("airing:")}
+
+    def written_rating_keys(self) -> set[int]:
+        """The Plex media ids that got a watch-state write (scrobble, timeline, ...)."""
+        keys = (r.param("ratingKey") or r.param("key") or "" for r in self.plex_writes())
+        return {int(k) for k in keys if k.isdigit()}
+
     def clear_logs(self) -> None:
         self.sage.clear_log()
         self.plex.clear_log()

@@ -93,6 +93,19 @@ class Fault:
         return self.when is None or bool(self.when(request))
 
 
+@dataclass
+class ServerStats:
+    """What a fake spent serving, for the benchmark: requests answered, seconds inside
+    the app's ``handle`` (the fake's own work), seconds from a request's first line read
+    to its last byte written (HTTP parsing too, and waiting for a slow reader), bytes
+    sent."""
+
+    requests: int = 0
+    app_s: float = 0.0
+    serve_s: float = 0.0
+    bytes_sent: int = 0
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: clients reuse sockets, as with real servers
     # headers and body go out in separate writes; with Nagle on, the body waits for the
@@ -103,7 +116,18 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002
         pass  # the request log replaces stderr chatter
 
+    def parse_request(self) -> bool:
+        self._started = time.perf_counter()  # the request line is in: serving starts
+        return super().parse_request()
+
     def _serve(self) -> None:
+        started = getattr(self, "_started", None) or time.perf_counter()
+        try:
+            self._serve_request()
+        finally:
+            self.server.fake._account(serve_s=time.perf_counter() - started)
+
+    def _serve_request(self) -> None:
         fake = self.server.fake
         split = urlsplit(self.path)
         length = int(self.headers.get("Content-Length") or 0)
@@ -137,11 +161,13 @@ class _Handler(BaseHTTPRequestHandler):
         elif fault is not None and fault.body is not None:
             response = Response(200, fault.body, fault.content_type)
         else:
+            app_started = time.perf_counter()
             try:
                 response = fake.app.handle(request)
             except Exception as exc:  # a bug in a fake must be loud, not a hung client
                 fake.errors.append(exc)
                 response = Response(500, f"fake server error: {exc!r}".encode())
+            fake._account(app_s=time.perf_counter() - app_started)
         if fault is not None and fault.truncate:
             self._send(response, truncate=True)
             return
@@ -157,6 +183,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             body = response.body[: len(response.body) // 2] if truncate else response.body
             self.wfile.write(body)
+            self.server.fake._account(sent=len(body))
         if truncate:
             self.wfile.flush()
             self._drop()
@@ -222,6 +249,8 @@ class FakeServer:
         self.errors: list[BaseException] = []
         self.faults: list[Fault] = []
         self.lock = threading.Lock()
+        self._stats = ServerStats()
+        self._stats_lock = threading.Lock()
         self._port = port
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -284,6 +313,25 @@ class FakeServer:
                 fault.hits += 1
                 return fault
         return None
+
+    # -- what serving cost (the benchmark) --------------------------------------------
+    def stats(self) -> ServerStats:
+        """A copy of the counters since the start (or the last ``reset_stats``)."""
+        with self._stats_lock:
+            return ServerStats(**vars(self._stats))
+
+    def reset_stats(self) -> None:
+        with self._stats_lock:
+            self._stats = ServerStats()
+
+    def _account(self, *, app_s: float = 0.0, serve_s: float = 0.0, sent: int = 0) -> None:
+        with self._stats_lock:
+            stats = self._stats
+            stats.app_s += app_s
+            stats.bytes_sent += sent
+            if serve_s:
+                stats.requests += 1
+                stats.serve_s += serve_s
 
     # -- the log ---------------------------------------------------------------------
     def requests(self, function: str | None = None, path: str | None = None) -> list[Request]:

@@ -463,7 +463,8 @@ class FakeSage:
                  dont_use_running_time_for_watched: bool = False,
                  field_set: str = "head",
                  latest_watched_plus_3s: bool = False,
-                 sagex_version: str = "9.2.8.1") -> None:
+                 sagex_version: str = "9.2.8.1",
+                 plex_js_service: bool = False) -> None:
         if field_set not in ("head", "2015"):
             raise ValueError(f"field_set must be 'head' or '2015', not {field_set!r}")
         self.user = user
@@ -475,6 +476,8 @@ class FakeSage:
         self.field_set = field_set
         self.latest_watched_plus_3s = latest_watched_plus_3s  # old SageTV's +3 s (§9.12)
         self.sagex_version = sagex_version
+        # the original tool's plex.js installed (§5): plex:GetMediaFileForName answers
+        self.plex_js_service = plex_js_service
         self._lock = threading.RLock()
         self._by_mf: dict[int, SageMediaFile] = {}
         self._by_airing: dict[int, SageMediaFile] = {}
@@ -871,6 +874,11 @@ class FakeSage:
                 break
             args.append(None if value.lower() == "null" else value)
         service = _SERVICE_RE.search(command)
+        if service and self.plex_js_service and command == "plex:GetMediaFileForName":
+            if len(args) != 1 or args[0] is None:
+                raise SagexError("java.lang.RuntimeException", "plex.js: GetMediaFileForName "
+                                 "takes one file name", ())
+            return self._get_media_file_for_name(args[0])
         if service:
             # JS services (plex.js of the original tool) are not installed on this server
             package = service.group(1)
@@ -1096,6 +1104,18 @@ class FakeSage:
             if path in mf.segment_files:
                 return ("mf", mf)
         return None
+
+    def _get_media_file_for_name(self, name: str) -> _Reply:
+        """The original tool's plex.js (§5): a linear scan of every media file (any type),
+        the first whose MediaFileRelativePath equals ``name`` or one of whose segment files
+        contains it; ``{"Result":false}`` when none does. O(#media files) per call."""
+        for mf_id in self._ordered_ids():  # MediaFileAPI.GetMediaFiles(): all of them
+            mf = self._by_mf[mf_id]
+            # GetMediaFileRelativePath as _MF_FIELDS serves it, without building a view
+            relative = "" if mf.is_tv else _basename(mf.segments[0][0])
+            if relative == name or any(name in path for path, _, _ in mf.segments):
+                return ("mf", mf)
+        return ("scalar", False)
 
     def _segment(self, args: list[Any], pick: Callable[[tuple[str, int, int]], Any],
                  missing: Any = 0) -> _Reply | None:

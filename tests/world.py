@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.fake_http import FakeServer
-from tests.fake_plex import FakePlex
+from tests.fake_plex import FakePlex, PlexItem
 from tests.fake_sagex import FakeSage
 
 SEC = 1_000
@@ -239,6 +239,33 @@ class World:
     def running(self) -> Iterator[Servers]:
         with FakeServer(self.sage) as sage_server, FakeServer(self.plex) as plex_server:
             yield Servers(self, sage_server, plex_server)
+
+    # -- reading state back (what end-to-end tests assert on) ------------------------------
+    def sage_watched(self, item: Item) -> bool:
+        """SageTV's IsWatched of the item's airing, as sagex serves it now."""
+        assert item.airing_id is not None
+        return bool(self.sage.airing_json(item.airing_id).get("IsWatched"))
+
+    def sage_position_ms(self, item: Item) -> int:
+        """SageTV's resume position as a file offset: WatchedEndTime mapped through the
+        segments (for one segment: WatchedEndTime - FileStartTime); 0 without a record."""
+        assert item.airing_id is not None
+        end = int(self.sage.airing_json(item.airing_id).get("WatchedEndTime") or 0)
+        if not end:
+            return 0
+        offset = 0
+        for start, stop in item.segments:
+            if end < start:
+                return offset
+            if end < stop:
+                return offset + end - start
+            offset += stop - start
+        return offset
+
+    def plex_item(self, item: Item) -> PlexItem:
+        """The fake Plex's snapshot of the item (view_count, view_offset_ms, ...)."""
+        assert item.rating_key is not None
+        return self.plex.item(item.rating_key)
 
 
 def sage_time(item: Item, position_ms: int) -> int:

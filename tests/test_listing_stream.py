@@ -1,0 +1,161 @@
+"""The bulk reads that make a big run fast, against the fakes: the streamed Plex listing
+(every video once, whatever the chunking, a cut-off reply resumed, plexapi's leniency kept),
+the SageTV requests of split recordings, and the batched report output.
+
+Speed itself is measured by bench/bench_sync.py, never asserted here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+import sageplex_sync
+from tests.world import DAY, HOUR, MIN, PLEX_TOKEN, World, at, none, watched
+
+
+def declare_library(world: World, episodes: int = 24, movies: int = 5) -> list[int]:
+    """A show of many episodes and a few movies, some out of sync; their Plex media ids."""
+    keys = []
+    for number in range(episodes):
+        plex = watched(ago=DAY) if number % 5 == 0 else none()
+        keys.append(world.episode("Long Show", 1 + number // 10, 1 + number % 10,
+                                  f"Episode {number}", sage=none(), plex=plex).rating_key)
+    for number in range(movies):
+        sage = at(20 * MIN, ago=HOUR) if number % 2 else none()
+        keys.append(world.movie(f"Film {number}", year=1990 + number, sage=sage,
+                                plex=none()).rating_key)
+    return keys
+
+
+def listed(out: str) -> list[int]:
+    """The media ids of the report's item lines, in order."""
+    return [int(line.split()[0]) for line in out.splitlines()
+            if line[:1] == " " and line.split()[0].isdigit()]
+
+
+@pytest.mark.parametrize("chunk", [1, 97, 4096])
+def test_every_video_is_listed_once_whatever_the_chunks(world: World, start: Any,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        chunk: int) -> None:
+    keys = declare_library(world)
+    monkeypatch.setattr(sageplex_sync, "PLEX_STREAM_CHUNK", chunk)
+    env = start()
+
+    r = env.run("all")
+
+    assert r.code == 0, r.err
+    assert sorted(listed(r.out)) == sorted(keys)
+    assert f"Total: {len(keys)} videos" in r.total
+    # one listing request per section, whatever the number of items
+    assert len(env.plex.requests(function="section_all")) == 2
+
+
+def test_a_listing_cut_off_half_way_is_read_again_without_repeating_items(
+        world: World, start: Any) -> None:
+    keys = declare_library(world, episodes=40)
+    env = start()
+    env.plex.add_fault(function="section_all", truncate=True, times=1)
+
+    r = env.run("all", "-s")
+
+    assert r.code == 0, r.err
+    assert sorted(listed(r.out)) == sorted(keys)  # each once: none lost, none twice
+    assert len(env.plex.requests(function="section_all")) == 3  # the cut-off one again
+
+
+def test_control_characters_in_a_title_are_dropped_as_plexapi_does(world: World,
+                                                                    start: Any) -> None:
+    item = world.episode("Bell\x07Show", 1, 1, "Alarm\x01", sage=watched(ago=DAY), plex=none(),
+                         file_name="BellShow-Alarm.mpg")
+    env = start()
+
+    r = env.run("all", "-s")
+
+    assert r.code == 0, r.err
+    line = r.line_for(item.rating_key)
+    assert "BellShow - s01e01 - Alarm  [updated]" in line
+    assert env.world.plex.item(item.rating_key).view_count == 1
+
+
+def test_bytes_that_are_not_utf8_become_replacement_characters(world: World,
+                                                               start: Any) -> None:
+    world.movie("Heat", sage=none(), plex=none())
+    env = start()
+    body = (b'<?xml version="1.0" encoding="UTF-8"?>\n<MediaContainer size="1" totalSize="1">'
+            b'<Video ratingKey="4321" type="movie" title="Caf\xe9 \xff" duration="60000">'
+            b'<Media><Part file="/mnt/x/cafe.mpg"/></Media></Video></MediaContainer>')
+    env.plex.add_fault(function="section_all", body=body, content_type="text/xml;charset=utf-8")
+
+    r = env.run("all")
+
+    assert r.code == 0, r.err
+    assert "Caf\ufffd \ufffd" in r.line_for(4321)
+
+
+def test_an_empty_listing_reply_is_a_section_without_videos(world: World, start: Any) -> None:
+    world.movie("Heat", sage=watched(ago=DAY), plex=none())
+    env = start()
+    env.plex.add_fault(function="section_all", body=b"")
+
+    r = env.run("all")
+
+    assert r.code == 0, r.err
+    assert "Total: 0 videos." in r.total
+
+
+def test_the_listing_sends_plexapis_headers_and_the_token_only_in_a_header(
+        world: World, start: Any) -> None:
+    world.movie("Heat")
+    env = start()
+
+    env.run("all")
+
+    for request in env.plex.requests(function="section_all"):
+        assert request.header("X-Plex-Token") == PLEX_TOKEN
+        assert request.header("X-Plex-Client-Identifier")
+        assert request.header("X-Plex-Container-Size") == str(sageplex_sync.PLEX_PAGE_SIZE)
+        assert "X-Plex-Token" not in request.query
+
+
+def test_split_recordings_cost_segment_requests_only_with_a_position(world: World,
+                                                                      start: Any) -> None:
+    world.episode("Split", 1, 1, "Unseen", sage=none(), plex=none(), segments=2)
+    world.episode("Split", 1, 2, "Seen", sage=watched(ago=DAY), plex=watched(ago=DAY),
+                  segments=2)
+    world.episode("Split", 1, 3, "Plex only", sage=none(), plex=watched(ago=DAY), segments=2)
+    halfway = world.episode("Split", 1, 4, "Half", sage=at(20 * MIN, ago=HOUR),
+                            plex=at(20 * MIN, ago=HOUR), segments=2, duration_ms=60 * MIN)
+    env = start()
+
+    r = env.run("all")
+
+    assert r.code == 0, r.err
+    assert "[OK]" in r.line_for(halfway.rating_key)  # its position was placed on the segments
+    segment_calls = [q.function for q in env.sage.requests()
+                     if q.function in ("GetStartForSegment", "GetEndForSegment")]
+    assert len(segment_calls) == 4  # the one with a SageTV position: 2 segments x 2 calls
+    assert len(env.sage.requests(function="GetMediaFiles")) == 1
+
+    env.clear_logs()
+    r = env.run("all", "-s")  # the SageTV write needs the segments of "Plex only"
+
+    assert r.code == 0, r.err
+    assert "1 updated" in r.total
+    assert len([q for q in env.sage.requests()
+                if q.function in ("GetStartForSegment", "GetEndForSegment")]) == 8
+
+
+def test_report_lines_come_in_order_whatever_the_batching(world: World, start: Any,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    keys = declare_library(world, episodes=30, movies=0)  # in season and episode order
+    monkeypatch.setattr(sageplex_sync, "OUTPUT_BATCH_LINES", 4)
+    env = start()
+
+    r = env.run("all", "-s")
+
+    assert r.code == 0, r.err
+    assert listed(r.out) == keys  # Plex's order, writes in flight or not
+    assert r.out.rstrip().endswith(r.total)  # the summary last, after every item line

@@ -1959,7 +1959,8 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None,
             if stop.is_set():
                 raise KeyboardInterrupt  # a second Ctrl-C: stop now
             stop.event.set()
-            err.write("\nInterrupted: finishing the item in hand (Ctrl-C again to abort)\n")
+            err.write("\nInterrupted: finishing the writes already started "
+                      "(Ctrl-C again to abort)\n")
         previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         config = load_config(find_config(args.config))

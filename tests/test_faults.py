@@ -596,7 +596,7 @@ def test_ctrl_c_prints_the_summary_so_far_and_leaves_no_half_written_item(
     time.sleep(0.5)  # any write still sleeping in the fake lands (none should be left)
 
     assert process.returncode == 130, out + err
-    assert "Interrupted: finishing the item in hand" in err
+    assert "Interrupted: finishing the writes already started" in err
     assert "Interrupted: the summary covers the items done so far." in out
     total = next(ln for ln in out.splitlines() if ln.startswith("Total:"))
     log = env.log_path.read_text(encoding="utf-8")

@@ -78,6 +78,8 @@ READ_RETRIES = 3
 RETRY_BACKOFF_S = 0.3
 #: Writes go through a small pool; SageTV and Plex both serve a few requests at once.
 WRITE_WORKERS = 4
+#: At most this many items wait, done, for their line behind an unfinished write.
+PENDING_ITEMS_MAX = 10_000
 #: Report lines are written in batches: this many, or what this many seconds have made.
 OUTPUT_BATCH_LINES = 1000
 OUTPUT_BATCH_S = 0.2
@@ -1131,6 +1133,11 @@ class Action:
     blocked: str = ""
 
 
+#: Both sides watched, or neither: most items, one shared answer each.
+_IN_SYNC = {status.kind: Action(Verdict.IN_SYNC, status, status)
+            for status in (WATCHED, NOT_WATCHED)}
+
+
 def _plex_position(position_ms: int) -> tuple[tuple[Write, ...], str]:
     """The Plex position write, or why it cannot be written."""
     write = PlexSetPosition(position_ms)
@@ -1153,6 +1160,8 @@ def decide(sage: SideState, plex: SideState, opts: Options) -> Action:
     """
     s = classify(sage, is_sage=True, ignore_ms=opts.ignore_ms)
     p = classify(plex, is_sage=False, ignore_ms=opts.ignore_ms)
+    if s is p:  # the same shared status: both watched, or both not
+        return _IN_SYNC[s.kind]
     if s == p:
         return Action(Verdict.IN_SYNC, s, p)
     plex_newer = plex.last_watched_ms > sage.last_watched_ms
@@ -1655,6 +1664,7 @@ class Run:
         self.applier = Applier(sage, plex, self.opts)
         self.report = Report()
         self.pending: collections.deque[tuple[Pair, Future | None]] = collections.deque()
+        self.writing = 0  # pending items whose writes were handed to the pool
         self.lines: list[str] = []  # output not yet written (see flush)
         self.flush_due = time.monotonic() + OUTPUT_BATCH_S
 
@@ -1743,7 +1753,9 @@ class Run:
                 if self.stop.is_set():
                     break
                 pair = self.prepare(plex_item, index)
-                self.pending.append((pair, self.dispatch(pair, pool)))
+                future = self.dispatch(pair, pool)
+                self.pending.append((pair, future))
+                self.writing += future is not None
                 self.drain(keep=WRITE_WORKERS * 4)
         except SyncError:
             # A read failed half-way (a listing, a segment lookup): what was done so far,
@@ -1813,13 +1825,16 @@ class Run:
                 signal.signal(signal.SIGINT, previous)
 
     def drain(self, keep: int) -> None:
-        """Report finished items in the order they came, keeping at most `keep` in flight
-        (with `keep=0` their lines are also written out at once)."""
+        """Report finished items in the order they came, keeping at most `keep` items'
+        writes in flight; the items behind an unfinished write wait (up to
+        PENDING_ITEMS_MAX), so that a few writes among many items in sync still keep the
+        pool busy. With `keep=0` everything is reported and written out at once."""
         pending = self.pending
-        while pending and (len(pending) > keep or pending[0][1] is None
-                           or pending[0][1].done()):
+        while pending and (self.writing > keep or len(pending) > PENDING_ITEMS_MAX
+                           or pending[0][1] is None or pending[0][1].done()):
             pair, future = pending.popleft()
             if future is not None:
+                self.writing -= 1
                 try:
                     future.result()
                 except Exception as exc:  # a bug must not lose the other items' report

@@ -1,17 +1,21 @@
-"""The bulk reads that make a big run fast, against the fakes: the streamed Plex listing
-(every video once, whatever the chunking, a cut-off reply resumed, plexapi's leniency kept),
-the SageTV requests of split recordings, and the batched report output.
+"""What keeps a big run fast, against the fakes: the streamed Plex listing (every video
+once, whatever the chunking, a cut-off reply resumed, plexapi's leniency kept), the SageTV
+requests of split recordings, the write pool kept busy when few items need writes, and
+the batched report output.
 
 Speed itself is measured by bench/bench_sync.py, never asserted here.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 import pytest
 
 import sageplex_sync
+from tests.fake_http import Request, Response
 from tests.world import DAY, HOUR, MIN, PLEX_TOKEN, World, at, none, watched
 
 
@@ -147,6 +151,49 @@ def test_split_recordings_cost_segment_requests_only_with_a_position(world: Worl
                 if q.function in ("GetStartForSegment", "GetEndForSegment")]) == 8
 
 
+class ConcurrentWrites:
+    """Wraps a fake app: each write takes a while, and the most writes seen at once is kept."""
+
+    def __init__(self, app: Any, seconds: float) -> None:
+        self.app = app
+        self.seconds = seconds
+        self.now = self.most = 0
+        self.lock = threading.Lock()
+
+    def function_of(self, request: Request) -> str | None:
+        return self.app.function_of(request)
+
+    def handle(self, request: Request) -> Response:
+        if self.app.function_of(request) not in self.app.WRITE_FUNCTIONS:
+            return self.app.handle(request)
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        try:
+            time.sleep(self.seconds)  # a server committing the write
+            return self.app.handle(request)
+        finally:
+            with self.lock:
+                self.now -= 1
+
+
+def test_writes_overlap_when_few_items_need_them(world: World, start: Any) -> None:
+    """One item in twenty out of sync (a big library's first sync): the writes still go
+    out through the pool side by side, not one at a time behind the items in sync."""
+    for number in range(100):
+        plex = watched(ago=DAY) if number % 20 == 3 else none()
+        world.episode("Sparse", 1, number + 1, f"Episode {number}", sage=none(), plex=plex)
+    env = start()
+    probe = ConcurrentWrites(env.sage.app, seconds=0.05)
+    env.sage.app = probe
+
+    r = env.run("all", "-s")
+
+    assert r.code == 0, r.err
+    assert "5 updated" in r.total
+    assert probe.most > 1
+
+
 def test_report_lines_come_in_order_whatever_the_batching(world: World, start: Any,
                                                           monkeypatch: pytest.MonkeyPatch
                                                           ) -> None:
@@ -159,3 +206,50 @@ def test_report_lines_come_in_order_whatever_the_batching(world: World, start: A
     assert r.code == 0, r.err
     assert listed(r.out) == keys  # Plex's order, writes in flight or not
     assert r.out.rstrip().endswith(r.total)  # the summary last, after every item line
+
+
+# -- the fakes' benchmark helpers --------------------------------------------------------
+
+def js_lookup(base_url: str, name: str) -> dict:
+    """The original tool's one request per Plex item."""
+    import requests
+
+    reply = requests.get(f"{base_url}/sagex/api", auth=("sage", "pw"), timeout=5,
+                         params={"c": "plex:GetMediaFileForName", "1": name, "encoder": "json"})
+    return reply.json()
+
+
+def test_the_original_tools_js_service_scans_every_file_when_enabled() -> None:
+    """plex:GetMediaFileForName (sagex-api.md §5), opt-in: the first media file whose
+    relative path is the name or one of whose segment paths contains it, in full."""
+    from tests.fake_sagex import FakeSage, add_example_library, serve_sage
+
+    sage = FakeSage("sage", "pw", plex_js_service=True)
+    files = add_example_library(sage, base_ms=1_700_000_000_000, fillers=3)
+    with serve_sage(sage) as server:
+        found = js_lookup(server.base_url, "SplitShow-Restarted-4-1.mpg")  # a 2nd segment
+        assert found["MediaFile"]["MediaFileID"] == files["two_segment"].media_file_id
+        assert "MediaFileMetadataProperties" in found["MediaFile"]  # unfiltered, as served
+        found = js_lookup(server.base_url, "Holiday Video.mkv")  # imported: relative path
+        assert found["MediaFile"]["MediaFileID"] == files["imported"].media_file_id
+        found = js_lookup(server.base_url, "Filler-Episode")  # a substring: the first file
+        assert found["MediaFile"]["MediaFileID"] == files["filler_0"].media_file_id
+        assert js_lookup(server.base_url, "No Such File.mpg") == {"Result": False}
+    plain = FakeSage("sage", "pw")  # without the switch the service is not installed
+    with serve_sage(plain) as server:
+        assert "Missing Service File" in js_lookup(server.base_url, "x.mpg")["error"]
+
+
+def test_fake_servers_count_what_serving_cost(world: World, start: Any) -> None:
+    world.movie("Heat", sage=watched(ago=DAY), plex=none())
+    env = start()
+    env.plex.reset_stats()
+
+    env.run("all")
+
+    stats = env.plex.stats()
+    assert stats.requests == len(env.plex.requests()) == 4
+    assert stats.bytes_sent > 0
+    assert 0 < stats.app_s <= stats.serve_s
+    env.plex.reset_stats()
+    assert env.plex.stats().requests == 0

@@ -36,7 +36,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from enum import Enum, IntEnum
 from pathlib import Path
-from typing import Any, Callable, NoReturn, TextIO, Union
+from typing import Any, Callable, NoReturn, TextIO, TypeVar, Union
 from xml.etree.ElementTree import Element, ParseError, XMLPullParser
 
 import requests
@@ -414,27 +414,24 @@ def _transport_error(server: ServerConfig, exc: requests.RequestException, what:
     return f"{label} at {server.address} failed {what}: {exc.__class__.__name__}"
 
 
-class SageClient:
-    """The sagex HTTP API: one bulk listing, lookups by id, and the three watched writes.
+_ClientT = TypeVar("_ClientT", bound="_Client")
 
-    Credentials travel in the Authorization header (never in a URL, which would put
-    them in error messages). Reads are retried on transient failures; writes are not.
-    """
+
+class _Client:
+    """What both clients share: a session for reads (retried) and one for writes (not
+    retried once sent), counted, and closed on leaving a ``with`` block."""
 
     def __init__(self, server: ServerConfig) -> None:
         self.server = server
-        self.url = f"{server.base_url}/sagex/api"
         self._counter = _Counter()
         self._reads = _session(_read_retries(), self._counter)
         self._writes = _session(_write_retries(), self._counter)
-        for session in (self._reads, self._writes):
-            session.auth = (server.user, server.password)
 
     @property
     def request_count(self) -> int:
         return self._counter.count
 
-    def __enter__(self) -> SageClient:
+    def __enter__(self: _ClientT) -> _ClientT:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -443,6 +440,20 @@ class SageClient:
     def close(self) -> None:
         self._reads.close()
         self._writes.close()
+
+
+class SageClient(_Client):
+    """The sagex HTTP API: one bulk listing, lookups by id, and the three watched writes.
+
+    Credentials travel in the Authorization header (never in a URL, which would put
+    them in error messages). Reads are retried on transient failures; writes are not.
+    """
+
+    def __init__(self, server: ServerConfig) -> None:
+        super().__init__(server)
+        self.url = f"{server.base_url}/sagex/api"
+        for session in (self._reads, self._writes):
+            session.auth = (server.user, server.password)
 
     def call(self, function: str, *args: object, write: bool = False,
              start: int | None = None, size: int | None = None,
@@ -546,31 +557,14 @@ class PlexSection:
     locations: tuple[str, ...] = ()
 
 
-class PlexClient:
+class PlexClient(_Client):
     """Plex Media Server through plexapi: raw listings (no per-item objects, no autoreload),
     and the scrobble and timeline writes exactly as plexapi's markPlayed/updateTimeline send
     them. The token travels in the X-Plex-Token header only."""
 
     def __init__(self, server: ServerConfig) -> None:
-        self.server = server
-        self._counter = _Counter()
-        self._reads = _session(_read_retries(), self._counter)
-        self._writes = _session(_write_retries(), self._counter)
+        super().__init__(server)
         self._plex: Any = None
-
-    def __enter__(self) -> PlexClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._reads.close()
-        self._writes.close()
-
-    @property
-    def request_count(self) -> int:
-        return self._counter.count
 
     def _guard(self, what: str, call: Callable[[], Any], missing: str | None = None) -> Any:
         """Run a plexapi call, turning its exceptions into one-line PlexErrors."""

@@ -1266,7 +1266,7 @@ class Applier:
     def _write(self, pair: Pair, write: Write) -> str:
         if isinstance(write, PlexMarkWatched):
             self.plex.mark_watched(pair.plex.rating_key)
-            return self._check_plex(pair, Status(Kind.WATCHED))
+            return self._check_plex(pair, WATCHED)
         if isinstance(write, PlexSetPosition):
             self.plex.set_position(pair.plex.rating_key, write.position_ms,
                                    pair.plex.state.duration_ms)
@@ -1306,9 +1306,7 @@ class Applier:
         record = self.sage.media_file(pair.sage.media_file_id)
         if record is None:
             raise SageError(f"SageTV no longer has media file {pair.sage.media_file_id}")
-        fresh = sage_item_from_json(record)
-        fresh.segments = pair.sage.segments
-        return sage_state(fresh, pair.segments)
+        return sage_state(sage_item_from_json(record), pair.segments)
 
     def _sage_set_position(self, pair: Pair, write: SageSetPosition) -> str:
         """ClearWatched (if needed), then SetWatchedTimes, then read back; if the position
@@ -1342,9 +1340,10 @@ class Applier:
             raise SageError(f"{reason}; {restored}")
         raise SageError(reason)
 
-    def _less_watched(self, after: SideState, before: SideState) -> bool:
-        return (before.watched and not after.watched) or after.position_ms + \
-            POSITION_TOLERANCE_MS < before.position_ms
+    @staticmethod
+    def _less_watched(after: SideState, before: SideState) -> bool:
+        lost_position = after.position_ms + POSITION_TOLERANCE_MS < before.position_ms
+        return (before.watched and not after.watched) or lost_position
 
     def _restore(self, pair: Pair, before: SideState) -> str:
         item = pair.sage
@@ -1600,16 +1599,6 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         args.sync = True  # -n alone means: show what a sync would do
 
 
-class _StopFlag:
-    """Set by Ctrl-C: the run finishes the item in hand, then stops."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-
-    def is_set(self) -> bool:
-        return self.event.is_set()
-
-
 def _ask(question: str, err: TextIO) -> bool:
     """Ask on the terminal; with no terminal the answer is no, and we say so."""
     stdin = sys.stdin
@@ -1647,7 +1636,7 @@ class Run:
     decide, apply and report."""
 
     def __init__(self, args: argparse.Namespace, sage: SageClient, plex: PlexClient, *,
-                 out: TextIO, err: TextIO, stop: _StopFlag) -> None:
+                 out: TextIO, err: TextIO, stop: threading.Event) -> None:
         self.args = args
         self.sage = sage
         self.plex = plex
@@ -1811,7 +1800,7 @@ class Run:
                 signal.signal(signal.SIGINT, signal.default_int_handler)
             return _ask(f"[{pair.plex.rating_key}] {pair.plex.title}: {writes}?", self.err)
         except (KeyboardInterrupt, EOFError):
-            self.stop.event.set()
+            self.stop.set()
             self.err.write("\n")
             return False
         finally:
@@ -1893,9 +1882,7 @@ def run_admin(args: argparse.Namespace, plex: PlexClient, out: TextIO, err: Text
         out.write(f"Plex library '{name}' added ({kind['type']}, {kind['scanner']}, "
                   f"{len(paths)} folder(s)).\n")
         return ExitCode.OK
-    section = resolve_sections([args.delsec or args.refresh], plex.sections())[0] \
-        if (args.delsec or args.refresh) else None
-    assert section is not None
+    section = resolve_sections([args.delsec or args.refresh], plex.sections())[0]
     if args.refresh:
         plex.refresh_section(section.key)
         out.write(f"Refreshing library [{section.key}]: {section.title}\n")
@@ -1930,6 +1917,9 @@ def setup_logging(verbose: bool, err: TextIO) -> Path | None:
         handlers.append(logging.StreamHandler(err))
     if not handlers:
         handlers.append(logging.NullHandler())  # else logging's last resort prints to stderr
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        handler._sageplex = True  # type: ignore[attr-defined]  (ours, to replace next run)
     for name in ("sageplex_sync", "plexapi", "urllib3"):
         logger = logging.getLogger(name)
         for old in [h for h in logger.handlers if getattr(h, "_sageplex", False)]:
@@ -1937,8 +1927,6 @@ def setup_logging(verbose: bool, err: TextIO) -> Path | None:
             old.close()
         logger.setLevel(logging.DEBUG)
         for handler in handlers:
-            handler.setFormatter(formatter)
-            handler._sageplex = True  # type: ignore[attr-defined]
             logger.addHandler(handler)
         logger.propagate = False
     return path
@@ -1961,13 +1949,13 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None,
     setup_logging(args.verbose, err)
     log.info("***** sageplex_sync %s %s *****", __version__, argv if argv is not None
              else sys.argv[1:])
-    stop = _StopFlag()
+    stop = threading.Event()  # set by Ctrl-C: finish the writes started, then stop
     previous = None
     if _main_thread():
         def on_sigint(signum: int, frame: object) -> None:
             if stop.is_set():
                 raise KeyboardInterrupt  # a second Ctrl-C: stop now
-            stop.event.set()
+            stop.set()
             err.write("\nInterrupted: finishing the writes already started "
                       "(Ctrl-C again to abort)\n")
         previous = signal.signal(signal.SIGINT, on_sigint)

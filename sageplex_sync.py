@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
 """sageplex_sync: keep watch status and resume positions in step between SageTV and Plex.
 
-Usage:  python sageplex_sync.py all            report what is out of sync, write nothing
-        python sageplex_sync.py all -s         sync every movie and show section
-        python sageplex_sync.py -l             list the Plex library sections
+Usage:  sageplex-sync all            report what is out of sync, write nothing
+        sageplex-sync all -s         sync every movie and show section
+        sageplex-sync --check        check the config and reach both servers
 
-The module reads top to bottom: constants and errors, configuration, the SageTV
-client, the Plex client, the item model and its normalisation, matching, the sync
-decision (a pure function), the applier (the only code that writes), the report,
-and the command line. ``main(argv) -> int`` is the only place that turns exceptions
-into messages and exit codes, so the rest can be used as a library.
+The module reads top to bottom, each section using only those above it: constants and
+errors; configuration; the HTTP plumbing both clients share; the SageTV client; the Plex
+client; watch states and the bounds of an item; items and their normalisation;
+matching; the decision (pure functions); the sync state (SQLite); the run (read, check,
+plan, guard, write, remember); the report; and the command line, last and thin.
+``main(argv) -> int`` is the only place that turns exceptions into messages and exit
+codes, so the rest can be used as a library.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import base64
 import codecs
 import collections
 import contextlib
+import difflib
+import email.utils
 import gc
 import json
 import logging
@@ -26,74 +30,83 @@ import logging.handlers
 import os
 import re
 import signal
+import sqlite3
 import sys
-import tempfile
 import threading
 import time
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from enum import Enum, IntEnum
 from pathlib import Path
 from typing import Any, Callable, NoReturn, TextIO, TypeVar, Union
-from xml.etree.ElementTree import Element, ParseError, XMLPullParser
+from xml.etree.ElementTree import Element, ParseError, XMLPullParser, fromstring
 
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3 import exceptions as urllib3_errors
 from urllib3.util.retry import Retry
 
-__version__ = "1.0.0"
+__version__ = "2.0.0"
+PROG = "sageplex-sync"
 
 ###############################################################################
-# Constants and errors ########################################################
+# Constants and errors: the numbers the rules name, and the errors users see ##
 ###############################################################################
 
 #: Resume positions inside the first minute are noise (``-x`` changes it).
 DEFAULT_IGNORE_S = 60
 #: Positions this close are equal: SageTV's watched times do not round-trip to the ms.
 POSITION_TOLERANCE_MS = 2_000
-#: A position within this fraction of the end counts as finished ...
-END_FRACTION = 0.05
-#: ... or within this much of the end, which is when SageTV itself marks an airing
-#: watched (its watch_ignore_time properties, sagex-api.md §6.5).
+#: The seed's "within 5 % of the end" is finished.
+DONE_FRACTION = 0.95
+#: Plex's own "video played threshold" when its preference cannot be read.
+DEFAULT_PLEX_PLAYED_PERCENT = 90
+#: SageTV calls a viewing complete within this much of the airing's end (its
+#: watch_ignore_time properties) once two thirds of it are covered.
 SAGE_END_MARGIN_MS = 5 * 60_000
 SAGE_END_MARGIN_MOVIE_MS = 10 * 60_000
-#: Plex ignores progress reports at or under one minute (plex-api.md §4.1).
+SAGE_COVERED_FRACTION = 0.66
+#: SageTV stores no watched record that ends within 5 s of where it starts.
+SAGE_MIN_RECORD_MS = 5_000
+#: SageTV measures against the show's running time when it is this close to the airing.
+SAGE_RUNNING_TIME_SLACK_MS = 20 * 60_000
+#: Plex ignores progress reports at or under one minute.
 PLEX_MIN_PROGRESS_MS = 60_000
-#: Page sizes large enough that a library comes back in one request; sagex pages at 50
-#: when no size is given (sagex-api.md §4.1) and plexapi at 100.
-SAGEX_PAGE_SIZE = 100_000
-PLEX_PAGE_SIZE = 100_000
+#: A server clock this far off the local one is corrected (and said with -v).
+CLOCK_OFFSET_REPORTED_MS = 60_000
+#: Page sizes no household reaches, so that one request lists a library; sagex gives no
+#: total, so a full page costs one more (empty) request.
+SAGEX_PAGE_SIZE = 1_000_000
+PLEX_PAGE_SIZE = 1_000_000
 #: A Plex listing is parsed as it arrives, this many bytes at a time.
 PLEX_STREAM_CHUNK = 128 * 1024
-#: Control characters XML does not allow; plexapi drops them from a reply (as
-#: utils.cleanXMLString does) and so does the streamed listing.
+#: Plex items read back in one request after the writes.
+PLEX_BATCH = 100
+#: Above this many SageTV files to read back, one listing is cheaper than one call each.
+SAGE_REREAD_LISTING_ABOVE = 300
+#: Control characters XML does not allow; plexapi drops them and so does the listing.
 XML_C0_CONTROLS = bytes(c for c in range(32) if c not in (9, 10, 13))
-#: Seconds to wait for any one reply; ``sagex.timeout`` / ``plex.timeout`` change it.
+#: Seconds to wait for any one reply; ``timeout`` in each config section changes it.
 DEFAULT_TIMEOUT_S = 30.0
+#: The one bulk SageTV listing: a real server takes minutes to build 100,000 items.
+DEFAULT_LIST_TIMEOUT_S = 600.0
 #: Retries of a failed read (connection refused, 5xx, timeout), with backoff.
 READ_RETRIES = 3
 RETRY_BACKOFF_S = 0.3
-#: Writes go through a small pool; SageTV and Plex both serve a few requests at once.
-WRITE_WORKERS = 4
-#: At most this many items wait, done, for their line behind an unfinished write.
-PENDING_ITEMS_MAX = 10_000
-#: Report lines are written in batches: this many, or what this many seconds have made.
-OUTPUT_BATCH_LINES = 1000
-OUTPUT_BATCH_S = 0.2
-#: Only these sagex fields are asked for: ~0.5 KB a recording instead of ~6 KB.
-#: MediaFileAiring keeps the nested Airing, Show keeps its Show (sagex-api.md §2.6).
-SAGE_FIELDS = sorted([
-    "MediaFileID", "MediaTitle", "IsTVFile", "IsVideoFile", "FileStartTime", "FileEndTime",
-    "FileDuration", "NumberOfSegments", "SegmentFiles", "MediaFileAiring", "AiringID",
-    "AiringStartTime", "AiringEndTime", "IsWatched", "WatchedStartTime", "WatchedEndTime",
-    "RealWatchedStartTime", "RealWatchedEndTime", "Show", "ShowTitle", "ShowEpisode",
-    "ShowExternalID", "ShowSeasonNumber", "ShowEpisodeNumber", "IsMovie",
-])
+#: Concurrent writes per server. SageTV serves sagex from its own Jetty with a small
+#: thread pool and takes a global lock on its database for each watched write, so more
+#: than a few in flight only queue there; Plex serves many at once.
+DEFAULT_SAGE_WRITE_WORKERS = 4
+DEFAULT_PLEX_WRITE_WORKERS = 8
+#: The guard: a plan that un-watches or moves back more items than this (or this share
+#: of the matched items, whichever is larger) asks first.
+GUARD_MIN_ITEMS = 20
+GUARD_FRACTION = 0.10
 PLEX_LIBRARY = "com.plexapp.plugins.library"
 CONFIG_FILE_NAME = "sageplex_cfg.json"
+STATE_FILE_NAME = "sageplex_state.sqlite"
 LOG_FILE_NAME = "sageplex_sync.log"
 LOG_FORMAT = "%(asctime)s| %(levelname)-8s| %(threadName)s| %(message)s"
 #: Sections sageplex_sync can sync: Plex type name -> listing type number.
@@ -103,6 +116,8 @@ TV_SECTION = {"type": "show", "scanner": "SageTV Scanner",
               "agent": "com.plexapp.agents.bmtagenttvshows"}
 MOVIE_SECTION = {"type": "movie", "scanner": "SageTV Movie Scanner",
                  "agent": "com.plexapp.agents.imdb"}
+#: Ids are ASCII digits: str.isdigit() would take "²" and "１００３".
+ASCII_ID = re.compile(r"[0-9]+\Z")
 
 log = logging.getLogger("sageplex_sync")
 
@@ -131,15 +146,19 @@ class ConfigError(SyncError):
 
 
 class SageError(SyncError):
-    """The SageTV server failed or refused a request."""
+    """The SageTV server failed or refused a request, or sent a record we cannot read."""
 
 
 class PlexError(SyncError):
-    """The Plex server failed or refused a request."""
+    """The Plex server failed or refused a request, or sent a record we cannot read."""
 
 
-class _Secrets:
-    """Every password and token the run knows, so that no output ever shows one."""
+class StateError(SyncError):
+    """The sync state file is damaged, locked by another run, or cannot be written."""
+
+
+class Secrets:
+    """The passwords and tokens of one run, so that no output ever shows one."""
 
     def __init__(self) -> None:
         self._values: set[str] = set()
@@ -154,20 +173,31 @@ class _Secrets:
             text = text.replace(value, "<hidden>")
         return text
 
-    def clear(self) -> None:
-        self._values.clear()
-
-
-SECRETS = _Secrets()
-
 
 class _RedactingFormatter(logging.Formatter):
+    def __init__(self, secrets: Secrets) -> None:
+        super().__init__(LOG_FORMAT)
+        self.secrets = secrets
+
     def format(self, record: logging.LogRecord) -> str:
-        return SECRETS.redact(super().format(record))
+        return self.secrets.redact(super().format(record))
+
+
+def user_state_dir(platform: str = sys.platform) -> Path:
+    """The user's own folder for state and logs, as each platform names it."""
+    env = os.environ
+    if platform.startswith("win"):
+        root = env.get("LOCALAPPDATA") or os.path.join(env.get("USERPROFILE", "~"),
+                                                       "AppData", "Local")
+        return Path(os.path.expanduser(root)) / "sageplex_sync"
+    if platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "sageplex_sync"
+    root = env.get("XDG_STATE_HOME") or os.path.join("~", ".local", "state")
+    return Path(os.path.expanduser(root)) / "sageplex_sync"
 
 
 ###############################################################################
-# Configuration ###############################################################
+# Configuration: sageplex_cfg.json in the original schema, checked ###########
 ###############################################################################
 
 
@@ -182,6 +212,12 @@ class ServerConfig:
     password: str = field(default="", repr=False)
     token: str = field(default="", repr=False)
     timeout_s: float = DEFAULT_TIMEOUT_S
+    list_timeout_s: float = DEFAULT_LIST_TIMEOUT_S
+    write_workers: int = DEFAULT_SAGE_WRITE_WORKERS
+
+    @property
+    def label(self) -> str:
+        return "SageTV" if self.name == "sagex" else "Plex"
 
     @property
     def base_url(self) -> str:
@@ -201,6 +237,16 @@ class Config:
     path: Path
     sage: ServerConfig
     plex: ServerConfig
+    warnings: tuple[str, ...] = ()
+
+
+#: Keys each section knows; others get a "did you mean" warning.
+KNOWN_KEYS = {
+    "sagex": ("host", "port", "user", "password", "timeout", "list_timeout", "write_workers"),
+    "plex": ("host", "port", "token", "timeout", "write_workers"),
+}
+#: The example file's values, which a user must replace.
+PLACEHOLDERS = {("sagex", "password"): "changeme", ("plex", "token"): "YOUR-PLEX-TOKEN"}
 
 
 def plex_data_dirs(platform: str = sys.platform) -> list[Path]:
@@ -222,13 +268,14 @@ def plex_data_dirs(platform: str = sys.platform) -> list[Path]:
 
 
 def find_config(explicit: str | None = None) -> Path:
-    """The config file: -c PATH, else $SAGEPLEX_CFG (a file or a folder), else PMS's folder."""
+    """The config file: -c PATH, else $SAGEPLEX_CFG (a file or a folder), else PMS's folder,
+    else the current folder."""
     if explicit:
         return _config_file(Path(os.path.expanduser(os.path.expandvars(explicit))))
     env_value = os.environ.get("SAGEPLEX_CFG")
     if env_value:
         return _config_file(Path(os.path.expanduser(os.path.expandvars(env_value))))
-    searched = [d / CONFIG_FILE_NAME for d in plex_data_dirs()]
+    searched = [d / CONFIG_FILE_NAME for d in plex_data_dirs()] + [Path.cwd() / CONFIG_FILE_NAME]
     for candidate in searched:
         if candidate.is_file():
             return candidate
@@ -246,7 +293,7 @@ def _config_file(path: Path) -> Path:
     return path
 
 
-def load_config(path: Path) -> Config:
+def load_config(path: Path, secrets: Secrets | None = None) -> Config:
     """Read and check the config file; every problem names the file and the key."""
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -262,20 +309,18 @@ def load_config(path: Path) -> Config:
         raise ConfigError(f"config file {path} is not valid JSON (line {exc.lineno}, "
                           f"column {exc.colno}: {exc.msg}); fix the syntax") from None
     config = parse_config(data, path)
-    SECRETS.add(config.sage.password, config.plex.token)
-    if config.sage.user or config.sage.password:
-        SECRETS.add(base64.b64encode(f"{config.sage.user}:{config.sage.password}".encode())
-                    .decode())
+    if secrets is not None:
+        secrets.add(config.sage.password, config.plex.token)
+        if config.sage.user or config.sage.password:
+            secrets.add(base64.b64encode(f"{config.sage.user}:{config.sage.password}".encode())
+                        .decode())
     return config
 
 
-def parse_config(data: object, path: Path) -> Config:
-    """Check the original schema: {"sagex": {host, port, user, password}, "plex": {host, port,
-    token}}; other sections (the scanner's, the agent's) are ignored."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a JSON object with 'sagex' and 'plex'")
+class _Section:
+    """One section of the config file, read key by key with messages that name the key."""
 
-    def section(name: str) -> dict:
+    def __init__(self, data: dict, name: str, path: Path) -> None:
         value = data.get(name)
         if value is None:
             raise ConfigError(f"config file {path}: key '{name}' is missing; "
@@ -283,63 +328,102 @@ def parse_config(data: object, path: Path) -> Config:
         if not isinstance(value, dict):
             raise ConfigError(f"config file {path}: '{name}' must be an object "
                               f"like {{\"host\": ..., \"port\": ...}}")
-        return value
+        self.values, self.name, self.path = value, name, path
 
-    def text(sect: dict, name: str, key: str, required: bool = True) -> str:
-        value = sect.get(key)
+    def text(self, key: str, required: bool = True) -> str:
+        value = self.values.get(key)
         if value is None:
             if required:
-                raise ConfigError(f"config file {path}: key '{name}.{key}' is missing; add it")
+                raise ConfigError(f"config file {self.path}: key '{self.name}.{key}' is "
+                                  "missing; add it")
             return ""
         if not isinstance(value, str) or (required and not value.strip()):
-            raise ConfigError(f"config file {path}: '{name}.{key}' must be a non-empty string")
+            raise ConfigError(f"config file {self.path}: '{self.name}.{key}' must be a "
+                              "non-empty string")
         return value.strip() if key == "host" else value
 
-    def port(sect: dict, name: str) -> int:
-        value = sect.get("port")
-        if value is None:
-            raise ConfigError(f"config file {path}: key '{name}.port' is missing; add it")
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
-            raise ConfigError(f"config file {path}: '{name}.port' must be a number from 1 to "
-                              f"65535 (without quotes), not {json.dumps(value)}")
+    def number(self, key: str, default: float, *, integer: bool = False,
+               low: float = 0, high: float = float("inf"), unit: str = "seconds") -> float:
+        value = self.values.get(key, default)
+        kind = int if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kind) or not low < value < high:
+            span = (f"a whole number from {int(low) + 1} to {int(high) - 1}" if integer
+                    else "a positive number")
+            raise ConfigError(f"config file {self.path}: '{self.name}.{key}' must be {span} "
+                              f"of {unit} (without quotes), not {json.dumps(value)}")
         return value
 
-    def timeout(sect: dict, name: str) -> float:
-        value = sect.get("timeout", DEFAULT_TIMEOUT_S)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ConfigError(f"config file {path}: '{name}.timeout' must be a positive number "
-                              f"of seconds, not {json.dumps(value)}")
-        return float(value)
+    def warnings(self) -> list[str]:
+        known = KNOWN_KEYS[self.name]
+        found = []
+        for key in self.values:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"; did you mean '{self.name}.{close[0]}'?" if close else " (ignored)"
+                found.append(f"config file {self.path}: unknown key '{self.name}.{key}'{hint}")
+        for (section, key), placeholder in PLACEHOLDERS.items():
+            if section == self.name and self.values.get(key) == placeholder:
+                found.append(f"config file {self.path}: '{section}.{key}' is still the "
+                             f"example's placeholder {placeholder!r}; put yours in")
+        return found
 
-    sagex, plex = section("sagex"), section("plex")
+
+def parse_config(data: object, path: Path) -> Config:
+    """Check the original schema: {"sagex": {host, port, user, password}, "plex": {host, port,
+    token}} plus optional timeouts and write workers; other sections (the scanner's, the
+    agent's) are ignored."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object with 'sagex' and 'plex'")
+    sagex, plex = _Section(data, "sagex", path), _Section(data, "plex", path)
+
+    def port(sect: _Section) -> int:
+        if sect.values.get("port") is None:
+            raise ConfigError(f"config file {path}: key '{sect.name}.port' is missing; add it")
+        return int(sect.number("port", 0, integer=True, high=65536, unit="a port"))
+
     sage_config = ServerConfig(
-        "sagex", text(sagex, "sagex", "host"), port(sagex, "sagex"),
-        user=text(sagex, "sagex", "user"), password=text(sagex, "sagex", "password"),
-        timeout_s=timeout(sagex, "sagex"))
+        "sagex", sagex.text("host"), port(sagex), user=sagex.text("user"),
+        password=sagex.text("password"),
+        timeout_s=float(sagex.number("timeout", DEFAULT_TIMEOUT_S)),
+        list_timeout_s=float(sagex.number("list_timeout", DEFAULT_LIST_TIMEOUT_S)),
+        write_workers=int(sagex.number("write_workers", DEFAULT_SAGE_WRITE_WORKERS,
+                                       integer=True, high=65, unit="workers")))
     # The original config had no token: a PMS that trusts its LAN needs none.
     plex_config = ServerConfig(
-        "plex", text(plex, "plex", "host"), port(plex, "plex"),
-        token=text(plex, "plex", "token", required=False), timeout_s=timeout(plex, "plex"))
-    return Config(path, sage_config, plex_config)
+        "plex", plex.text("host"), port(plex), token=plex.text("token", required=False),
+        timeout_s=float(plex.number("timeout", DEFAULT_TIMEOUT_S)),
+        write_workers=int(plex.number("write_workers", DEFAULT_PLEX_WRITE_WORKERS,
+                                      integer=True, high=65, unit="workers")))
+    return Config(path, sage_config, plex_config, tuple(sagex.warnings() + plex.warnings()))
 
 
 ###############################################################################
-# The SageTV client ###########################################################
+# HTTP plumbing: sessions, retries, clocks and transport errors of both clients
 ###############################################################################
 
 
 class _Counter:
-    """Counts the replies a client received (the benchmark reports them)."""
+    """Counts a client's replies (the benchmark reports them) and measures its server's
+    clock from their Date headers."""
 
-    def __init__(self) -> None:
+    def __init__(self, local_ms: Callable[[], int]) -> None:
         self.count = 0
+        self.local_ms = local_ms
+        self.offset_ms: int | None = None
 
     def __call__(self, response: requests.Response, *args: object, **kwargs: object) -> None:
         self.count += 1
+        date = response.headers.get("Date")
+        if date:
+            try:
+                server_ms = int(email.utils.parsedate_to_datetime(date).timestamp() * 1000)
+            except (TypeError, ValueError, IndexError, OverflowError):
+                return
+            # Whole seconds: the header has no finer grain, and the reply took time to come.
+            self.offset_ms = round((server_ms - self.local_ms()) / 1000) * 1000
 
 
-def _session(retries: Retry, counter: _Counter,
-             pool_size: int = WRITE_WORKERS + 2) -> requests.Session:
+def _session(retries: Retry, counter: _Counter, pool_size: int) -> requests.Session:
     session = requests.Session()
     session.hooks["response"].append(counter)
     session.trust_env = False  # a proxy from the environment has no business with a LAN server
@@ -349,8 +433,8 @@ def _session(retries: Retry, counter: _Counter,
     return session
 
 
-def _read_retries() -> Retry:
-    return Retry(total=READ_RETRIES, connect=READ_RETRIES, read=2, status=READ_RETRIES,
+def _read_retries(read: int = 2) -> Retry:
+    return Retry(total=READ_RETRIES, connect=READ_RETRIES, read=read, status=READ_RETRIES,
                  other=0, backoff_factor=RETRY_BACKOFF_S,
                  status_forcelist=(429, 500, 502, 503, 504), allowed_methods={"GET"},
                  raise_on_status=False)
@@ -376,9 +460,8 @@ def _read_again_if_cut_off(read: Callable[[], Any]) -> Any:
 
 def _reply_decoder(content_type: str) -> Callable[..., str]:
     """An incremental decoder of a reply in its charset (UTF-8 when it names none or an
-    unknown one) that is as lenient as plexapi's query(): bytes that do not decode become
-    U+FFFD, as in requests' response.text, and the control characters XML does not allow
-    are dropped, as utils.cleanXMLString does."""
+    unknown one), as lenient as plexapi: undecodable bytes become U+FFFD and the control
+    characters XML does not allow are dropped."""
     found = re.search(r"charset=([\w.:-]+)", content_type)
     try:
         codec = codecs.lookup(found.group(1) if found else "utf-8")
@@ -390,8 +473,9 @@ def _reply_decoder(content_type: str) -> Callable[..., str]:
     return lambda data, final=False: decode(data.translate(None, XML_C0_CONTROLS), final)
 
 
-def _transport_error(server: ServerConfig, exc: requests.RequestException, what: str) -> str:
-    label = "SageTV" if server.name == "sagex" else "Plex"
+def _transport_error(server: ServerConfig, exc: requests.RequestException, what: str,
+                     timeout_s: float | None = None, timeout_key: str = "timeout") -> str:
+    label = server.label
     # Once its retries are used up, requests reports a timeout or a failed name lookup as
     # a ConnectionError around urllib3's MaxRetryError: the reason says what it was.
     # (urllib3's NewConnectionError, a refused connection, is a TimeoutError by descent.)
@@ -402,8 +486,9 @@ def _transport_error(server: ServerConfig, exc: requests.RequestException, what:
     if isinstance(exc, requests.Timeout) or (
             isinstance(reason_exc, urllib3_errors.TimeoutError)
             and not isinstance(reason_exc, urllib3_errors.NewConnectionError)):
-        return (f"{label} at {server.address} did not answer within {server.timeout_s:g} s "
-                f"({what}); check the server, or raise {server.name}.timeout in the config")
+        return (f"{label} at {server.address} did not answer within "
+                f"{timeout_s or server.timeout_s:g} s ({what}); check the server, or raise "
+                f"{server.name}.{timeout_key} in the config")
     if isinstance(exc, requests.exceptions.ChunkedEncodingError):
         return (f"{label} at {server.address} cut its reply off {what} (connection lost); "
                 "check that the server is running, then try again")
@@ -417,19 +502,35 @@ def _transport_error(server: ServerConfig, exc: requests.RequestException, what:
 _ClientT = TypeVar("_ClientT", bound="_Client")
 
 
+def _local_ms() -> int:
+    return int(time.time() * 1000)
+
+
 class _Client:
     """What both clients share: a session for reads (retried) and one for writes (not
-    retried once sent), counted, and closed on leaving a ``with`` block."""
+    retried once sent), counted, clocked, and closed on leaving a ``with`` block."""
 
-    def __init__(self, server: ServerConfig) -> None:
+    def __init__(self, server: ServerConfig, local_ms: Callable[[], int] = _local_ms) -> None:
         self.server = server
-        self._counter = _Counter()
-        self._reads = _session(_read_retries(), self._counter)
-        self._writes = _session(_write_retries(), self._counter)
+        self._counter = _Counter(local_ms)
+        pool = server.write_workers + 2
+        self._reads = _session(_read_retries(), self._counter, pool)
+        self._writes = _session(_write_retries(), self._counter, pool)
 
     @property
     def request_count(self) -> int:
         return self._counter.count
+
+    @property
+    def clock_offset_ms(self) -> int:
+        """How far the server's clock is ahead of ours (0 until a reply said, or within
+        the minute the rules let pass)."""
+        offset = self._counter.offset_ms or 0
+        return offset if abs(offset) > CLOCK_OFFSET_REPORTED_MS else 0
+
+    @property
+    def measured_offset_ms(self) -> int | None:
+        return self._counter.offset_ms
 
     def __enter__(self: _ClientT) -> _ClientT:
         return self
@@ -442,23 +543,36 @@ class _Client:
         self._writes.close()
 
 
+###############################################################################
+# The SageTV client: every sagex request goes through SageClient.call #########
+###############################################################################
+
+
 class SageClient(_Client):
     """The sagex HTTP API: one bulk listing, lookups by id, and the three watched writes.
 
     Credentials travel in the Authorization header (never in a URL, which would put
-    them in error messages). Reads are retried on transient failures; writes are not.
+    them in error messages). Reads are retried on transient failures; writes are not;
+    the bulk listing is not asked again while a server may still be building it.
     """
 
-    def __init__(self, server: ServerConfig) -> None:
-        super().__init__(server)
+    def __init__(self, server: ServerConfig, local_ms: Callable[[], int] = _local_ms) -> None:
+        super().__init__(server, local_ms)
         self.url = f"{server.base_url}/sagex/api"
-        for session in (self._reads, self._writes):
+        # A read timeout on the listing means the server is still building it: asking
+        # again would make it build a second one beside the first.
+        self._listing = _session(_read_retries(read=0), self._counter, 2)
+        for session in (self._reads, self._writes, self._listing):
             session.auth = (server.user, server.password)
 
-    def call(self, function: str, *args: object, write: bool = False,
+    def close(self) -> None:
+        super().close()
+        self._listing.close()
+
+    def call(self, function: str, *args: object, write: bool = False, listing: bool = False,
              start: int | None = None, size: int | None = None,
-             fields: list[str] | None = None) -> dict:
-        """Call one sagex function and return the decoded JSON object."""
+             fields: Sequence[str] | None = None) -> dict:
+        """Call one sagex function and return the decoded JSON object: the choke point."""
         params: dict[str, object] = {"c": function, "encoder": "json"}
         for number, arg in enumerate(args, start=1):
             params[str(number)] = arg
@@ -470,15 +584,21 @@ class SageClient(_Client):
             params["filter"] = "|".join(fields)
         what = f"to {function}"
         log.debug("sagex %s %s", function, args)
-        session = self._writes if write else self._reads
+        session = self._writes if write else self._listing if listing else self._reads
+        timeout = self.server.list_timeout_s if listing else self.server.timeout_s
 
         def get() -> requests.Response:
-            return session.get(self.url, params=params, timeout=self.server.timeout_s)
+            return session.get(self.url, params=params, timeout=timeout)
         try:
             response = get() if write else _read_again_if_cut_off(get)
         except requests.RequestException as exc:
             log.debug("sagex %s failed: %r", function, exc)
-            raise SageError(_transport_error(self.server, exc, what)) from None
+            raise SageError(_transport_error(
+                self.server, exc, what, timeout,
+                "list_timeout" if listing else "timeout")) from None
+        return self._decode(response, what)
+
+    def _decode(self, response: requests.Response, what: str) -> dict:
         where = f"SageTV at {self.server.address}"
         if response.status_code in (401, 403):
             raise SageError(f"{where} refused the user name or password (HTTP "
@@ -489,14 +609,17 @@ class SageClient(_Client):
         if response.status_code != 200:
             raise SageError(f"{where} answered HTTP {response.status_code} {what}")
         try:
-            data = response.json()
+            # From the bytes: response.json() would first make a full-size str copy.
+            data = json.loads(response.content)
         except ValueError:
             raise SageError(f"{where} sent a reply {what} that is not JSON "
                             f"({len(response.content)} bytes); is this a sagex server?") from None
+        finally:
+            response._content = b""  # the parsed reply is all we keep of a big listing
         if not isinstance(data, dict):
             raise SageError(f"{where} sent an unexpected reply {what} (not a JSON object)")
-        # A top-level "error" is a failed call (sagex-api.md §3.1); one nested inside a
-        # serialized object is only a getter that failed, and is ignored.
+        # A top-level "error" is a failed call; one nested inside a serialized object is
+        # only a getter that failed, and is ignored.
         error = data.get("error")
         if error is None and isinstance(data.get("exception"), str):
             error = data["exception"]  # a Java exception with no message has only this
@@ -506,12 +629,12 @@ class SageClient(_Client):
             raise SageError(f"{where} reported an error {what}: {first_line}")
         return data
 
-    def media_files(self) -> list[dict]:
+    def media_files(self, fields: Sequence[str]) -> list[Any]:
         """Every recorded TV and imported video file, with its airing: one request."""
-        records: list[dict] = []
+        records: list[Any] = []
         while True:
-            page = self.call("GetMediaFiles", "TV", start=len(records), size=SAGEX_PAGE_SIZE,
-                             fields=SAGE_FIELDS).get("Result")
+            page = self.call("GetMediaFiles", "TV", listing=True, start=len(records),
+                             size=SAGEX_PAGE_SIZE, fields=fields).get("Result")
             if not isinstance(page, list):
                 raise SageError(f"SageTV at {self.server.address} sent a media file listing "
                                 "without a 'Result' list")
@@ -519,19 +642,23 @@ class SageClient(_Client):
             if len(page) < SAGEX_PAGE_SIZE:  # sagex gives no total: a short page is the last
                 return records
 
-    def media_file(self, media_file_id: int, full: bool = False) -> dict | None:
+    def media_file(self, media_file_id: int, fields: Sequence[str] | None = None) -> dict | None:
         """One media file by id (None when SageTV does not know it)."""
-        reply = self.call("GetMediaFileForID", media_file_id,
-                          fields=None if full else SAGE_FIELDS)
-        record = reply.get("MediaFile")
+        record = self.call("GetMediaFileForID", media_file_id, fields=fields).get("MediaFile")
         return record if isinstance(record, dict) else None
 
     def segment_times(self, media_file_id: int, count: int) -> list[tuple[int, int]]:
         """Start and end (airing timeline, ms) of each segment of a multi-segment file."""
         ref = f"mediafile:{media_file_id}"
-        return [(int(self.call("GetStartForSegment", ref, index).get("Result") or 0),
-                 int(self.call("GetEndForSegment", ref, index).get("Result") or 0))
-                for index in range(count)]
+        times = []
+        for index in range(count):
+            start = self.call("GetStartForSegment", ref, index).get("Result")
+            end = self.call("GetEndForSegment", ref, index).get("Result")
+            if not isinstance(start, int) or not isinstance(end, int):
+                raise SageError(f"SageTV sent no times for segment {index} of media file "
+                                f"{media_file_id}")
+            times.append((start, end))
+        return times
 
     def set_watched(self, airing_id: int) -> None:
         self.call("SetWatched", f"airing:{airing_id}", write=True)
@@ -543,9 +670,13 @@ class SageClient(_Client):
         self.call("SetWatchedTimes", f"airing:{airing_id}", int(watched_end_ms),
                   int(real_start_ms), write=True)
 
+    def now_ms(self) -> int:
+        """The server's clock now, as far as its replies told."""
+        return self._counter.local_ms() + (self._counter.offset_ms or 0)
+
 
 ###############################################################################
-# The Plex client #############################################################
+# The Plex client: plexapi for the connection, PlexClient.request for the rest
 ###############################################################################
 
 
@@ -558,46 +689,43 @@ class PlexSection:
 
 
 class PlexClient(_Client):
-    """Plex Media Server through plexapi: raw listings (no per-item objects, no autoreload),
-    and the scrobble and timeline writes exactly as plexapi's markPlayed/updateTimeline send
-    them. The token travels in the X-Plex-Token header only."""
+    """Plex Media Server: plexapi connects (and adds sections, with its folder checks);
+    every other request goes through ``request``, which sends plexapi's own headers on
+    our sessions and raises PlexError directly. Listings are parsed as they stream in,
+    with no per-item objects. The token travels in the X-Plex-Token header only."""
 
-    def __init__(self, server: ServerConfig) -> None:
-        super().__init__(server)
+    def __init__(self, server: ServerConfig, local_ms: Callable[[], int] = _local_ms) -> None:
+        super().__init__(server, local_ms)
         self._plex: Any = None
-
-    def _guard(self, what: str, call: Callable[[], Any], missing: str | None = None) -> Any:
-        """Run a plexapi call, turning its exceptions into one-line PlexErrors."""
-        with self._plex_errors(what, missing):
-            return call()
+        self.where = f"Plex at {server.address}"
 
     @contextlib.contextmanager
-    def _plex_errors(self, what: str, missing: str | None = None) -> Iterator[None]:
+    def _plexapi_errors(self, what: str) -> Iterator[None]:
         """plexapi's and requests' exceptions inside the block, as one-line PlexErrors."""
         from plexapi import exceptions as plex_errors
 
-        where = f"Plex at {self.server.address}"
         try:
             yield
         except plex_errors.Unauthorized:
-            raise PlexError(f"{where} refused the token (HTTP 401); "
-                            "check plex.token in the config") from None
+            raise self._status_error(401, what) from None
         except plex_errors.NotFound:
-            raise (UsageError(missing) if missing else
-                   PlexError(f"{where} answered HTTP 404 {what}")) from None
+            raise self._status_error(404, what) from None
         except plex_errors.BadRequest as exc:
             code = re.match(r"\((\d+)\)", str(exc))
-            status = f"HTTP {code.group(1)}" if code else "an error"
-            hint = ("; the token's user may not manage this server"
-                    if code and code.group(1) == "403" else "")
-            raise PlexError(f"{where} answered {status} {what}{hint}") from None
+            raise self._status_error(int(code.group(1)) if code else 400, what) from None
         except requests.RequestException as exc:
-            log.debug("plex %s failed: %r", what, exc)
             raise PlexError(_transport_error(self.server, exc, what)) from None
         except ParseError:
-            raise PlexError(f"{where} sent a reply {what} that is not valid XML") from None
-        except AttributeError:  # plexapi on an empty or alien reply
-            raise PlexError(f"{where} sent an unexpected reply {what}") from None
+            raise PlexError(f"{self.where} sent a reply {what} that is not valid XML") from None
+
+    def _status_error(self, status: int, what: str) -> PlexError:
+        if status == 401:
+            return PlexError(f"{self.where} refused the token (HTTP 401); "
+                             "check plex.token in the config")
+        hint = "; the token's user may not manage this server" if status == 403 else ""
+        error = PlexError(f"{self.where} answered HTTP {status} {what}{hint}")
+        error.status = status  # type: ignore[attr-defined]
+        return error
 
     @property
     def plex(self) -> Any:
@@ -605,54 +733,87 @@ class PlexClient(_Client):
         if self._plex is None:
             from plexapi.server import PlexServer
 
-            self._plex = self._guard("when connecting", lambda: PlexServer(
-                self.server.base_url, self.server.token or None, session=self._reads,
-                timeout=self.server.timeout_s))
+            with self._plexapi_errors("when connecting"):
+                server = PlexServer(self.server.base_url, self.server.token or None,
+                                    session=self._reads, timeout=self.server.timeout_s)
             # A plexapi config.ini with show_secrets would put the token into every URL.
-            self._plex._showSecrets = False
-            if getattr(self._plex, "machineIdentifier", None) is None and \
-                    getattr(self._plex, "version", None) is None:
-                raise PlexError(f"Plex at {self.server.address} sent an empty reply when "
-                                "connecting; is this a Plex Media Server?")
+            server._showSecrets = False
+            if server.machineIdentifier is None and server.version is None:
+                raise PlexError(f"{self.where} sent an empty reply when connecting; "
+                                "is this a Plex Media Server?")
+            self._plex = server
         return self._plex
 
-    def query(self, path: str, what: str, *, write: str = "",
-              headers: dict[str, str] | None = None, missing: str | None = None) -> Any:
-        """A raw plexapi query: the parsed XML root (None for an empty reply). ``write``
-        names the HTTP method of a write, which goes through the session that never
-        retries a request that reached the server."""
+    def request(self, path: str, what: str, *, method: str = "get", write: bool = False,
+                headers: dict[str, str] | None = None, stream: bool = False) -> requests.Response:
+        """One request to Plex: the choke point. A 2xx reply or a PlexError. A write goes
+        through the session that never repeats a request that reached the server."""
         plex = self.plex
-        method = getattr(self._writes, write) if write else None
+        session = self._writes if write else self._reads
+        # plexapi's own headers (client identity, token): its one private method we use.
+        all_headers = plex._headers(**(headers or {}))
+        log.debug("%s %s", method.upper(), path)
 
-        def call() -> Any:
-            return plex.query(path, method=method, headers=headers)
-        return self._guard(what, call if write else lambda: _read_again_if_cut_off(call),
-                           missing=missing)
+        def send() -> requests.Response:
+            response = session.request(method, plex.url(path), headers=all_headers,
+                                       timeout=self.server.timeout_s, stream=stream)
+            if response.status_code >= 300:
+                response.close()
+                raise self._status_error(response.status_code, what)
+            return response
+        try:
+            return send() if write or stream else _read_again_if_cut_off(send)
+        except requests.RequestException as exc:
+            log.debug("plex %s failed: %r", what, exc)
+            raise PlexError(_transport_error(self.server, exc, what)) from None
+
+    def xml(self, path: str, what: str, *, method: str = "get") -> Element | None:
+        """A request's reply parsed (None when it is empty)."""
+        response = self.request(path, what, method=method)
+        text = _reply_decoder(response.headers.get("Content-Type", ""))(response.content, True)
+        if not text.strip():
+            return None
+        try:
+            return fromstring(text)
+        except ParseError:
+            raise PlexError(f"{self.where} sent a reply {what} that is not valid XML") from None
 
     def sections(self) -> list[PlexSection]:
-        root = self.query("/library/sections", "to the section listing")
+        root = self.xml("/library/sections", "to the section listing")
         if root is None:
             return []
         return [PlexSection(int(d.get("key", 0)), d.get("title", ""), d.get("type", ""),
                             tuple(loc.get("path", "") for loc in d.iter("Location")))
                 for d in root.iter("Directory")]
 
+    def played_threshold(self) -> tuple[float, str]:
+        """The server's "video played threshold" (a fraction) and where it came from."""
+        try:
+            root = self.xml("/:/prefs", "to the server settings")
+        except PlexError as exc:
+            if getattr(exc, "status", 0) in (401, 403, 404):
+                return DEFAULT_PLEX_PLAYED_PERCENT / 100, "Plex's default (settings not readable)"
+            raise
+        for setting in (root if root is not None else ()):
+            if setting.get("id") == "LibraryVideoPlayedThreshold":
+                value = setting.get("value") or ""
+                if ASCII_ID.match(value) and 0 < int(value) <= 100:
+                    return int(value) / 100, "the server's setting"
+        return DEFAULT_PLEX_PLAYED_PERCENT / 100, "Plex's default (no setting found)"
+
     def section_videos(self, section: PlexSection) -> Iterator[Element]:
-        """Every movie or episode of a section, in as few requests as the server allows,
-        each as soon as it has arrived."""
+        """Every movie or episode of a section, each as soon as it has arrived."""
         path = f"/library/sections/{section.key}/all?type={VIDEO_SECTION_TYPES[section.type]}"
         what = f"to the listing of section {section.key}"
         start = 0
         while True:
             container: dict[str, str] = {}
-            videos = self._streamed_videos(path, {
-                "X-Plex-Container-Start": str(start),
-                "X-Plex-Container-Size": str(PLEX_PAGE_SIZE)}, container)
             count = 0
-            with self._plex_errors(what):
-                for video in videos:
-                    count += 1
-                    yield video
+            for video in self._streamed_videos(path, what, {
+                    "X-Plex-Container-Start": str(start),
+                    "X-Plex-Container-Size": str(PLEX_PAGE_SIZE)}, container):
+                count += 1
+                yield video
             start += count
             total = container.get("totalSize")
             if not count or (total is not None and start >= int(total)):
@@ -663,18 +824,15 @@ class PlexClient(_Client):
                 log.warning("Plex listing of section %s has no totalSize; paging on",
                             section.key)
 
-    def _streamed_videos(self, path: str, headers: dict[str, str],
+    def _streamed_videos(self, path: str, what: str, headers: dict[str, str],
                          container: dict[str, str]) -> Iterator[Element]:
-        """The Video children of one listing page, parsed while the reply streams in
-        (plexapi's raw query path without the object layer, and without holding the reply
-        or its tree: a video is dropped once handed on). The page's own attributes go
-        into ``container``. Errors are plexapi's and requests' own, as from query(); a
-        reply cut off half-way is asked for again, skipping the videos already handed on."""
+        """The Video children of one listing page, parsed while the reply streams in; a
+        reply cut off half-way is asked for again, skipping the videos handed on."""
         done = 0
         for attempt in range(READ_RETRIES + 1):
             skip = done
             try:
-                for video in self._parse_listing(path, headers, container):
+                for video in self._parse_listing(path, what, headers, container):
                     if skip:
                         skip -= 1
                         continue
@@ -683,101 +841,78 @@ class PlexClient(_Client):
                 return
             except requests.exceptions.ChunkedEncodingError as exc:
                 if attempt == READ_RETRIES:
-                    raise
+                    raise PlexError(_transport_error(self.server, exc, what)) from None
                 log.debug("reply cut off (%r); asking again", exc)
                 time.sleep(RETRY_BACKOFF_S * 2 ** attempt)
 
-    def _parse_listing(self, path: str, headers: dict[str, str],
+    def _parse_listing(self, path: str, what: str, headers: dict[str, str],
                        container: dict[str, str]) -> Iterator[Element]:
-        from plexapi import exceptions as plex_errors
-
-        plex = self.plex
-        log.debug("GET %s (streamed)", path)
-        response = self._reads.get(plex.url(path), headers=plex._headers(**headers),
-                                   timeout=self.server.timeout_s, stream=True)
-        with response:
-            status = response.status_code
-            if status not in (200, 201, 204):  # as plexapi's query() raises them
-                error = (plex_errors.Unauthorized if status == 401 else
-                         plex_errors.NotFound if status == 404 else plex_errors.BadRequest)
-                raise error(f"({status}) {response.reason}; {response.url} "
-                            f"{response.text[:200]}".replace("\n", " "))
+        with self.request(path, what, headers=headers, stream=True) as response:
             decode = _reply_decoder(response.headers.get("Content-Type", ""))
             parser = XMLPullParser(events=("start", "end"))
-            root: Element | None = None
-            depth = 0
+            stack: list[Element] = []
             empty = True  # plexapi reads an empty (or blank) reply as no container at all
-            chunks = response.iter_content(PLEX_STREAM_CHUNK)
-            while True:
-                chunk = next(chunks, None)
-                if chunk is None:
-                    if empty:
-                        return
-                    parser.feed(decode(b"", True))
-                    parser.close()
-                else:
+            try:
+                for chunk in response.iter_content(PLEX_STREAM_CHUNK):
                     text = decode(chunk)
                     if empty and not text.strip():
                         continue
                     empty = False
                     parser.feed(text)
-                for event, element in parser.read_events():
-                    if event == "start":
-                        if depth == 0:
-                            root = element
-                            container.update(root.attrib)
-                        depth += 1
-                        continue
-                    depth -= 1
-                    if depth == 1:  # a whole child of the container: hand it on, keep nothing
-                        assert root is not None
-                        root.remove(element)
-                        if element.tag == "Video":
-                            yield element
-                if chunk is None:
-                    return
+                    yield from _listing_children(parser, stack, container)
+                if not empty:
+                    parser.feed(decode(b"", True))
+                    parser.close()
+                    yield from _listing_children(parser, stack, container)
+            except ParseError:
+                raise PlexError(f"{self.where} sent a reply {what} that is not valid "
+                                "XML") from None
+            except requests.exceptions.ChunkedEncodingError:
+                raise
+            except requests.RequestException as exc:
+                raise PlexError(_transport_error(self.server, exc, what)) from None
 
-    def metadata(self, rating_key: int) -> Element:
-        """One item's element (movie, episode, season or show)."""
-        root = self.query(f"/library/metadata/{rating_key}", f"to media id {rating_key}",
-                          missing=f"Plex has no media id {rating_key}; "
-                                  "run with a section name to see the media ids")
-        children = [] if root is None else list(root)
-        if not children:
-            raise UsageError(f"Plex has no media id {rating_key}; "
-                             "run with a section name to see the media ids")
-        return children[0]
+    def metadata(self, rating_keys: Sequence[int]) -> list[Element]:
+        """Items by media id, many in one request (movie, episode, season or show)."""
+        found: list[Element] = []
+        for first in range(0, len(rating_keys), PLEX_BATCH):
+            keys = ",".join(str(k) for k in rating_keys[first:first + PLEX_BATCH])
+            try:
+                root = self.xml(f"/library/metadata/{keys}", f"to media id {keys}")
+            except PlexError as exc:
+                if getattr(exc, "status", 0) == 404:
+                    continue
+                raise
+            found += [] if root is None else list(root)
+        return found
 
-    def videos_of(self, rating_key: int) -> list[Element]:
-        """The movie or episode itself, or every episode of a show or season."""
-        element = self.metadata(rating_key)
-        kind = element.get("type")
-        if element.tag == "Video" and kind in ("movie", "episode"):
-            return [element]
-        if kind in ("show", "season"):
-            leaves = "allLeaves" if kind == "show" else "children"
-            root = self.query(f"/library/metadata/{rating_key}/{leaves}",
-                              f"to the episodes of media id {rating_key}")
-            return [] if root is None else root.findall("Video")
-        raise UsageError(f"Plex media id {rating_key} is a {kind or element.tag}, not a movie, "
-                         "episode, season or show")
+    def children(self, rating_key: int, kind: str) -> list[Element]:
+        """Every episode of a show or season."""
+        leaves = "allLeaves" if kind == "show" else "children"
+        root = self.xml(f"/library/metadata/{rating_key}/{leaves}",
+                        f"to the episodes of media id {rating_key}")
+        return [] if root is None else root.findall("Video")
 
     def mark_watched(self, rating_key: int) -> None:
-        self.query(f"/:/scrobble?key={rating_key}&identifier={PLEX_LIBRARY}",
-                   f"to marking media id {rating_key} watched", write="get")
+        self.request(f"/:/scrobble?key={rating_key}&identifier={PLEX_LIBRARY}",
+                     f"to mark media id {rating_key} watched", write=True)
+
+    def mark_unwatched(self, rating_key: int) -> None:
+        self.request(f"/:/unscrobble?key={rating_key}&identifier={PLEX_LIBRARY}",
+                     f"to mark media id {rating_key} not watched", write=True)
 
     def set_position(self, rating_key: int, position_ms: int, duration_ms: int) -> None:
         # The timeline call, unlike /:/progress, also works for managed (Home) users.
-        self.query(f"/:/timeline?ratingKey={rating_key}&key=/library/metadata/{rating_key}"
-                   f"&identifier={PLEX_LIBRARY}&time={int(position_ms)}&state=stopped"
-                   f"&duration={int(duration_ms)}",
-                   f"to setting the position of media id {rating_key}", write="get")
+        self.request(f"/:/timeline?ratingKey={rating_key}&key=/library/metadata/{rating_key}"
+                     f"&identifier={PLEX_LIBRARY}&time={int(position_ms)}&state=stopped"
+                     f"&duration={int(duration_ms)}",
+                     f"to set the position of media id {rating_key}", write=True)
 
     def add_section(self, name: str, kind: dict, paths: list[str]) -> None:
         """plexapi's library.add: it checks each folder with the browse call, then POSTs."""
         from plexapi import exceptions as plex_errors
 
-        def add() -> None:
+        with self._plexapi_errors("to adding a section"):
             try:
                 self.plex.library.add(name=name, type=kind["type"], agent=kind["agent"],
                                       scanner=kind["scanner"], location=paths, language="en")
@@ -788,18 +923,34 @@ class PlexClient(_Client):
                                      "folders as the Plex server sees them") from None
                 raise
 
-        self._guard("to adding a section", add)
-
     def delete_section(self, key: int) -> None:
-        self.query(f"/library/sections/{key}", f"to deleting section {key}", write="delete")
+        self.request(f"/library/sections/{key}", f"to delete section {key}", method="delete",
+                     write=True)
 
     def refresh_section(self, key: int) -> None:
-        self.query(f"/library/sections/{key}/refresh", f"to refreshing section {key}",
-                   write="get")
+        self.request(f"/library/sections/{key}/refresh", f"to refresh section {key}",
+                     write=True)
+
+
+def _listing_children(parser: XMLPullParser, stack: list[Element],
+                      container: dict[str, str]) -> Iterator[Element]:
+    """The Video children of the container as the parser completes them; each is dropped
+    from the tree once handed on, so a listing never sits in memory whole."""
+    for event, element in parser.read_events():
+        if event == "start":
+            if not stack:
+                container.update(element.attrib)
+            stack.append(element)
+            continue
+        stack.pop()
+        if len(stack) == 1:
+            stack[0].remove(element)
+            if element.tag == "Video":
+                yield element
 
 
 ###############################################################################
-# Items and their normalisation ###############################################
+# Watch states and bounds: what a position means on both sides of one item ####
 ###############################################################################
 
 
@@ -807,17 +958,6 @@ class Kind(Enum):
     NONE = "not watched"
     PROGRESS = "in progress"
     WATCHED = "watched"
-
-
-@dataclass(frozen=True)
-class SideState:
-    """One side's raw watch data for an item, in ms (sync-rules.md §1)."""
-
-    watched: bool
-    position_ms: int
-    duration_ms: int
-    last_watched_ms: int
-    is_movie: bool = False
 
 
 @dataclass(frozen=True)
@@ -841,107 +981,93 @@ class Status:
             return f"at {format_hms(self.position_ms)}"
         return self.kind.value
 
+    def to_text(self) -> str:
+        """As the state file and --plan keep it: none, watched, or at:MS."""
+        if self.kind is Kind.PROGRESS:
+            return f"at:{self.position_ms}"
+        return "watched" if self.kind is Kind.WATCHED else "none"
+
+    @staticmethod
+    def from_text(text: str) -> Status:
+        if text == "watched":
+            return WATCHED
+        if text == "none":
+            return NOT_WATCHED
+        kind, _, position = text.partition(":")
+        if kind != "at" or not ASCII_ID.match(position):
+            raise ValueError(f"not a watch state: {text!r}")
+        return Status(Kind.PROGRESS, int(position))
+
 
 #: The two statuses without a position, shared (most items are one of them).
 WATCHED = Status(Kind.WATCHED)
 NOT_WATCHED = Status(Kind.NONE)
 
 
-def format_hms(ms: int) -> str:
+def format_hms(ms: float) -> str:
     seconds = max(0, int(ms)) // 1000
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def end_ms(side: SideState) -> float:
-    """Where 'finished' starts: 5% or SageTV's margin before the end, whichever is earlier."""
-    if side.duration_ms <= 0:
-        return float("inf")  # no duration: no position can be called finished
-    margin = SAGE_END_MARGIN_MOVIE_MS if side.is_movie else SAGE_END_MARGIN_MS
-    return side.duration_ms - max(side.duration_ms * END_FRACTION, margin)
+@dataclass(frozen=True)
+class Bounds:
+    """Where progress starts and where "watched" starts on one item, the same for both
+    sides (positions are file offsets on both)."""
+
+    start_ms: int
+    done_ms: int
+    duration_ms: int
+    #: Which limit set done_ms, in words (for --why).
+    done_by: str = ""
+
+    def __str__(self) -> str:
+        return (f"progress from {format_hms(self.start_ms)}, watched from "
+                f"{format_hms(self.done_ms)} ({self.done_by}) of {format_hms(self.duration_ms)}")
 
 
-def classify(side: SideState, *, is_sage: bool, ignore_ms: int) -> Status:
-    """Reduce one side to NONE, PROGRESS(position) or WATCHED (sync-rules.md §1)."""
-    if is_sage and side.watched:
+#: An item whose length no server tells: no position is "finished".
+NO_END_MS = 1 << 62
+
+
+def classify(watched: bool, position_ms: int, bounds: Bounds, *, is_sage: bool) -> Status:
+    """Reduce one side to NONE, PROGRESS(position) or WATCHED."""
+    if is_sage and watched:
         return WATCHED  # SageTV leaves its position at the end: it means nothing
-    position = side.position_ms
-    if position <= 0:
-        return WATCHED if side.watched else NOT_WATCHED
-    end = end_ms(side)
-    if max(ignore_ms, 1) <= position < end:
-        return Status(Kind.PROGRESS, position)  # on Plex, also a rewatch in progress
-    if position >= end:
-        return WATCHED
-    return WATCHED if side.watched else NOT_WATCHED
+    if bounds.start_ms <= position_ms < bounds.done_ms:
+        return Status(Kind.PROGRESS, position_ms)  # on Plex, also a rewatch in progress
+    if position_ms >= bounds.done_ms:
+        return WATCHED  # finished in all but name: one of the servers would call it watched
+    return WATCHED if watched else NOT_WATCHED
 
 
-@dataclass
-class SageItem:
-    """A SageTV media file and its airing, as the sync needs them."""
+@dataclass(frozen=True)
+class Airing:
+    """What SageTV knows of a recording's broadcast, for its own idea of "watched"."""
 
-    media_file_id: int
-    airing_id: int
-    title: str
-    paths: tuple[str, ...]
-    segment_count: int
+    start_ms: int
+    end_ms: int
+    show_duration_ms: int
     file_start_ms: int
-    file_duration_ms: int
-    watched: bool
-    watched_end_ms: int
-    real_start_ms: int
-    real_end_ms: int
-    show_id: str
     is_movie: bool
-    #: (start, end) on the airing timeline of each segment; filled in for multi-segment
-    #: files only when needed (two sagex calls per segment).
-    segments: tuple[tuple[int, int], ...] | None = None
 
 
-def sage_item_from_json(record: dict) -> SageItem:
-    """The only code that reads raw sagex keys."""
-    airing = record.get("Airing") or {}
-    show = airing.get("Show") or {}
-    show_id = str(show.get("ShowExternalID") or "")
-    file_start = int(record.get("FileStartTime") or 0)
-    duration = int(record.get("FileDuration") or 0)
-    count = int(record.get("NumberOfSegments") or 1)
-    title = str(show.get("ShowTitle") or record.get("MediaTitle") or "")
-    if show.get("ShowEpisode") and show.get("ShowEpisode") != title:
-        title = f"{title} - {show['ShowEpisode']}"
-    return SageItem(
-        media_file_id=int(record.get("MediaFileID") or 0),
-        airing_id=int(airing.get("AiringID") or 0),
-        title=title,
-        paths=tuple(str(p) for p in record.get("SegmentFiles") or ()),
-        segment_count=count,
-        file_start_ms=file_start,
-        file_duration_ms=duration,
-        watched=bool(airing.get("IsWatched")),
-        watched_end_ms=int(airing.get("WatchedEndTime") or 0),
-        real_start_ms=int(airing.get("RealWatchedStartTime") or 0),
-        real_end_ms=int(airing.get("RealWatchedEndTime") or 0),
-        show_id=show_id,
-        # IsMovie exists only in newer sagex; an MV external id says the same.
-        is_movie=bool(show.get("IsMovie")) or show_id.startswith("MV"),
-        segments=((file_start, file_start + duration),) if count <= 1 else None,
-    )
+def sage_done_time(airing: Airing) -> int:
+    """The airing-timeline moment at which SageTV calls a viewing that began at the start
+    of the recording watched: two thirds covered and within its margin of the end, of the
+    airing (or the show's running time, where SageTV uses it)."""
+    lengths = [airing.end_ms - airing.start_ms]
+    show = airing.show_duration_ms
+    if 10_000 < show < lengths[0] and lengths[0] - show < SAGE_RUNNING_TIME_SLACK_MS:
+        lengths.append(show)
+    margin = SAGE_END_MARGIN_MOVIE_MS if airing.is_movie else SAGE_END_MARGIN_MS
+    covered = min(max(length - margin, int(SAGE_COVERED_FRACTION * length) + 1)
+                  for length in lengths if length > 0) if lengths[0] > 0 else NO_END_MS
+    return max(airing.start_ms, airing.file_start_ms) + covered
 
 
-def covered_segments(item: SageItem, plex_names: Iterable[str]) -> tuple[tuple[int, int], ...]:
-    """The segments a Plex item plays: all of them when it has every segment file as a
-    part (stacked), else those whose file names it has."""
-    assert item.segments is not None, "segment times are read before positions are used"
-    if item.segment_count <= 1:
-        return item.segments
-    wanted = set(plex_names)
-    chosen = tuple(seg for path, seg in zip(item.paths, item.segments)
-                   if file_name(path) in wanted)
-    return chosen or item.segments
-
-
-def position_from_sage_time(time_ms: int, segments: tuple[tuple[int, int], ...]) -> int:
-    """A SageTV watched-end time (airing timeline) as an offset into the stacked segments;
-    a time in a gap between segments rounds forward (sagex-api.md §7.2)."""
+def position_from_sage_time(time_ms: int, segments: Sequence[tuple[int, int]]) -> int:
+    """A SageTV airing-timeline time as an offset into the given segments played one
+    after the other; a time in a gap (or before them) rounds forward."""
     offset = 0
     for start, end in segments:
         if time_ms < start:
@@ -952,8 +1078,8 @@ def position_from_sage_time(time_ms: int, segments: tuple[tuple[int, int], ...])
     return offset
 
 
-def sage_time_from_position(position_ms: int, segments: tuple[tuple[int, int], ...]) -> int:
-    """The inverse: a file offset as the airing-timeline time SetWatchedTimes takes."""
+def sage_time_from_position(position_ms: int, segments: Sequence[tuple[int, int]]) -> int:
+    """The inverse: an offset into the segments as the time SetWatchedTimes takes."""
     offset = 0
     for start, end in segments:
         if position_ms < offset + end - start:
@@ -962,49 +1088,196 @@ def sage_time_from_position(position_ms: int, segments: tuple[tuple[int, int], .
     return segments[-1][1]
 
 
-def sage_state(item: SageItem, segments: tuple[tuple[int, int], ...]) -> SideState:
-    duration = sum(end - start for start, end in segments)
-    position = (position_from_sage_time(item.watched_end_ms, segments)
-                if item.watched_end_ms > 0 else 0)
-    return SideState(item.watched, max(0, min(position, duration)), duration, item.real_end_ms,
-                     item.is_movie)
+def item_bounds(airing: Airing | None, segments: Sequence[tuple[int, int]], duration_ms: int,
+                played_fraction: float, ignore_ms: int) -> Bounds:
+    """One item's bounds from both servers' rules.
+
+    ``segments`` are the SageTV segments the Plex item plays (airing timeline) and
+    ``duration_ms`` Plex's length of the item (SageTV's when Plex gives none). Progress
+    starts at -x, and not before SageTV can store a record (5 s past where its records
+    start, so never in the start padding). "Watched" starts at the earliest of the seed's
+    95 %, Plex's played threshold and where SageTV would call it watched.
+    """
+    start_ms = ignore_ms
+    limits = [(NO_END_MS, "no length known")]
+    if duration_ms > 0:
+        limits += [(int(DONE_FRACTION * duration_ms), "95 %"),
+                   (int(played_fraction * duration_ms),
+                    f"Plex's played threshold of {played_fraction:.0%}")]
+    if airing is not None and segments:
+        record_start = max(airing.start_ms, airing.file_start_ms) + SAGE_MIN_RECORD_MS
+        start_ms = max(start_ms, position_from_sage_time(record_start, segments))
+        done_time = sage_done_time(airing)
+        if done_time <= segments[-1][1]:
+            limits.append((position_from_sage_time(done_time, segments),
+                           "where SageTV calls it watched"))
+    done_ms, done_by = min(limits)
+    return Bounds(start_ms, max(done_ms, 1), duration_ms, done_by)
 
 
-@dataclass
+###############################################################################
+# Items and their normalisation: the only code that reads raw server records ##
+###############################################################################
+
+#: The sagex fields the converter reads, and only those (asked for with filter=):
+#: MediaFileAiring keeps the nested Airing, Show keeps its Show.
+SAGE_FIELDS = (
+    "MediaFileID", "FileStartTime", "FileDuration", "NumberOfSegments", "SegmentFiles",
+    "MediaFileAiring", "AiringID", "AiringStartTime", "AiringEndTime", "IsWatched",
+    "IsWatchedCompletely", "WatchedEndTime", "RealWatchedStartTime", "RealWatchedEndTime",
+    "Show", "ShowExternalID", "ShowDuration", "IsMovie", "ShowCategory",
+)
+
+
+class SageItem:
+    """A SageTV media file and its airing, as the sync needs them (slots: a 100,000-item
+    library is a hundred thousand of these)."""
+
+    __slots__ = ("media_file_id", "airing_id", "paths", "segment_count", "file_start_ms",
+                 "file_duration_ms", "airing", "watched", "watched_completely",
+                 "watched_end_ms", "real_start_ms", "real_end_ms", "show_id", "segments")
+
+    def __init__(self, media_file_id: int, airing_id: int, paths: tuple[str, ...],
+                 segment_count: int, file_start_ms: int, file_duration_ms: int, airing: Airing,
+                 watched: bool, watched_completely: bool, watched_end_ms: int,
+                 real_start_ms: int, real_end_ms: int, show_id: str) -> None:
+        self.media_file_id = media_file_id
+        self.airing_id = airing_id
+        self.paths = paths
+        self.segment_count = segment_count
+        self.file_start_ms = file_start_ms
+        self.file_duration_ms = file_duration_ms
+        self.airing = airing
+        self.watched = watched
+        self.watched_completely = watched_completely
+        self.watched_end_ms = watched_end_ms
+        self.real_start_ms = real_start_ms
+        self.real_end_ms = real_end_ms
+        self.show_id = show_id
+        #: (start, end) on the airing timeline of each segment; read for a split
+        #: recording only when needed (two sagex calls per segment).
+        self.segments: tuple[tuple[int, int], ...] | None = (
+            ((file_start_ms, file_start_ms + file_duration_ms),) if segment_count <= 1 else None)
+
+    def raw(self) -> dict[str, Any]:
+        """What the state file and --why keep of SageTV's side."""
+        return {"IsWatched": self.watched, "WatchedEndTime": self.watched_end_ms,
+                "RealWatchedEndTime": self.real_end_ms, "FileStartTime": self.file_start_ms,
+                "AiringStartTime": self.airing.start_ms, "AiringEndTime": self.airing.end_ms}
+
+
+def _field(record: dict, key: str, kind: type, where: str) -> Any:
+    value = record.get(key)
+    if value is None:
+        return kind()
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise SageError(f"{where}: {key} is {json.dumps(value)[:40]}, not a "
+                        f"{'number' if kind is int else kind.__name__}")
+    return value
+
+
+def sage_item_from_json(record: object) -> SageItem:
+    """One media file of the listing (SageError naming it when it cannot be read)."""
+    if not isinstance(record, dict):
+        raise SageError(f"a media file record is {json.dumps(record)[:40]}, not an object")
+    media_file_id = record.get("MediaFileID")
+    where = f"media file {media_file_id}"
+    if not isinstance(media_file_id, int) or isinstance(media_file_id, bool):
+        raise SageError(f"a media file record has no MediaFileID ({json.dumps(media_file_id)})")
+    airing_json = record.get("Airing")
+    if not isinstance(airing_json, dict) or not _field(airing_json, "AiringID", int, where):
+        raise SageError(f"{where} has no airing")
+    show = _field(airing_json, "Show", dict, where)
+    paths = _field(record, "SegmentFiles", list, where)
+    if not paths or not all(isinstance(p, str) for p in paths):
+        raise SageError(f"{where} has no file names (SegmentFiles)")
+    show_id = _field(show, "ShowExternalID", str, where)
+    category = show.get("ShowCategory")
+    file_start = _field(record, "FileStartTime", int, where)
+    # IsMovie exists only in newer sagex; an MV external id or the category says the same.
+    is_movie = bool(show.get("IsMovie")) or show_id.startswith("MV") or (
+        isinstance(category, str) and category.split(",")[0].strip().lower() == "movie")
+    return SageItem(
+        media_file_id=media_file_id,
+        airing_id=_field(airing_json, "AiringID", int, where),
+        paths=tuple(paths),
+        segment_count=max(1, _field(record, "NumberOfSegments", int, where)),
+        file_start_ms=file_start,
+        file_duration_ms=_field(record, "FileDuration", int, where),
+        airing=Airing(_field(airing_json, "AiringStartTime", int, where),
+                      _field(airing_json, "AiringEndTime", int, where),
+                      _field(show, "ShowDuration", int, where), file_start, is_movie),
+        watched=bool(airing_json.get("IsWatched")),
+        watched_completely=bool(airing_json.get("IsWatchedCompletely")),
+        watched_end_ms=_field(airing_json, "WatchedEndTime", int, where),
+        real_start_ms=_field(airing_json, "RealWatchedStartTime", int, where),
+        real_end_ms=_field(airing_json, "RealWatchedEndTime", int, where),
+        show_id=show_id,
+    )
+
+
+@dataclass(frozen=True)
 class PlexItem:
-    """A Plex movie or episode, as the sync needs it."""
+    """A Plex movie or episode, as the sync needs it (times are the server's own)."""
 
     rating_key: int
     title: str
     paths: tuple[str, ...]
-    state: SideState
+    view_count: int
+    position_ms: int
+    duration_ms: int
+    last_viewed_ms: int
+    show: str = ""
+    show_key: int = 0
+    season: int | None = None
+    episode: int | None = None
+
+    @property
+    def watched(self) -> bool:
+        return self.view_count > 0
+
+    def raw(self) -> dict[str, Any]:
+        return {"viewCount": self.view_count, "viewOffset": self.position_ms,
+                "lastViewedAt": self.last_viewed_ms // 1000, "duration": self.duration_ms}
+
+
+def _attr_int(attrs: dict[str, str], key: str, where: str, default: int | None = 0
+              ) -> int | None:
+    value = attrs.get(key)
+    if value is None or value == "" and default is None:
+        return default
+    if not ASCII_ID.match(value):
+        raise PlexError(f"{where}: {key} is {value!r}, not a number")
+    return int(value)
 
 
 def plex_item_from_element(video: Element) -> PlexItem:
-    """The only code that reads raw Plex attributes."""
+    """One movie or episode element (PlexError naming it when it cannot be read)."""
     attrs = video.attrib
+    key = attrs.get("ratingKey", "")
+    if not ASCII_ID.match(key):
+        raise PlexError(f"a Plex item has no media id (ratingKey {key!r})")
+    where = f"Plex media id {key}"
+    season = _attr_int(attrs, "parentIndex", where, None)
+    episode = _attr_int(attrs, "index", where, None)
     if attrs.get("type") == "episode":
         title = attrs.get("grandparentTitle") or ""
-        season, episode = attrs.get("parentIndex"), attrs.get("index")
         if season is not None and episode is not None:
-            title += f" - s{int(season):02d}e{int(episode):02d}"
+            title += f" - s{season:02d}e{episode:02d}"
         title += f" - {attrs.get('title', '')}"
     else:
-        title = attrs.get("title", "")
-        if attrs.get("year"):
-            title += f" ({attrs['year']})"
-    paths = tuple(part.get("file", "") for part in video.iter("Part") if part.get("file"))
+        title = attrs.get("title", "") + (f" ({attrs['year']})" if attrs.get("year") else "")
     return PlexItem(
-        rating_key=int(attrs.get("ratingKey", 0)),
-        title=title,
-        paths=paths,
-        state=SideState(
-            watched=int(attrs.get("viewCount") or 0) > 0,
-            position_ms=int(attrs.get("viewOffset") or 0),
-            duration_ms=int(attrs.get("duration") or 0),
-            last_watched_ms=int(attrs.get("lastViewedAt") or 0) * 1000,
-            is_movie=attrs.get("type") == "movie",
-        ),
+        rating_key=int(key), title=title,
+        paths=tuple(part.get("file", "") for part in video.iter("Part") if part.get("file")),
+        view_count=_attr_int(attrs, "viewCount", where) or 0,
+        position_ms=_attr_int(attrs, "viewOffset", where) or 0,
+        duration_ms=_attr_int(attrs, "duration", where) or 0,
+        last_viewed_ms=(_attr_int(attrs, "lastViewedAt", where) or 0) * 1000,
+        show=attrs.get("grandparentTitle", ""),
+        show_key=_attr_int(attrs, "grandparentRatingKey", where) or 0,
+        season=season if attrs.get("type") == "episode" else None,
+        episode=episode if attrs.get("type") == "episode" else None,
     )
 
 
@@ -1016,56 +1289,91 @@ def file_name(path: str) -> str:
 
 
 ###############################################################################
-# Matching ####################################################################
+# Matching: SageTV's files by name, Plex items onto them ######################
 ###############################################################################
 
 
 class SageIndex:
-    """SageTV's media files by file name (every segment of every file)."""
+    """SageTV's media files by file name (every segment of every file), and the names of
+    records that could not be read, with the reason."""
 
-    def __init__(self, items: Iterable[SageItem]) -> None:
-        self.items: list[SageItem] = []
+    def __init__(self, records: Iterable[object]) -> None:
+        self.items: dict[int, SageItem] = {}
         self.by_name: dict[str, list[SageItem]] = collections.defaultdict(list)
+        self.unreadable: dict[str, str] = {}
+        self.unreadable_count = 0
         self._by_show: dict[str, list[SageItem]] | None = None  # made when first needed
-        for item in items:
-            self.items.append(item)
-            paths = item.paths
-            names = (file_name(paths[0]),) if len(paths) == 1 else {file_name(p) for p in paths}
-            for name in names:
+        for record in records:
+            try:
+                item = sage_item_from_json(record)
+            except SageError as exc:
+                self._unreadable(record, str(exc))
+                continue
+            self.items[item.media_file_id] = item
+            for name in {file_name(p) for p in item.paths}:
                 self.by_name[name].append(item)
+
+    def _unreadable(self, record: object, reason: str) -> None:
+        self.unreadable_count += 1
+        log.warning("SageTV record skipped: %s", reason)
+        paths = record.get("SegmentFiles") if isinstance(record, dict) else None
+        for path in paths if isinstance(paths, list) else ():
+            if isinstance(path, str):
+                self.unreadable[file_name(path)] = reason
 
     def __len__(self) -> int:
         return len(self.items)
 
     def match(self, plex_item: PlexItem) -> list[SageItem]:
         """The SageTV files the Plex item's parts name: none, one, or (ambiguous) more."""
-        paths = plex_item.paths
-        if len(paths) == 1:  # most items: one part, and a name lists each file once
-            return list(self.by_name.get(file_name(paths[0]), ()))
         found: dict[int, SageItem] = {}
-        for name in {file_name(p) for p in paths}:
+        for name in {file_name(p) for p in plex_item.paths}:
             for item in self.by_name.get(name, ()):
-                found[id(item)] = item
+                found[item.media_file_id] = item
         return list(found.values())
 
-    @property
-    def by_show(self) -> dict[str, list[SageItem]]:
-        """The media files of each show (ShowExternalID)."""
+    def unreadable_reason(self, plex_item: PlexItem) -> str:
+        return next((self.unreadable[file_name(p)] for p in plex_item.paths
+                     if file_name(p) in self.unreadable), "")
+
+    def siblings(self, item: SageItem) -> list[SageItem]:
+        """Other recordings of the same show, which share SageTV's show-level watched flag."""
+        if not item.show_id:
+            return []
         if self._by_show is None:
             self._by_show = collections.defaultdict(list)
-            for item in self.items:
-                if item.show_id:
-                    self._by_show[item.show_id].append(item)
-        return self._by_show
+            for other in self.items.values():
+                if other.show_id:
+                    self._by_show[other.show_id].append(other)
+        return [o for o in self._by_show.get(item.show_id, ()) if o is not item]
 
-    def watched_siblings(self, item: SageItem) -> list[SageItem]:
-        """Other watched recordings of the same show, which a ClearWatched un-watches too."""
-        return [other for other in self.by_show.get(item.show_id, ())
-                if other is not item and other.watched]
+    def replace(self, item: SageItem) -> None:
+        """A media file read again after the writes."""
+        old = self.items.get(item.media_file_id)
+        if old is not None and old.segments is not None and item.segments is None:
+            item.segments = old.segments
+        self.items[item.media_file_id] = item
+        for name in {file_name(p) for p in item.paths}:
+            self.by_name[name] = [item if o.media_file_id == item.media_file_id else o
+                                  for o in self.by_name[name]]
+        if self._by_show is not None and item.show_id:
+            self._by_show[item.show_id] = [item if o.media_file_id == item.media_file_id
+                                           else o for o in self._by_show[item.show_id]]
+
+
+def covered_segments(item: SageItem, plex_item: PlexItem) -> tuple[tuple[int, int], ...]:
+    """The segments a Plex item plays: those whose files it has (all of a stacked item)."""
+    assert item.segments is not None, "segment times are read before positions are used"
+    if item.segment_count <= 1:
+        return item.segments
+    wanted = {file_name(p) for p in plex_item.paths}
+    chosen = tuple(seg for path, seg in zip(item.paths, item.segments)
+                   if file_name(path) in wanted)
+    return chosen or item.segments
 
 
 ###############################################################################
-# The sync decision ###########################################################
+# The decision: pure functions from the states read (and the base) to a plan ##
 ###############################################################################
 
 
@@ -1073,6 +1381,91 @@ class Verdict(Enum):
     IN_SYNC = "OK"
     PLEX_OUT_OF_SYNC = "PLEX out of sync"
     SAGE_OUT_OF_SYNC = "SageTV out of sync"
+    BOTH_OUT_OF_SYNC = "out of sync"
+    #: The two sides differ, but neither changed since the last sync: a difference a
+    #: server would not take, reported and never retried.
+    SETTLED = "differs, left as is"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What each side should show (None: leave it as it is), and why."""
+
+    verdict: Verdict
+    to_sage: Status | None = None
+    to_plex: Status | None = None
+    rule: str = ""
+
+
+def _both(verdict: Verdict, result: Status | None, rule: str) -> Decision:
+    return Decision(verdict, result, result, rule)
+
+
+@dataclass(frozen=True)
+class Base:
+    """Both sides' states at the end of the last sync that wrote, and the decision a
+    failed write left pending (taken on the states in ``pending_on``)."""
+
+    sage: Status
+    plex: Status
+    pending: tuple[Status | None, Status | None] | None = None
+    pending_on: tuple[Status, Status] | None = None
+
+
+def _verdict(sage: Status, plex: Status, result: Status) -> Verdict:
+    if sage == result:
+        return Verdict.IN_SYNC if plex == result else Verdict.PLEX_OUT_OF_SYNC
+    return Verdict.SAGE_OUT_OF_SYNC if plex == result else Verdict.BOTH_OUT_OF_SYNC
+
+
+def decide_two_way(sage: Status, plex: Status, sage_last_ms: int, plex_last_ms: int
+                   ) -> Decision:
+    """The table without a base: the newer side wins (a tie goes to SageTV, as in the
+    original tool), and "not watched" never wins: it is not newer information."""
+    if sage == plex:
+        return _both(Verdict.IN_SYNC, None, "in sync")
+    if sage.kind is Kind.NONE:  # rows 2 and 4
+        row = 2 if plex.kind is Kind.WATCHED else 4
+        return _both(Verdict.SAGE_OUT_OF_SYNC, plex, f"row {row}: Plex {plex}, SageTV not")
+    if plex.kind is Kind.NONE:  # rows 1 and 3
+        row = 1 if sage.kind is Kind.WATCHED else 3
+        return _both(Verdict.PLEX_OUT_OF_SYNC, sage, f"row {row}: SageTV {sage}, Plex not")
+    row = (7 if sage.kind is plex.kind else 5 if sage.kind is Kind.WATCHED else 6)
+    if plex_last_ms > sage_last_ms:
+        return _both(Verdict.SAGE_OUT_OF_SYNC, plex, f"row {row}: Plex newer")
+    return _both(Verdict.PLEX_OUT_OF_SYNC, sage, f"row {row}: SageTV newer"
+                 + (" (same time)" if plex_last_ms == sage_last_ms else ""))
+
+
+def decide(sage: Status, plex: Status, sage_last_ms: int, plex_last_ms: int,
+           base: Base | None) -> Decision:
+    """The three-way merge: with a base, the side that changed since the last sync is
+    copied to the other, whatever it is (an un-watch or a move back included); when
+    neither changed nothing is written even if they differ; when both changed, or there
+    is no base yet, the two-way table decides."""
+    if base is None:
+        return decide_two_way(sage, plex, sage_last_ms, plex_last_ms)
+    if base.pending is not None and base.pending_on == (sage, plex):
+        to_sage, to_plex = base.pending
+        verdict = (Verdict.BOTH_OUT_OF_SYNC if to_sage and to_plex else
+                   Verdict.SAGE_OUT_OF_SYNC if to_sage else Verdict.PLEX_OUT_OF_SYNC)
+        return Decision(verdict, to_sage, to_plex, "the last sync's failed write, again")
+    sage_changed, plex_changed = sage != base.sage, plex != base.plex
+    if sage_changed and plex_changed:
+        two_way = decide_two_way(sage, plex, sage_last_ms, plex_last_ms)
+        return replace(two_way, rule=f"both changed since the last sync; {two_way.rule}")
+    if sage_changed or plex_changed:
+        result, who = (sage, "SageTV") if sage_changed else (plex, "Plex")
+        return _both(_verdict(sage, plex, result), result, f"{who} changed since the last sync")
+    if sage == plex:
+        return _both(Verdict.IN_SYNC, None, "in sync")
+    return _both(Verdict.SETTLED, None, "neither side changed since the last sync")
+
+
+def decide_position(sage: Status, plex: Status, position_ms: int) -> Decision:
+    """--position: that position on both sides, whatever the rules say."""
+    target = Status(Kind.PROGRESS, position_ms)
+    return _both(_verdict(sage, plex, target), target, "--position")
 
 
 @dataclass(frozen=True)
@@ -1082,11 +1475,17 @@ class PlexMarkWatched:
 
 
 @dataclass(frozen=True)
+class PlexMarkUnwatched:
+    def __str__(self) -> str:
+        return "mark not watched on Plex"
+
+
+@dataclass(frozen=True)
 class PlexSetPosition:
     position_ms: int
 
     def __str__(self) -> str:
-        return f"set Plex position to {format_hms(self.position_ms)}"
+        return f"set Plex to {format_hms(self.position_ms)}"
 
 
 @dataclass(frozen=True)
@@ -1096,120 +1495,340 @@ class SageMarkWatched:
 
 
 @dataclass(frozen=True)
+class SageClearWatched:
+    def __str__(self) -> str:
+        return "mark not watched on SageTV"
+
+
+@dataclass(frozen=True)
 class SageSetPosition:
     position_ms: int
+    #: The same position as SetWatchedTimes takes it (airing timeline).
+    time_ms: int
     #: SetWatchedTimes only moves a position forward and ignores a watched airing.
     clear_first: bool
-    #: When the viewing began (wall clock): Plex's last view minus the position.
-    real_start_ms: int
+    #: When the viewing was (local clock), 0 when unknown: SageTV's real-time start.
+    viewed_at_ms: int = 0
 
     def __str__(self) -> str:
         clear = "clear watched, then " if self.clear_first else ""
-        return f"{clear}set SageTV position to {format_hms(self.position_ms)}"
+        return f"{clear}set SageTV to {format_hms(self.position_ms)}"
 
 
-Write = Union[PlexMarkWatched, PlexSetPosition, SageMarkWatched, SageSetPosition]
+PlexWrite = Union[PlexMarkWatched, PlexMarkUnwatched, PlexSetPosition]
+SageWrite = Union[SageMarkWatched, SageClearWatched, SageSetPosition]
+Write = Union[PlexWrite, SageWrite]
+
+
+def plex_write(current: Status, result: Status) -> tuple[PlexWrite | None, str]:
+    """The Plex write that makes ``current`` show ``result``, or why there is none."""
+    if current == result:
+        return None, ""
+    if result.kind is Kind.WATCHED:
+        return PlexMarkWatched(), ""
+    if result.kind is Kind.NONE:
+        return PlexMarkUnwatched(), ""
+    if result.position_ms <= PLEX_MIN_PROGRESS_MS:
+        return None, (f"Plex ignores positions of a minute or less "
+                      f"({format_hms(result.position_ms)})")
+    return PlexSetPosition(result.position_ms), ""
+
+
+def sage_write(item: SageItem, segments: Sequence[tuple[int, int]], current: Status,
+               result: Status, viewed_at_ms: int) -> SageWrite | None:
+    """The SageTV write that makes ``current`` (seen from a Plex item playing
+    ``segments``) show ``result``."""
+    if current == result:
+        return None
+    if result.kind is Kind.NONE:
+        return SageClearWatched()
+    holds_end = item.segments is not None and segments[-1] == item.segments[-1]
+    if result.kind is Kind.WATCHED and holds_end:
+        return SageMarkWatched()
+    # Watched from an item without the last segment: SageTV's position at its end.
+    position = (sum(end - start for start, end in segments) if result.kind is Kind.WATCHED
+                else result.position_ms)
+    time_ms = sage_time_from_position(position, segments)
+    return SageSetPosition(position, time_ms, item.watched or item.watched_end_ms > time_ms,
+                           viewed_at_ms)
+
+
+def moves_back(current: Status, result: Status) -> bool:
+    """An un-watch or a position made earlier (what the guard counts)."""
+    if current == result:
+        return False
+    if current.kind is Kind.WATCHED:
+        return True
+    return current.kind is Kind.PROGRESS and (result.kind is Kind.NONE or (
+        result.kind is Kind.PROGRESS and result.position_ms < current.position_ms))
+
+
+###############################################################################
+# The sync state: the base of every matched item, the journal, and the lock ###
+###############################################################################
+
+STATE_SCHEMA = 1
+_STATE_TABLES = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS base (
+    rating_key INTEGER PRIMARY KEY, media_file_id INTEGER, file_name TEXT,
+    sage TEXT, plex TEXT, sage_raw TEXT, plex_raw TEXT,
+    pending_sage TEXT, pending_plex TEXT, pending_on TEXT, run_id INTEGER);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id INTEGER PRIMARY KEY, started_at TEXT, kind TEXT, argv TEXT, writes INTEGER);
+CREATE TABLE IF NOT EXISTS journal (
+    run_id INTEGER, rating_key INTEGER, media_file_id INTEGER, title TEXT, rule TEXT,
+    writes TEXT, sage_before TEXT, plex_before TEXT, sage_after TEXT, plex_after TEXT,
+    outcome TEXT, detail TEXT);
+"""
+
+
+def default_state_path(config_path: Path) -> Path:
+    """Next to the config when that folder is writable, else the user's state folder."""
+    folder = config_path.parent
+    if os.access(folder, os.W_OK):
+        return folder / STATE_FILE_NAME
+    return user_state_dir() / STATE_FILE_NAME
+
+
+@dataclass(frozen=True)
+class BaseRecord:
+    media_file_id: int
+    file_name: str
+    base: Base
+    sage_raw: str = "{}"
+    plex_raw: str = "{}"
+    run_id: int = 0
+
+
+@dataclass(frozen=True)
+class JournalRow:
+    run_id: int
+    rating_key: int
+    media_file_id: int
+    title: str
+    rule: str
+    writes: str
+    sage_before: Status
+    plex_before: Status
+    sage_after: Status | None
+    plex_after: Status | None
+    outcome: str
+    detail: str
+
+
+def _damaged(path: Path, exc: Exception) -> StateError:
+    return StateError(f"the sync state file {path} is damaged ({exc}); move it away to start "
+                      "afresh (the next sync then works as a first sync), or give --state")
+
+
+class StateStore:
+    """The SQLite file that makes runs converge. Every change is one transaction (atomic);
+    a run that writes holds an exclusive lock on ``<file>.lock`` for as long as it runs."""
+
+    def __init__(self, path: Path, *, write: bool) -> None:
+        self.path = path
+        self.write = write
+        self._lock_file: Any = None
+        self.db: sqlite3.Connection | None = None
+        if write:
+            self._lock()
+        if not path.exists():
+            if write:
+                self._connect()
+            return
+        self._connect()
+        self._check()
+
+    # -- opening ---------------------------------------------------------------------------
+    def _lock(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock_file = open(self.path.with_name(self.path.name + ".lock"), "a+b")
+        except OSError as exc:
+            raise StateError(f"cannot use the sync state file {self.path} ({exc.strerror}); "
+                             "give --state a writable place") from None
+        try:
+            if sys.platform.startswith("win"):
+                import msvcrt
+                msvcrt.locking(self._lock_file.fileno(), msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+                fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock_file.close()
+            self._lock_file = None
+            raise StateError(f"another sageplex_sync run is in progress (it holds {self.path}); "
+                             "wait for it to finish") from None
+
+    def _connect(self) -> None:
+        uri = self.path.resolve().as_uri() + ("" if self.write else "?mode=ro")
+        try:
+            self.db = sqlite3.connect(uri, uri=True, isolation_level=None,
+                                      check_same_thread=False)
+            if self.write:
+                with self.transaction() as db:
+                    for statement in _STATE_TABLES.split(";"):
+                        if statement.strip():
+                            db.execute(statement)
+                    db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)",
+                               (str(STATE_SCHEMA),))
+        except sqlite3.DatabaseError as exc:
+            raise _damaged(self.path, exc) from None
+
+    def _check(self) -> None:
+        assert self.db is not None
+        try:
+            row = self.db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+            self.db.execute("SELECT count(*) FROM base").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise _damaged(self.path, exc) from None
+        if row is None or row[0] != str(STATE_SCHEMA):
+            raise StateError(f"the sync state file {self.path} is of another version "
+                             f"({row[0] if row else 'none'}); use the sageplex_sync that made "
+                             "it, or move it away to start afresh")
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        assert self.db is not None
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def close(self) -> None:
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+        if self._lock_file is not None:
+            self._lock_file.close()  # closing the file releases the lock
+            self._lock_file = None
+
+    def __enter__(self) -> StateStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reading ---------------------------------------------------------------------------
+    def _rows(self, query: str, *args: object) -> list[tuple]:
+        if self.db is None:
+            return []
+        try:
+            return self.db.execute(query, args).fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise _damaged(self.path, exc) from None
+
+    def bases(self) -> dict[int, BaseRecord]:
+        found = {}
+        for (rating_key, media_file_id, name, sage, plex, sage_raw, plex_raw, pending_sage,
+             pending_plex, pending_on, run_id) in self._rows("SELECT * FROM base"):
+            try:
+                pending = None
+                if pending_on:
+                    pending = (_status_or_none(pending_sage), _status_or_none(pending_plex))
+                on = tuple(Status.from_text(t) for t in pending_on.split("|")) \
+                    if pending_on else None
+                base = Base(Status.from_text(sage), Status.from_text(plex), pending,
+                            on)  # type: ignore[arg-type]
+            except (ValueError, AttributeError) as exc:
+                raise _damaged(self.path, exc) from None
+            found[rating_key] = BaseRecord(media_file_id, name, base, sage_raw, plex_raw,
+                                           run_id)
+        return found
+
+    def runs(self) -> list[tuple[int, str, str, int]]:
+        return [tuple(r) for r in self._rows(  # type: ignore[misc]
+            "SELECT run_id, started_at, kind, writes FROM runs ORDER BY run_id")]
+
+    def journal(self, run_id: int) -> list[JournalRow]:
+        rows = []
+        for row in self._rows("SELECT * FROM journal WHERE run_id = ?", run_id):
+            try:
+                rows.append(JournalRow(*row[:6], Status.from_text(row[6]),  # type: ignore[misc]
+                                       Status.from_text(row[7]), _status_or_none(row[8]),
+                                       _status_or_none(row[9]), row[10], row[11]))
+            except ValueError as exc:
+                raise _damaged(self.path, exc) from None
+        return rows
+
+    # -- writing ---------------------------------------------------------------------------
+    def record_run(self, kind: str, argv: Sequence[str], bases: dict[int, BaseRecord],
+                   journal: Sequence[JournalRow]) -> int:
+        """One run's journal and the new bases, in one transaction."""
+        try:
+            with self.transaction() as db:
+                run_id = db.execute(
+                    "INSERT INTO runs (started_at, kind, argv, writes) VALUES (?, ?, ?, ?)",
+                    (time.strftime("%Y-%m-%d %H:%M:%S"), kind, json.dumps(list(argv)),
+                     len(journal))).lastrowid
+                db.executemany("INSERT OR REPLACE INTO base VALUES (?,?,?,?,?,?,?,?,?,?,?)", [
+                    (key, r.media_file_id, r.file_name, r.base.sage.to_text(),
+                     r.base.plex.to_text(), r.sage_raw, r.plex_raw,
+                     *_pending_columns(r.base), r.run_id or run_id)
+                    for key, r in bases.items()])
+                db.executemany("INSERT INTO journal VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", [
+                    (run_id, j.rating_key, j.media_file_id, j.title, j.rule, j.writes,
+                     j.sage_before.to_text(), j.plex_before.to_text(),
+                     j.sage_after.to_text() if j.sage_after else None,
+                     j.plex_after.to_text() if j.plex_after else None, j.outcome, j.detail)
+                    for j in journal])
+        except sqlite3.DatabaseError as exc:
+            raise StateError(f"cannot write the sync state file {self.path} ({exc}); nothing "
+                             "in it changed; check the disk and run the sync again") from None
+        return int(run_id or 0)
+
+
+def _status_or_none(text: str | None) -> Status | None:
+    return Status.from_text(text) if text else None
+
+
+def _pending_columns(base: Base) -> tuple[str | None, str | None, str | None]:
+    if base.pending is None or base.pending_on is None:
+        return None, None, None
+    to_sage, to_plex = base.pending
+    return (to_sage.to_text() if to_sage else None, to_plex.to_text() if to_plex else None,
+            "|".join(s.to_text() for s in base.pending_on))
+
+
+###############################################################################
+# The run: read everything, check, plan, guard, write, remember ###############
+###############################################################################
 
 
 @dataclass(frozen=True)
 class Options:
+    """What one run is asked to do (the command line's words, checked)."""
+
+    targets: tuple[str, ...] = ()
+    media: bool = False
+    sync: bool = False
+    simulate: bool = False
+    prompt: bool = False
+    yes: bool = False
     ignore_ms: int = DEFAULT_IGNORE_S * 1000
+    position_ms: int | None = None
+    position_text: str = ""
+    sagedata: bool = False
+    why: bool = False
+    undo: str | None = None  # "" for the last sync
+    plan_file: Path | None = None
+    apply_file: Path | None = None
+    state_path: Path | None = None
+    argv: tuple[str, ...] = ()
 
+    @property
+    def writes(self) -> bool:
+        """Whether the run writes to the servers (and so records the base)."""
+        return (self.sync or self.undo is not None or self.apply_file is not None) \
+            and not self.simulate and self.plan_file is None
 
-@dataclass(frozen=True)
-class Action:
-    verdict: Verdict
-    sage: Status
-    plex: Status
-    writes: tuple[Write, ...] = ()
-    row: int = 0
-    #: A write the rules call for that cannot be done, and why (reported as skipped).
-    blocked: str = ""
-
-
-#: Both sides watched, or neither: most items, one shared answer each.
-_IN_SYNC = {status.kind: Action(Verdict.IN_SYNC, status, status)
-            for status in (WATCHED, NOT_WATCHED)}
-
-
-def _plex_position(position_ms: int) -> tuple[tuple[Write, ...], str]:
-    """The Plex position write, or why it cannot be written."""
-    write = PlexSetPosition(position_ms)
-    if position_ms <= PLEX_MIN_PROGRESS_MS:
-        return (), f"{write}: Plex ignores positions of a minute or less"
-    return (write,), ""
-
-
-def _sage_position(sage: SideState, plex: SideState, position_ms: int) -> SageSetPosition:
-    viewed_at = plex.last_watched_ms if plex.last_watched_ms > 0 else 0
-    return SageSetPosition(position_ms, clear_first=sage.watched or sage.position_ms > position_ms,
-                           real_start_ms=max(0, viewed_at - position_ms))
-
-
-def decide(sage: SideState, plex: SideState, opts: Options) -> Action:
-    """What to write where, from the two sides' states alone (sync-rules.md §§1-3).
-
-    The newer side has the larger last_watched_ms (a tie goes to SageTV, as in the
-    original); NONE never wins, so a sync never throws away a watched mark or a position.
-    """
-    s = classify(sage, is_sage=True, ignore_ms=opts.ignore_ms)
-    p = classify(plex, is_sage=False, ignore_ms=opts.ignore_ms)
-    if s is p:  # the same shared status: both watched, or both not
-        return _IN_SYNC[s.kind]
-    if s == p:
-        return Action(Verdict.IN_SYNC, s, p)
-    plex_newer = plex.last_watched_ms > sage.last_watched_ms
-
-    def to_plex(row: int, writes: tuple[Write, ...], blocked: str = "") -> Action:
-        return Action(Verdict.PLEX_OUT_OF_SYNC, s, p, writes, row, blocked)
-
-    def to_sage(row: int, write: Write) -> Action:
-        return Action(Verdict.SAGE_OUT_OF_SYNC, s, p, (write,), row)
-
-    if s.kind is Kind.WATCHED and p.kind is Kind.NONE:  # row 1
-        return to_plex(1, (PlexMarkWatched(),))
-    if s.kind is Kind.NONE and p.kind is Kind.WATCHED:  # row 2
-        return to_sage(2, SageMarkWatched())
-    if s.kind is Kind.PROGRESS and p.kind is Kind.NONE:  # row 3
-        return to_plex(3, *_plex_position(s.position_ms))
-    if s.kind is Kind.NONE and p.kind is Kind.PROGRESS:  # row 4
-        return to_sage(4, _sage_position(sage, plex, p.position_ms))
-    if s.kind is Kind.WATCHED and p.kind is Kind.PROGRESS:  # row 5: a rewatch on one side
-        if plex_newer:
-            return to_sage(5, _sage_position(sage, plex, p.position_ms))
-        return to_plex(5, (PlexMarkWatched(),))
-    if s.kind is Kind.PROGRESS and p.kind is Kind.WATCHED:  # row 6
-        if plex_newer:
-            return to_sage(6, SageMarkWatched())
-        return to_plex(6, *_plex_position(s.position_ms))
-    # row 7: both in progress at different positions
-    if plex_newer:
-        return to_sage(7, _sage_position(sage, plex, p.position_ms))
-    return to_plex(7, *_plex_position(s.position_ms))
-
-
-def decide_position(sage: SideState, plex: SideState, position_ms: int, opts: Options) -> Action:
-    """--position: that position on both sides, whatever the rules say."""
-    s = classify(sage, is_sage=True, ignore_ms=opts.ignore_ms)
-    p = classify(plex, is_sage=False, ignore_ms=opts.ignore_ms)
-    target = Status(Kind.PROGRESS, position_ms)
-    writes: tuple[Write, ...] = ()
-    blocked = ""
-    plex_needs = not (p == target and abs(plex.position_ms - position_ms) < POSITION_TOLERANCE_MS)
-    if plex_needs:
-        writes, blocked = _plex_position(position_ms)
-    sage_needs = sage.watched or abs(sage.position_ms - position_ms) >= POSITION_TOLERANCE_MS
-    if sage_needs:
-        # The position is the user's, not a viewing: SageTV's real-time start is "now".
-        writes += (_sage_position(sage, replace(plex, last_watched_ms=0), position_ms),)
-    verdict = (Verdict.PLEX_OUT_OF_SYNC if plex_needs else
-               Verdict.SAGE_OUT_OF_SYNC if sage_needs else Verdict.IN_SYNC)
-    return Action(verdict, s, p, writes, 0, blocked)
-
-
-###############################################################################
-# The applier #################################################################
-###############################################################################
+    @property
+    def kind(self) -> str:
+        return "undo" if self.undo is not None else "apply" if self.apply_file else "sync"
 
 
 class Outcome(Enum):
@@ -1220,277 +1839,953 @@ class Outcome(Enum):
     FAILED = "failed"
 
 
-@dataclass
-class Pair:
-    """One Plex item, what it matched in SageTV, and what to do about it."""
+@dataclass(eq=False)
+class Entry:
+    """One Plex item: what it matched in SageTV, both sides' states, the decision, and
+    what became of its writes."""
 
     plex: PlexItem
     sage: SageItem | None = None
     candidates: int = 0
+    unreadable: str = ""
     segments: tuple[tuple[int, int], ...] = ()
-    action: Action | None = None
+    bounds: Bounds | None = None
+    sage_status: Status = NOT_WATCHED
+    plex_status: Status = NOT_WATCHED
+    sage_last_ms: int = 0  # local clock
+    plex_last_ms: int = 0
+    base: Base | None = None
+    decision: Decision = Decision(Verdict.IN_SYNC)
+    writes: tuple[Write, ...] = ()
+    blocked: str = ""
     outcome: Outcome = Outcome.UNCHANGED
     detail: str = ""
     notes: list[str] = field(default_factory=list)
+    sage_after: Status | None = None
+    plex_after: Status | None = None
+    #: The decision was not carried out and the old base stays (stale read, interrupted).
+    keep_base: bool = False
 
     @property
-    def sage_side(self) -> SideState:
-        assert self.sage is not None
-        return sage_state(self.sage, self.segments)
+    def matched(self) -> bool:
+        return self.sage is not None and self.bounds is not None
+
+    @property
+    def verdict(self) -> Verdict:
+        return self.decision.verdict
+
+
+class Console:
+    """The run's streams and terminal, injected: nothing reads sys.stdin behind its back."""
+
+    def __init__(self, out: TextIO, err: TextIO, stdin: TextIO | None, secrets: Secrets,
+                 progress: bool = False) -> None:
+        self.out, self.err, self.stdin, self.secrets = out, err, stdin, secrets
+        self.progress = progress
+
+    @property
+    def can_ask(self) -> bool:
+        return self.stdin is not None and _isatty(self.stdin)
+
+    def ask(self, question: str) -> bool:
+        """Ask on the terminal; with no terminal the answer is no, and we say so."""
+        if not self.can_ask:
+            self.err.write(f"{question} [y/N] no (no terminal to ask on)\n")
+            return False
+        assert self.stdin is not None
+        self.err.write(f"{question} [y/N] ")
+        self.err.flush()
+        return self.stdin.readline().strip().lower() in ("y", "yes")
+
+    def bar(self, total: int | None, what: str) -> Any:
+        """A progress bar on stderr (a terminal only), or one that shows nothing."""
+        if not self.progress:
+            return _NoBar()
+        from tqdm import tqdm
+        return tqdm(total=total, desc=what, unit=" items", file=self.err, leave=False,
+                    dynamic_ncols=True)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _isatty(stream: object) -> bool:
+    try:
+        return bool(stream.isatty())  # type: ignore[attr-defined]
+    except (AttributeError, ValueError):
+        return False
+
+
+def _sage_item_with(item: SageItem, **changes: Any) -> SageItem:
+    """A copy of a media file with some values changed (what a planned write makes)."""
+    values = {name: getattr(item, name) for name in SageItem.__slots__ if name != "segments"}
+    values.update(changes)
+    copy = SageItem(**values)
+    copy.segments = item.segments
+    return copy
+
+
+def after_sage_write(item: SageItem, write: SageWrite) -> SageItem:
+    """What SageTV will show for the media file once ``write`` is done."""
+    if isinstance(write, SageMarkWatched):
+        return _sage_item_with(item, watched=True, watched_end_ms=item.airing.end_ms)
+    if isinstance(write, SageClearWatched):
+        return _sage_item_with(item, watched=False, watched_end_ms=0)
+    end = write.time_ms if write.clear_first else max(item.watched_end_ms, write.time_ms)
+    return _sage_item_with(item, watched=item.watched and not write.clear_first,
+                           watched_end_ms=end)
+
+
+def sage_status(item: SageItem, segments: Sequence[tuple[int, int]], bounds: Bounds) -> Status:
+    """SageTV's state seen from a Plex item that plays ``segments``."""
+    position = (position_from_sage_time(item.watched_end_ms, segments)
+                if item.watched_end_ms > 0 else 0)
+    return classify(item.watched, position, bounds, is_sage=True)
+
+
+@dataclass
+class Facts:
+    """Everything the run read, before any decision."""
+
+    entries: list[Entry]
+    index: SageIndex
+    played_fraction: float
+    played_from: str
+    unreadable_plex: int = 0
+
+
+class SyncRun:
+    """One run through its phases: read everything, check the arguments against it,
+    decide every item (the plan), guard, write, then remember (base and journal)."""
+
+    def __init__(self, opts: Options, sage: SageClient, plex: PlexClient,
+                 state: StateStore | None, console: Console, stop: threading.Event,
+                 overrides: dict[int, tuple[Status, Status, Decision]] | None = None) -> None:
+        self.opts = opts
+        self.sage = sage
+        self.plex = plex
+        self.state = state
+        self.console = console
+        self.stop = stop
+        #: Decisions given from outside (--undo, --apply), with the states they expect.
+        self.overrides = overrides or {}
+        self._sage_slots = threading.BoundedSemaphore(sage.server.write_workers)
+        self._plex_slots = threading.BoundedSemaphore(plex.server.write_workers)
+
+    # -- 1. read ---------------------------------------------------------------------------
+    def read(self) -> Facts:
+        """Both servers at once: the SageTV listing is built while the Plex listings stream.
+        A read that fails ends the run here, before any write."""
+        background = ThreadPoolExecutor(1, thread_name_prefix="sage-listing")
+        try:
+            listing = background.submit(self.sage.media_files, SAGE_FIELDS)
+            items, unreadable = self.read_plex()
+            played_fraction, played_from = self.plex.played_threshold()
+            with _no_cyclic_gc():
+                index = SageIndex(listing.result())
+        finally:
+            background.shutdown(wait=False, cancel_futures=True)
+        log.info("SageTV lists %d media files; Plex %d items", len(index), len(items))
+        entries = [Entry(item) for item in items] + unreadable
+        facts = Facts(entries, index, played_fraction, played_from, len(unreadable))
+        bases = self.state.bases() if self.state is not None else {}
+        for entry in entries:
+            if not entry.unreadable:
+                self.assess(entry, facts, bases)
+        return facts
+
+    def read_plex(self) -> tuple[list[PlexItem], list[Entry]]:
+        """The Plex items to work on, each once, and those that could not be read."""
+        items: dict[int, PlexItem] = {}
+        unreadable: list[Entry] = []
+        bar = self.console.bar(None, "reading Plex")
+        for element in self.plex_elements():
+            try:
+                item = plex_item_from_element(element)
+            except PlexError as exc:
+                unreadable.append(_unreadable_entry(element, f"unreadable from Plex: {exc}"))
+                continue
+            items.setdefault(item.rating_key, item)
+            bar.update()
+        bar.close()
+        return list(items.values()), unreadable
+
+    def plex_elements(self) -> Iterator[Element]:
+        if self.opts.media:
+            yield from self.media_elements([int(t) for t in self.opts.targets])
+            return
+        sections = resolve_sections(list(self.opts.targets), self.plex.sections())
+        if not sections:
+            self.console.err.write("Plex has no movie or show sections to sync\n")
+        for section in sections:
+            log.info("section %s (%s)", section.key, section.title)
+            yield from self.plex.section_videos(section)
+
+    def media_elements(self, rating_keys: list[int]) -> list[Element]:
+        """Movies and episodes by media id; a show or season gives all its episodes."""
+        wanted = list(dict.fromkeys(rating_keys))
+        found = {int(e.get("ratingKey") or 0): e for e in self.plex.metadata(wanted)}
+        videos: list[Element] = []
+        for key in wanted:
+            element = found.get(key)
+            if element is None:
+                raise UsageError(f"Plex has no media id {key}; run with a section name to "
+                                 "see the media ids")
+            kind = element.get("type") or element.tag
+            if element.tag == "Video" and kind in ("movie", "episode"):
+                videos.append(element)
+            elif kind in ("show", "season"):
+                videos += self.plex.children(key, kind)
+            else:
+                raise UsageError(f"Plex media id {key} is a {kind}, not a movie, episode, "
+                                 "season or show")
+        return videos
+
+    def assess(self, entry: Entry, facts: Facts, bases: dict[int, BaseRecord]) -> None:
+        """Match one Plex item and read both sides' states through the item's bounds."""
+        matches = facts.index.match(entry.plex)
+        entry.candidates = len(matches)
+        if len(matches) != 1:
+            if matches:
+                entry.detail = "media files " + ", ".join(str(m.media_file_id) for m in matches)
+            else:
+                entry.unreadable = facts.index.unreadable_reason(entry.plex)
+            return
+        item = entry.sage = matches[0]
+        if item.segments is None and self._needs_segments(entry, item):
+            item.segments = tuple(self.sage.segment_times(item.media_file_id,
+                                                          item.segment_count))
+        self.measure(entry, item, facts.played_fraction)
+        record = bases.get(entry.plex.rating_key)
+        if record is not None and record.media_file_id == item.media_file_id:
+            entry.base = record.base
+
+    def _needs_segments(self, entry: Entry, item: SageItem) -> bool:
+        """A split recording's times cost two requests a segment: they are read when a
+        position is at stake, or when the item holds only some of the segments."""
+        stacked = {file_name(p) for p in item.paths} <= {file_name(p) for p in entry.plex.paths}
+        positions = (item.watched_end_ms > 0 and not item.watched) or entry.plex.position_ms > 0
+        differ = item.watched != entry.plex.watched
+        return not stacked or positions or differ or self.opts.position_ms is not None \
+            or bool(self.overrides)
+
+    def measure(self, entry: Entry, item: SageItem, played_fraction: float) -> None:
+        segments = (covered_segments(item, entry.plex) if item.segments is not None else
+                    ((item.file_start_ms, item.file_start_ms + item.file_duration_ms),))
+        entry.segments = segments
+        duration = entry.plex.duration_ms or sum(end - start for start, end in segments)
+        entry.bounds = item_bounds(item.airing, segments, duration, played_fraction,
+                                   self.opts.ignore_ms)
+        entry.sage_status = sage_status(item, segments, entry.bounds)
+        plex = entry.plex
+        entry.plex_status = classify(plex.watched, plex.position_ms, entry.bounds, is_sage=False)
+        entry.sage_last_ms = (item.real_end_ms - self.sage.clock_offset_ms
+                              if item.real_end_ms > 0 else 0)
+        entry.plex_last_ms = (plex.last_viewed_ms - self.plex.clock_offset_ms
+                              if plex.last_viewed_ms > 0 else 0)
+
+    # -- 2. check --------------------------------------------------------------------------
+    def check(self, facts: Facts) -> None:
+        """Arguments against what was read: a usage error never follows a write."""
+        position = self.opts.position_ms
+        if position is None:
+            return
+        for entry in facts.entries:
+            lengths = [("Plex", entry.plex.duration_ms)]
+            if entry.sage is not None:
+                lengths.append(("SageTV", sum(e - s for s, e in entry.segments)))
+            for side, length in lengths:
+                if 0 < length <= position:
+                    raise UsageError(
+                        f"--position {self.opts.position_text} is past the end of media id "
+                        f"{entry.plex.rating_key} on {side} ({format_hms(length)}); give a "
+                        "position inside the item")
+
+    # -- 3. plan ---------------------------------------------------------------------------
+    def plan(self, facts: Facts) -> None:
+        """Decide every item: one decision per SageTV recording."""
+        recordings: dict[int, list[Entry]] = collections.defaultdict(list)
+        for entry in facts.entries:
+            if entry.matched:
+                assert entry.sage is not None
+                recordings[entry.sage.media_file_id].append(entry)
+        for group in recordings.values():
+            self.plan_recording(group, facts)
+
+    def plan_recording(self, group: list[Entry], facts: Facts) -> None:
+        """Plex items holding the same segments are decided together; items holding
+        other segments of the recording one after the other, each against SageTV's state
+        as the previous one's writes will leave it."""
+        spans: dict[tuple[tuple[int, int], ...], list[Entry]] = {}
+        for entry in sorted(group, key=lambda e: e.segments[0] if e.segments else (0, 0)):
+            spans.setdefault(entry.segments, []).append(entry)
+        item = group[0].sage
+        assert item is not None
+        for members in spans.values():
+            if item is not group[0].sage:
+                for entry in members:
+                    entry.sage = item
+                    self.measure(entry, item, facts.played_fraction)
+            decision, viewed_at = self.decide_members(members)
+            for entry in members:
+                self.plan_entry(entry, decision, viewed_at)
+            written = next((w for w in members[0].writes if not isinstance(
+                w, (PlexMarkWatched, PlexMarkUnwatched, PlexSetPosition))), None)
+            if written is not None:
+                item = after_sage_write(item, written)
+
+    def decide_members(self, members: list[Entry]) -> tuple[Decision, int]:
+        """One decision for Plex items that hold the same file: Plex's state is the newest
+        of theirs, or, with a base, the one that changed."""
+        first = members[0]
+        override = self.overrides.get(first.plex.rating_key)
+        if override is not None:
+            expected_sage, expected_plex, decision = override
+            if (first.sage_status, first.plex_status) != (expected_sage, expected_plex):
+                return Decision(Verdict.SETTLED, None, None,
+                                f"changed since then ({decision.rule})"), 0
+            return decision, 0
+        if self.opts.position_ms is not None:
+            return decide_position(first.sage_status, first.plex_status,
+                                   self.opts.position_ms), 0
+        changed = [m for m in members if m.base is not None and m.plex_status != m.base.plex]
+        leader = max(changed or members, key=lambda m: m.plex_last_ms)
+        decision = decide(leader.sage_status, leader.plex_status, leader.sage_last_ms,
+                          leader.plex_last_ms, leader.base)
+        return decision, leader.plex_last_ms
+
+    def plan_entry(self, entry: Entry, decision: Decision, viewed_at_ms: int) -> None:
+        assert entry.sage is not None
+        entry.decision = replace(decision, verdict=_member_verdict(entry, decision))
+        writes: list[Write] = []
+        if decision.to_sage is not None:
+            write = sage_write(entry.sage, entry.segments, entry.sage_status, decision.to_sage,
+                               viewed_at_ms)
+            writes += [write] if write is not None else []
+        if decision.to_plex is not None:
+            plex_change, entry.blocked = plex_write(entry.plex_status, decision.to_plex)
+            writes += [plex_change] if plex_change is not None else []
+        entry.writes = tuple(writes)
+
+    # -- 4. guard --------------------------------------------------------------------------
+    def guard(self, facts: Facts) -> None:
+        """A plan that un-watches or moves back many items asks first (or needs -y)."""
+        backward = [e for e in facts.entries if e.writes and _moves_back(e)]
+        matched = sum(1 for e in facts.entries if e.matched)
+        limit = max(GUARD_MIN_ITEMS, int(GUARD_FRACTION * matched))
+        if len(backward) <= limit or self.opts.yes or not self.opts.writes:
+            return
+        question = (f"This sync would un-watch or move back {len(backward)} items (of "
+                    f"{matched}), for example [{backward[0].plex.rating_key}] "
+                    f"{backward[0].plex.title}. Go ahead?")
+        if self.console.can_ask:
+            if self.console.ask(question):
+                return
+            raise SyncError("not confirmed: nothing was written")
+        raise SyncError(f"this sync would un-watch or move back {len(backward)} items (more "
+                        f"than {limit}); nothing was written. Check with -n, then add -y to "
+                        "go ahead")
+
+    # -- 5. write --------------------------------------------------------------------------
+    def write(self, facts: Facts) -> None:
+        """Carry out the plan: items that share a SageTV airing or show flag one after the
+        other in one task, independent ones in parallel, a few per server at a time."""
+        tasks: dict[object, list[Entry]] = {}
+        for entry in facts.entries:
+            if not entry.writes:
+                if entry.blocked and entry.decision.verdict is not Verdict.IN_SYNC:
+                    entry.outcome, entry.detail = Outcome.SKIPPED, entry.blocked
+                continue
+            if self.opts.simulate or self.opts.plan_file is not None:
+                entry.outcome = Outcome.SIMULATED
+                entry.detail = "would " + "; then ".join(str(w) for w in entry.writes)
+                continue
+            assert entry.sage is not None
+            tasks.setdefault(entry.sage.show_id or entry.sage.media_file_id, []).append(entry)
+        if not tasks:
+            return
+        bar = self.console.bar(sum(len(t) for t in tasks.values()), "writing")
+        if self.opts.prompt:
+            for task in tasks.values():
+                self.run_task(task, confirm=True, bar=bar)
+        else:
+            workers = self.sage.server.write_workers + self.plex.server.write_workers
+            with ThreadPoolExecutor(workers, thread_name_prefix="write") as pool:
+                futures = [pool.submit(self.run_task, task, False, bar)
+                           for task in tasks.values()]
+                for future, task in zip(futures, tasks.values()):
+                    _settle(future, task)
+        bar.close()
+
+    def run_task(self, task: list[Entry], confirm: bool, bar: Any) -> None:
+        wrote_sage: list[int] = []
+        for entry in task:
+            if self.stop.is_set():
+                entry.outcome, entry.detail = Outcome.SKIPPED, "interrupted before writing"
+                entry.keep_base = True
+            elif wrote_sage and self._stale(entry, wrote_sage):
+                pass
+            elif confirm and not self.confirm(entry):
+                entry.outcome, entry.detail = Outcome.SKIPPED, "not confirmed"
+                entry.keep_base = True
+            else:
+                Applier(self, entry).apply()
+                if any(_is_sage(w) for w in entry.writes):
+                    assert entry.sage is not None
+                    wrote_sage.append(entry.sage.media_file_id)
+            bar.update()
+
+    def _stale(self, entry: Entry, wrote_sage: list[int]) -> bool:
+        """No decision on a stale read: an earlier write of this run (to the same
+        recording or one sharing its show flag) may have changed this item."""
+        assert entry.sage is not None and entry.bounds is not None
+        record = self.sage.media_file(entry.sage.media_file_id, SAGE_FIELDS)
+        if record is None:
+            entry.outcome, entry.detail = Outcome.FAILED, "SageTV no longer has this file"
+            return True
+        fresh = sage_item_from_json(record)
+        fresh.segments = entry.sage.segments
+        if sage_status(fresh, entry.segments, entry.bounds) == entry.sage_status:
+            return False
+        others = ", ".join(str(i) for i in wrote_sage if i != entry.sage.media_file_id)
+        entry.outcome = Outcome.SKIPPED
+        entry.detail = (f"SageTV changed it while writing media file {others or 'this one'} "
+                        "(a shared show flag); the next sync settles it")
+        entry.keep_base = True
+        return True
+
+    def confirm(self, entry: Entry) -> bool:
+        writes = "; then ".join(str(w) for w in entry.writes)
+        try:
+            return self.console.ask(f"[{entry.plex.rating_key}] {entry.plex.title}: {writes}?")
+        except (KeyboardInterrupt, EOFError):
+            self.stop.set()
+            self.console.err.write("\n")
+            return False
+
+    # -- 6. remember -----------------------------------------------------------------------
+    def remember(self, facts: Facts) -> int:
+        """Read back what was written (and the recordings sharing its show flag), check the
+        Plex writes, then record the new base and the journal in one transaction."""
+        written = [e for e in facts.entries if e.outcome in (Outcome.UPDATED, Outcome.FAILED)]
+        self.reread(written, facts)
+        bases: dict[int, BaseRecord] = {}
+        journal: list[JournalRow] = []
+        for entry in facts.entries:
+            if not entry.matched:
+                continue
+            record = _base_record(entry)
+            if record is not None:
+                bases[entry.plex.rating_key] = record
+            if entry in written:
+                journal.append(_journal_row(entry))
+        if self.state is None:
+            return 0
+        return self.state.record_run(self.opts.kind, self.opts.argv, bases, journal)
+
+    def reread(self, written: list[Entry], facts: Facts) -> None:
+        sage_ids: set[int] = set()
+        for entry in written:
+            if entry.sage is not None and any(_is_sage(w) for w in entry.writes):
+                sage_ids.add(entry.sage.media_file_id)
+                sage_ids.update(s.media_file_id for s in facts.index.siblings(entry.sage))
+        for item in self.read_sage_again(sage_ids):
+            facts.index.replace(item)
+        plex_keys = [e.plex.rating_key for e in written
+                     if any(not _is_sage(w) for w in e.writes)]
+        plex_now = {}
+        for element in self.plex.metadata(plex_keys):
+            try:
+                item = plex_item_from_element(element)
+            except PlexError:
+                continue
+            plex_now[item.rating_key] = item
+        for entry in facts.entries:
+            if entry.matched and (entry.sage.media_file_id in sage_ids  # type: ignore[union-attr]
+                                  or entry.plex.rating_key in plex_now):
+                self.read_after(entry, facts, plex_now.get(entry.plex.rating_key))
+
+    def read_sage_again(self, ids: set[int]) -> list[SageItem]:
+        if len(ids) > SAGE_REREAD_LISTING_ABOVE:
+            records: Iterable[object] = (r for r in self.sage.media_files(SAGE_FIELDS)
+                                         if isinstance(r, dict) and r.get("MediaFileID") in ids)
+        else:
+            records = [r for r in (self.sage.media_file(i, SAGE_FIELDS) for i in sorted(ids))
+                       if r is not None]
+        items = []
+        for record in records:
+            try:
+                items.append(sage_item_from_json(record))
+            except SageError as exc:
+                log.warning("SageTV record skipped on reading back: %s", exc)
+        return items
+
+    def read_after(self, entry: Entry, facts: Facts, plex_item: PlexItem | None) -> None:
+        assert entry.sage is not None and entry.bounds is not None
+        item = facts.index.items.get(entry.sage.media_file_id, entry.sage)
+        entry.sage_after = sage_status(item, entry.segments, entry.bounds)
+        if plex_item is None:
+            return
+        entry.plex_after = classify(plex_item.watched, plex_item.position_ms, entry.bounds,
+                                    is_sage=False)
+        intended = entry.decision.to_plex
+        if entry.outcome is not Outcome.UPDATED or intended is None or \
+                not any(not _is_sage(w) for w in entry.writes) or entry.plex_after == intended:
+            return
+        if intended.kind is Kind.PROGRESS and entry.plex_after.kind is Kind.WATCHED:
+            entry.notes.append("Plex counted the position as played")
+            return
+        entry.outcome = Outcome.FAILED
+        entry.detail += f"; Plex accepted the write but the item is {entry.plex_after}"
+
+
+def _unreadable_entry(element: Element, reason: str) -> Entry:
+    key = element.get("ratingKey") or ""
+    stub = PlexItem(int(key) if ASCII_ID.match(key) else 0, element.get("title") or "?", (),
+                    0, 0, 0, 0)
+    return Entry(stub, unreadable=reason)
+
+
+def _member_verdict(entry: Entry, decision: Decision) -> Verdict:
+    if decision.verdict is Verdict.SETTLED:
+        return Verdict.SETTLED
+    to_sage = decision.to_sage is not None and entry.sage_status != decision.to_sage
+    to_plex = decision.to_plex is not None and entry.plex_status != decision.to_plex
+    if to_sage and to_plex:
+        return Verdict.BOTH_OUT_OF_SYNC
+    if to_sage or to_plex:
+        return Verdict.SAGE_OUT_OF_SYNC if to_sage else Verdict.PLEX_OUT_OF_SYNC
+    return Verdict.IN_SYNC if entry.sage_status == entry.plex_status else Verdict.SETTLED
+
+
+def _moves_back(entry: Entry) -> bool:
+    decision = entry.decision
+    return bool((decision.to_sage is not None and moves_back(entry.sage_status, decision.to_sage))
+                or (decision.to_plex is not None
+                    and moves_back(entry.plex_status, decision.to_plex)))
+
+
+def _is_sage(write: Write) -> bool:
+    return isinstance(write, (SageMarkWatched, SageClearWatched, SageSetPosition))
+
+
+def _settle(future: Future, task: list[Entry]) -> None:
+    try:
+        future.result()
+    except Exception as exc:  # a bug must not lose the other items' report
+        log.exception("write task")
+        for entry in task:
+            if entry.outcome is Outcome.UNCHANGED:
+                entry.outcome = Outcome.FAILED
+                entry.detail = f"internal error: {exc.__class__.__name__}: {exc}"
+
+
+def _base_record(entry: Entry) -> BaseRecord | None:
+    """The entry's new base: what the servers show after the run; a failed item keeps its
+    old base with its decision pending, a skipped one its old base."""
+    assert entry.sage is not None
+    name = file_name(entry.plex.paths[0]) if entry.plex.paths else ""
+    if entry.outcome is Outcome.FAILED:
+        old = entry.base or Base(entry.sage_status, entry.plex_status)
+        decision = entry.decision
+        base = replace(old, pending=(decision.to_sage, decision.to_plex),
+                       pending_on=(entry.sage_status, entry.plex_status))
+        return BaseRecord(entry.sage.media_file_id, name, base)
+    if entry.keep_base:
+        return None
+    sage = entry.sage_after if entry.sage_after is not None else entry.sage_status
+    plex = entry.plex_after if entry.plex_after is not None else entry.plex_status
+    return BaseRecord(entry.sage.media_file_id, name, Base(sage, plex),
+                      json.dumps(entry.sage.raw()), json.dumps(entry.plex.raw()))
+
+
+def _journal_row(entry: Entry) -> JournalRow:
+    assert entry.sage is not None
+    return JournalRow(0, entry.plex.rating_key, entry.sage.media_file_id, entry.plex.title,
+                      entry.decision.rule, "; ".join(str(w) for w in entry.writes),
+                      entry.sage_status, entry.plex_status, entry.sage_after, entry.plex_after,
+                      entry.outcome.value, entry.detail)
 
 
 class Applier:
-    """The only code that writes. Every SageTV write is read back, because sagex answers
-    the same `{}` whether a write worked or did nothing (sagex-api.md §3)."""
+    """The only code that writes, one item at a time. Every SageTV write is read back,
+    because sagex answers the same `{}` whether a write worked or did nothing."""
 
-    def __init__(self, sage: SageClient, plex: PlexClient, opts: Options,
-                 clock_ms: Callable[[], int] = lambda: int(time.time() * 1000)) -> None:
-        self.sage = sage
-        self.plex = plex
-        self.opts = opts
-        self.clock_ms = clock_ms
+    def __init__(self, run: SyncRun, entry: Entry) -> None:
+        self.run = run
+        self.entry = entry
+        self.sage = run.sage
+        self.plex = run.plex
 
-    def apply(self, pair: Pair) -> None:
-        """Do the pair's writes and set its outcome; failures stay with the item."""
-        assert pair.action is not None
+    def apply(self) -> None:
+        """Do the entry's writes and set its outcome; failures stay with the item."""
         done: list[str] = []
-        for write in pair.action.writes:
+        for write in self.entry.writes:
             try:
-                note = self._write(pair, write)
+                if _is_sage(write):
+                    with self.run._sage_slots:
+                        note = self.sage_write(write)  # type: ignore[arg-type]
+                else:
+                    with self.run._plex_slots:
+                        note = self.plex_write(write)  # type: ignore[arg-type]
             except SyncError as exc:
-                pair.outcome, pair.detail = Outcome.FAILED, f"{write}: {exc}"
+                self.entry.outcome = Outcome.FAILED
+                self.entry.detail = "; ".join(done + [f"{write}: {exc}"])
                 return
             done.append(str(write) + (f" ({note})" if note else ""))
-        pair.outcome, pair.detail = Outcome.UPDATED, "; ".join(done)
+        self.entry.outcome, self.entry.detail = Outcome.UPDATED, "; ".join(done)
 
-    def _write(self, pair: Pair, write: Write) -> str:
+    def plex_write(self, write: PlexWrite) -> str:
+        key = self.entry.plex.rating_key
         if isinstance(write, PlexMarkWatched):
-            self.plex.mark_watched(pair.plex.rating_key)
-            return self._check_plex(pair, WATCHED)
-        if isinstance(write, PlexSetPosition):
-            self.plex.set_position(pair.plex.rating_key, write.position_ms,
-                                   pair.plex.state.duration_ms)
-            return self._check_plex(pair, Status(Kind.PROGRESS, write.position_ms))
-        if isinstance(write, SageMarkWatched):
-            assert pair.sage is not None
-            error = self._attempt(lambda: self.sage.set_watched(pair.sage.airing_id))
-            after = self._reread_sage(pair)
-            if classify(after, is_sage=True, ignore_ms=self.opts.ignore_ms).kind is Kind.WATCHED:
-                return ""
-            raise SageError(error or "SageTV accepted SetWatched but the item is still "
-                                     "not watched")
-        return self._sage_set_position(pair, write)
-
-    def _check_plex(self, pair: Pair, intended: Status) -> str:
-        element = self.plex.metadata(pair.plex.rating_key)
-        state = plex_item_from_element(element).state
-        now = classify(state, is_sage=False, ignore_ms=self.opts.ignore_ms)
-        if now == intended:
-            return ""
-        if intended.kind is Kind.PROGRESS and now.kind is Kind.WATCHED:
-            # Past the server's "video played threshold" Plex counts the position as a play.
-            return "Plex counted the position as played"
-        raise PlexError(f"Plex accepted the write but the item is {now}, not {intended}")
-
-    @staticmethod
-    def _attempt(call: Callable[[], None]) -> str:
-        """Run a write whose effect is judged by reading back: its error, or ''."""
-        try:
-            call()
-        except SyncError as exc:
-            return str(exc)
+            self.plex.mark_watched(key)
+        elif isinstance(write, PlexMarkUnwatched):
+            self.plex.mark_unwatched(key)
+        else:
+            duration = self.entry.plex.duration_ms or self.entry.bounds.duration_ms  # type: ignore
+            self.plex.set_position(key, write.position_ms, duration)
         return ""
 
-    def _reread_sage(self, pair: Pair) -> SideState:
-        assert pair.sage is not None
-        record = self.sage.media_file(pair.sage.media_file_id)
-        if record is None:
-            raise SageError(f"SageTV no longer has media file {pair.sage.media_file_id}")
-        return sage_state(sage_item_from_json(record), pair.segments)
+    def sage_write(self, write: SageWrite) -> str:
+        item = self.entry.sage
+        assert item is not None
+        if isinstance(write, SageMarkWatched):
+            error = _attempt(lambda: self.sage.set_watched(item.airing_id))
+            return self._expect(WATCHED, error, "SetWatched")
+        if isinstance(write, SageClearWatched):
+            error = _attempt(lambda: self.sage.clear_watched(item.airing_id))
+            return self._expect(NOT_WATCHED, error, "ClearWatched", restore=True)
+        return self.set_position(write)
 
-    def _sage_set_position(self, pair: Pair, write: SageSetPosition) -> str:
+    def _now(self) -> tuple[SageItem, Status]:
+        entry = self.entry
+        assert entry.sage is not None and entry.bounds is not None
+        record = self.sage.media_file(entry.sage.media_file_id, SAGE_FIELDS)
+        if record is None:
+            raise SageError(f"SageTV no longer has media file {entry.sage.media_file_id}")
+        fresh = sage_item_from_json(record)
+        fresh.segments = entry.sage.segments
+        return fresh, sage_status(fresh, entry.segments, entry.bounds)
+
+    def _expect(self, intended: Status, error: str, call: str, restore: bool = False) -> str:
+        fresh, now = self._now()
+        if now == intended:
+            return self._siblings_note(fresh, call)
+        reason = error or f"SageTV accepted {call} but the item is {now}, not {intended}"
+        if restore and self._less_watched(now):
+            reason += f"; {self._restore()}"
+        raise SageError(reason)
+
+    def set_position(self, write: SageSetPosition) -> str:
         """ClearWatched (if needed), then SetWatchedTimes, then read back; if the position
         did not take but the clear did, restore what was there: an item is never left
         less watched than it was."""
-        item = pair.sage
+        item = self.entry.sage
         assert item is not None
-        before = pair.sage_side
-        target = sage_time_from_position(write.position_ms, pair.segments)
-        real_start = write.real_start_ms or max(1, self.clock_ms() - write.position_ms)
+        sage_offset = self.sage.clock_offset_ms
+        viewed_at = (write.viewed_at_ms + sage_offset if write.viewed_at_ms > 0
+                     else self.sage.now_ms())
+        real_start = max(1, viewed_at - write.position_ms)
         error = ""
         if write.clear_first:
-            error = self._attempt(lambda: self.sage.clear_watched(item.airing_id))
+            error = _attempt(lambda: self.sage.clear_watched(item.airing_id))
         if not error:
-            error = self._attempt(
-                lambda: self.sage.set_watched_times(item.airing_id, target, real_start))
-        after = self._reread_sage(pair)
-        intended = classify(replace(before, watched=False, position_ms=write.position_ms),
-                            is_sage=True, ignore_ms=self.opts.ignore_ms)
-        now = classify(after, is_sage=True, ignore_ms=self.opts.ignore_ms)
+            error = _attempt(lambda: self.sage.set_watched_times(item.airing_id, write.time_ms,
+                                                                 real_start))
+        intended = classify(False, write.position_ms, self.entry.bounds,  # type: ignore[arg-type]
+                            is_sage=True)
+        fresh, now = self._now()
         if now == intended:
-            return ""
-        if (now.kind is Kind.WATCHED and intended.kind is Kind.PROGRESS
-                and abs(after.position_ms - write.position_ms) < POSITION_TOLERANCE_MS):
-            # The position took, and SageTV's own rule (near the end of the airing, which
-            # its padding can put before the file's end) made it a full watch.
-            return "SageTV counts this position as watched"
+            return self._siblings_note(fresh, "ClearWatched") if write.clear_first else ""
         reason = error or f"SageTV accepted the write but the item is {now}, not {intended}"
-        if self._less_watched(after, before):
-            restored = self._restore(pair, before)
-            raise SageError(f"{reason}; {restored}")
+        if self._less_watched(now):
+            reason += f"; {self._restore()}"
         raise SageError(reason)
 
-    @staticmethod
-    def _less_watched(after: SideState, before: SideState) -> bool:
-        lost_position = after.position_ms + POSITION_TOLERANCE_MS < before.position_ms
-        return (before.watched and not after.watched) or lost_position
+    def _less_watched(self, now: Status) -> bool:
+        before = self.entry.sage_status
+        if before.kind is Kind.WATCHED:
+            return now.kind is not Kind.WATCHED
+        return before.kind is Kind.PROGRESS and (
+            now.kind is Kind.NONE or (now.kind is Kind.PROGRESS
+                                      and now.position_ms + POSITION_TOLERANCE_MS
+                                      < before.position_ms))
 
-    def _restore(self, pair: Pair, before: SideState) -> str:
-        item = pair.sage
+    def _restore(self) -> str:
+        item = self.entry.sage
         assert item is not None
-        if before.watched:
-            self._attempt(lambda: self.sage.set_watched(item.airing_id))
+        if item.watched:
+            _attempt(lambda: self.sage.set_watched(item.airing_id))
         elif item.watched_end_ms > 0:
-            real_start = item.real_start_ms or max(1, self.clock_ms() - before.position_ms)
-            self._attempt(lambda: self.sage.set_watched_times(
-                item.airing_id, item.watched_end_ms, real_start))
+            real_start = item.real_start_ms or max(1, self.sage.now_ms())
+            _attempt(lambda: self.sage.set_watched_times(item.airing_id, item.watched_end_ms,
+                                                         real_start))
         try:
-            again = self._reread_sage(pair)
+            _, again = self._now()
         except SyncError:
             return "could not read it back after restoring what SageTV had"
-        if not self._less_watched(again, before):
+        if not self._less_watched(again):
             return "restored what SageTV had"
-        was = classify(before, is_sage=True, ignore_ms=self.opts.ignore_ms)
-        return f"restoring failed too: it was {was} before this run"
+        return f"restoring failed too: it was {self.entry.sage_status} before this run"
+
+    def _siblings_note(self, fresh: SageItem, call: str) -> str:
+        """SageTV keeps one watched flag per show: say which other recordings the write
+        changed too (read back in the remember phase and taken as the servers' truth)."""
+        siblings = self.run_index_siblings(fresh)
+        if not siblings:
+            return ""
+        if call == "SetWatched":
+            affected = [s for s in siblings if not s.watched]
+            verb = "re-watched"
+        else:
+            affected = [s for s in siblings if s.watched and not s.watched_completely]
+            verb = "un-watched"
+        if not affected:
+            return ""
+        ids = ", ".join(str(s.media_file_id) for s in affected[:5])
+        return f"SageTV's {call} also {verb} media file {ids} (same show)"
+
+    def run_index_siblings(self, item: SageItem) -> list[SageItem]:
+        index = getattr(self.run, "index", None)
+        return index.siblings(item) if index is not None else []
+
+
+def _attempt(call: Callable[[], None]) -> str:
+    """Run a write whose effect is judged by reading back: its error, or ''."""
+    try:
+        call()
+    except SyncError as exc:
+        return str(exc)
+    return ""
+
+
+@contextlib.contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    """The cyclic garbage collector paused while a listing becomes a hundred thousand
+    long-lived objects and no garbage cycles (it would scan them over and over)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def resolve_sections(ids: list[str], sections: list[PlexSection], *, video_only: bool = True
+                     ) -> list[PlexSection]:
+    """Section ids, names (any case) and 'all', in the order given, without repeats."""
+    listing = ", ".join(f"{s.key} ({s.title})" for s in sections) or "none"
+    chosen: dict[int, PlexSection] = {}
+    for wanted in ids:
+        if wanted.lower() == "all":
+            chosen.update((s.key, s) for s in sections
+                          if s.type in VIDEO_SECTION_TYPES or not video_only)
+            continue
+        match = [s for s in sections if (ASCII_ID.match(wanted) and s.key == int(wanted))
+                 or s.title.lower() == wanted.lower()]
+        if not match:
+            raise UsageError(f"Plex has no library section {wanted!r}; sections are: {listing}")
+        if len(match) > 1:
+            raise UsageError(f"two Plex sections are named {wanted!r} ("
+                             + ", ".join(f"id {s.key}" for s in match)
+                             + "); give the section's id instead")
+        section = match[0]
+        if video_only and section.type not in VIDEO_SECTION_TYPES:
+            raise UsageError(f"section {section.key} ({section.title}) is a {section.type} "
+                             "library; only movie and show sections can be synced")
+        chosen[section.key] = section
+    return list(chosen.values())
 
 
 ###############################################################################
-# The report ##################################################################
+# The report: one line per item that matters, a summary, or JSON #############
 ###############################################################################
+
+
+def _side_json(status: Status, last_ms: int) -> dict[str, Any]:
+    return {"state": status.kind.name.lower(), "position_ms": status.position_ms,
+            "last_watched": (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last_ms / 1000))
+                             if last_ms > 0 else None)}
+
+
+def entry_label(entry: Entry) -> str:
+    """The verdict in the item's line: what happened, else what is out of sync."""
+    if not entry.matched:
+        return "ambiguous in SageTV" if entry.candidates > 1 else (
+            "skipped" if entry.unreadable else "not in SageTV")
+    if entry.outcome is not Outcome.UNCHANGED:
+        return entry.outcome.value
+    return entry.verdict.value
+
+
+def entry_reason(entry: Entry) -> str:
+    """Why, in words: the rule that fired and what it does (or did)."""
+    if not entry.matched:
+        return entry.unreadable or entry.detail
+    decision = entry.decision
+    if entry.outcome is not Outcome.UNCHANGED:
+        return f"{decision.rule}: {entry.detail}" if entry.detail else decision.rule
+    if entry.writes:
+        return f"{decision.rule}: " + "; then ".join(str(w) for w in entry.writes)
+    if entry.blocked:
+        return f"{decision.rule}: {entry.blocked}"
+    return decision.rule if entry.verdict is not Verdict.IN_SYNC else ""
+
+
+def item_line(entry: Entry) -> str:
+    head = f"{entry.plex.rating_key:>7}  {entry.plex.title}  [{entry_label(entry)}]"
+    if not entry.matched:
+        reason = entry_reason(entry)
+        return head + (f"  {reason}" if reason else "")
+    line = f"{head}  SageTV {entry.sage_status}, Plex {entry.plex_status}"
+    reason = entry_reason(entry)
+    line += f": {reason}" if reason else ""
+    return line + "".join(f"; {note}" for note in entry.notes if note)
+
+
+def entry_json(entry: Entry) -> dict[str, Any]:
+    plex = entry.plex
+    return {
+        "media_id": plex.rating_key, "title": plex.title, "show": plex.show or None,
+        "season": plex.season, "episode": plex.episode,
+        "media_file_id": entry.sage.media_file_id if entry.sage is not None else None,
+        "sage": _side_json(entry.sage_status, entry.sage_last_ms) if entry.matched else None,
+        "plex": _side_json(entry.plex_status, entry.plex_last_ms) if entry.matched else None,
+        "verdict": entry_label(entry) if not entry.matched else entry.verdict.value,
+        "rule": entry.decision.rule if entry.matched else None,
+        "action": [str(w) for w in entry.writes],
+        "outcome": entry.outcome.value, "detail": entry_reason(entry),
+    }
 
 
 @dataclass
 class Report:
-    """Counts and the out-of-sync lists, in the original tool's words."""
+    """The run's counts and the items under headings that say what happened to them."""
 
-    videos: int = 0
-    in_sync: int = 0
-    updated: int = 0
-    simulated: int = 0
-    skipped: int = 0
-    failed_writes: int = 0
-    plex_out: list[str] = field(default_factory=list)
-    sage_out: list[str] = field(default_factory=list)
-    not_in_sage: list[str] = field(default_factory=list)
-    ambiguous: list[str] = field(default_factory=list)
-    failed: list[str] = field(default_factory=list)
+    entries: list[Entry]
+    wrote: bool
+    unreadable_sage: int = 0
     interrupted: bool = False
-    #: The run stopped half-way on an error (printed on stderr after the summary).
-    stopped: bool = False
 
-    def add(self, pair: Pair) -> None:
-        self.videos += 1
-        label = f"[{pair.plex.rating_key}] {pair.plex.title}"
-        action = pair.action
-        if pair.sage is None:
-            target = self.ambiguous if pair.candidates > 1 else self.not_in_sage
-            target.append(f"{label} ({pair.detail})" if pair.detail else label)
-            return
-        assert action is not None
-        if action.verdict is Verdict.IN_SYNC:
-            self.in_sync += 1
-        else:
-            entry = f"{label} (SageTV {action.sage} vs Plex {action.plex})"
-            (self.plex_out if action.verdict is Verdict.PLEX_OUT_OF_SYNC
-             else self.sage_out).append(entry)
-        if pair.outcome is Outcome.UPDATED:
-            self.updated += 1
-        elif pair.outcome is Outcome.SIMULATED:
-            self.simulated += 1
-        elif pair.outcome is Outcome.SKIPPED:
-            self.skipped += 1
-        elif pair.outcome is Outcome.FAILED:
-            self.failed_writes += 1
-            self.failed.append(f"{label}: {pair.detail}")
+    def counts(self) -> dict[str, int]:
+        found: collections.Counter[str] = collections.Counter()
+        for entry in self.entries:
+            found["videos"] += 1
+            if not entry.matched:
+                found["ambiguous" if entry.candidates > 1 else
+                      "unreadable" if entry.unreadable else "not_in_sage"] += 1
+                continue
+            found[entry.verdict.name.lower()] += 1
+            found[entry.outcome.name.lower()] += 1
+        return found
 
     def total_line(self) -> str:
-        parts = [f"{self.videos} videos"]
-        for count, words in ((self.in_sync, "in-sync"),
-                             (len(self.plex_out), "PLEX out-of-sync"),
-                             (len(self.sage_out), "SageTV out-of-sync"),
-                             (len(self.not_in_sage), "not in SageTV"),
-                             (len(self.ambiguous), "ambiguous in SageTV"),
-                             (self.updated, "updated"), (self.simulated, "simulated"),
-                             (self.skipped, "skipped"), (self.failed_writes, "failed")):
-            if count:
-                parts.append(f"{count} {words}")
+        counts = self.counts()
+        videos = counts["videos"]
+        parts = [f"{videos} video{'s' if videos != 1 else ''}"]
+        for key, words in (("in_sync", "in-sync"), ("plex_out_of_sync", "PLEX out-of-sync"),
+                           ("sage_out_of_sync", "SageTV out-of-sync"),
+                           ("both_out_of_sync", "out-of-sync on both"),
+                           ("settled", "left as is"), ("not_in_sage", "not in SageTV"),
+                           ("ambiguous", "ambiguous in SageTV"), ("unreadable", "unreadable"),
+                           ("updated", "updated"), ("simulated", "simulated"),
+                           ("skipped", "skipped"), ("failed", "failed")):
+            if counts[key]:
+                parts.append(f"{counts[key]} {words}")
         return "Total: " + ", ".join(parts) + "."
+
+    def headings(self) -> list[tuple[str, list[Entry]]]:
+        def where(test: Callable[[Entry], bool]) -> list[Entry]:
+            return [e for e in self.entries if test(e)]
+
+        def updated(side: str) -> Callable[[Entry], bool]:
+            return lambda e: e.outcome is Outcome.UPDATED and any(
+                _is_sage(w) == (side == "sage") for w in e.writes)
+        unmatched = [
+            ("Not in SageTV:", where(lambda e: not e.matched and not e.candidates
+                                     and not e.unreadable)),
+            ("Ambiguous in SageTV (same file name twice):",
+             where(lambda e: not e.matched and e.candidates > 1)),
+            ("Unreadable:", where(lambda e: bool(e.unreadable) and not e.matched))]
+        skipped = [("Skipped:", where(lambda e: e.outcome is Outcome.SKIPPED)),
+                   ("Failed:", where(lambda e: e.outcome is Outcome.FAILED))]
+        if self.wrote:
+            return [("Updated on Plex:", where(updated("plex"))),
+                    ("Updated on SageTV:", where(updated("sage")))] + skipped + unmatched
+        pending = [
+            ("PLEX out of sync:", where(lambda e: e.matched and e.verdict in (
+                Verdict.PLEX_OUT_OF_SYNC, Verdict.BOTH_OUT_OF_SYNC))),
+            ("SageTV out of sync:", where(lambda e: e.matched and e.verdict in (
+                Verdict.SAGE_OUT_OF_SYNC, Verdict.BOTH_OUT_OF_SYNC))),
+            ("Different, left as is (neither side changed since the last sync):",
+             where(lambda e: e.matched and e.verdict is Verdict.SETTLED))]
+        return pending + unmatched + skipped
 
     def summary(self) -> str:
         lines: list[str] = []
-        for heading, entries in (("PLEX out of sync:", self.plex_out),
-                                 ("SageTV out of sync:", self.sage_out),
-                                 ("Not in SageTV:", self.not_in_sage),
-                                 ("Ambiguous in SageTV (same file name twice):", self.ambiguous),
-                                 ("Failed:", self.failed)):
+        for heading, entries in self.headings():
             if entries:
-                lines += ["", heading] + [f"\t{e}" for e in entries]
+                lines += ["", heading] + [f"\t[{e.plex.rating_key}] {e.plex.title}"
+                                          + (f" ({entry_reason(e)})" if entry_reason(e) else "")
+                                          for e in entries]
+        if self.unreadable_sage:
+            lines += ["", f"{self.unreadable_sage} SageTV record(s) could not be read "
+                          "(see the log)."]
         if self.interrupted:
             lines += ["", "Interrupted: the summary covers the items done so far."]
-        if self.stopped:
-            lines += ["", "Stopped by the error below: the summary covers the items done "
-                          "so far."]
         lines += ["", self.total_line()]
         return "\n".join(lines)
+
+    def json_summary(self) -> dict[str, Any]:
+        return {"summary": dict(self.counts()), "exit_code": int(self.exit_code())}
 
     def exit_code(self) -> ExitCode:
         if self.interrupted:
             return ExitCode.INTERRUPTED
-        return ExitCode.FAILED if self.failed_writes else ExitCode.OK
+        broken = any(e.outcome is Outcome.FAILED or (e.unreadable and not e.matched)
+                     for e in self.entries)
+        return ExitCode.FAILED if broken or self.unreadable_sage else ExitCode.OK
 
-
-def item_line(pair: Pair) -> str:
-    """One line per item: media id, title, verdict, and what was (or would be) done."""
-    head = f"{pair.plex.rating_key:>7}  {pair.plex.title}"
-    if pair.sage is None:
-        verdict = "ambiguous in SageTV" if pair.candidates > 1 else "not in SageTV"
-        return f"{head}  [{verdict}]" + (f"  {pair.detail}" if pair.detail else "")
-    action = pair.action
-    assert action is not None
-    if action.verdict is Verdict.IN_SYNC and not action.writes:
-        return f"{head}  [OK]"
-    states = f"SageTV {action.sage}, Plex {action.plex}"
-    if pair.outcome is Outcome.UNCHANGED:
-        return f"{head}  [{action.verdict.value}]  {states}"
-    line = f"{head}  [{pair.outcome.value}]  {states}: {pair.detail}"
-    return line + "".join(f"; {note}" for note in pair.notes if note)
+    def shows(self, entry: Entry, all_items: bool) -> bool:
+        """Whether the default report lists the item: what matters, or everything."""
+        return all_items or not entry.matched or entry.verdict is not Verdict.IN_SYNC \
+            or entry.outcome is not Outcome.UNCHANGED
 
 
 ###############################################################################
-# The command line ############################################################
+# The command line: arguments, the run's set-up and tear-down, exit codes #####
 ###############################################################################
 
-EPILOG = """\
+EPILOG = f"""\
 Compare or synchronize watch status and resume position of the specified Plex library
 sections with SageTV. Individual Plex media (movie, episode, season or show) can be
 given with -m. Without -s nothing is written.
 
 examples:
-  sageplex_sync.py -l                 list the Plex library sections
-  sageplex_sync.py all                report every section, write nothing
-  sageplex_sync.py all -s             sync every section
-  sageplex_sync.py "TV Shows" 2 -s -n show what a sync of two sections would do
-  sageplex_sync.py -m 1234 -s         sync one movie, episode, season or show
-  sageplex_sync.py -m 1234 -s --position 0:42:10
-config: sageplex_cfg.json, found through -c, $SAGEPLEX_CFG (a file or folder) or the
-Plex Media Server data folder. Log: $SAGEPLEX_LOG, else sageplex_sync.log in the temp folder.
-exit codes: 0 all writes done, 1 a write or the run failed, 2 usage error, 130 interrupted.
+  {PROG} -l                      list the Plex library sections
+  {PROG} all                     report every section, write nothing
+  {PROG} all -s                  sync every section
+  {PROG} "TV Shows" 2 -s -n      show what a sync of two sections would do
+  {PROG} -m 1234 -s              sync one movie, episode, season or show
+  {PROG} -m 1234 -s --position 0:42:10
+  {PROG} --why 1234              explain the decision for one item
+  {PROG} --undo                  put back what the last sync changed
+config: sageplex_cfg.json, found through -c, $SAGEPLEX_CFG (a file or folder), the Plex
+Media Server data folder, or the current folder. Sync state: --state, else
+{STATE_FILE_NAME} next to the config. Log: $SAGEPLEX_LOG, else the user's state folder.
+exit codes: 0 all writes done, 1 a write or the run failed (or the guard refused),
+2 usage error, 130 interrupted.
 """
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line on the run's own stderr (main prints it),
-    not a usage block on sys.stderr."""
+    """argparse whose usage errors are one line (main prints it), not a usage block."""
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(message if "--help" in message else f"{message} (see --help)")
@@ -1498,7 +2793,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="sageplex_sync.py", usage="sageplex_sync.py [options] [id [id ...]]",
+        prog=PROG, usage=f"{PROG} [options] [id [id ...]]",
         description="SageTV and Plex watch status synchronization.", epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("id", nargs="*", help="Plex library ID/name/all (media ids with -m)")
@@ -1509,10 +2804,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-m", "--media", action="store_true",
                         help="ID is a media-id (movie, episode, season or show), not a section")
     parser.add_argument("--sagedata", action="store_true",
-                        help="dump SageTV data for media-id (needs -m)")
+                        help="print SageTV's data for the media ids as JSON (needs -m)")
     parser.add_argument("--position", metavar="POSITION",
                         help="set explicit resume position h:m:s on Plex and SageTV "
-                             "(needs -m and -s)")
+                             "(needs -m, and -s or -n)")
     parser.add_argument("-x", dest="ignore", metavar="IGNORE", type=int,
                         default=DEFAULT_IGNORE_S,
                         help=f"ignore positions within the first IGNORE seconds "
@@ -1527,14 +2822,33 @@ def build_parser() -> argparse.ArgumentParser:
                          help="add a Plex library for SageTV movies")
     actions.add_argument("--delsec", metavar="ID", help="delete a Plex library section "
                          "(asks first)")
-    actions.add_argument("--refresh", metavar="ID", help="refresh a Plex library section")
+    actions.add_argument("--refresh", metavar="ID", help="refresh a Plex library section "
+                         "(or all)")
+    actions.add_argument("--check", action="store_true",
+                         help="check the config and reach both servers, then exit")
+    actions.add_argument("--why", metavar="MEDIA-ID",
+                         help="explain the decision for one Plex media id, write nothing")
+    actions.add_argument("--undo", nargs="?", const="", metavar="RUN",
+                         help="put back what the last sync (or run RUN) changed")
+    actions.add_argument("--apply", metavar="FILE", help="carry out a plan saved with --plan")
+    parser.add_argument("--plan", metavar="FILE",
+                        help="save what the sync would do as JSON, write nothing")
+    parser.add_argument("--state", metavar="PATH",
+                        help=f"sync state file (default: {STATE_FILE_NAME} next to the config)")
     parser.add_argument("-y", "--yes", action="store_true",
-                        help="answer yes to --delsec's question (for scripts)")
+                        help="answer yes to --delsec's question and to the guard")
+    parser.add_argument("--json", action="store_true",
+                        help="one JSON object per item and a summary object on stdout")
+    parser.add_argument("--all-items", action="store_true",
+                        help="list in-sync items too (the default lists what needs attention)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--interval", metavar="MINUTES", type=float,
+                        help="sync, sleep MINUTES, repeat until stopped (needs -s)")
     parser.add_argument("-c", "--config", metavar="PATH",
                         help="config file or folder (default: $SAGEPLEX_CFG, else the Plex "
-                             "Media Server data folder)")
+                             "Media Server data folder, else the current folder)")
     parser.add_argument("-v", "--verbose", action="store_true",
-                        help="also show debug detail on stderr")
+                        help="also show debug detail on stderr, and every item")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -1542,7 +2856,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_position(text: str) -> int:
     """'h:m:s', 'm:s' or 's' as ms; minutes and seconds under 60 after a larger unit."""
     fields = text.strip().split(":")
-    if not 1 <= len(fields) <= 3 or not all(f.isdigit() for f in fields):
+    if not 1 <= len(fields) <= 3 or not all(ASCII_ID.match(f) for f in fields):
         raise ValueError(text)
     values = [int(f) for f in fields]
     if any(v >= 60 for v in values[1:]):
@@ -1553,444 +2867,461 @@ def parse_position(text: str) -> int:
     return seconds * 1000
 
 
-def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Reject flags that make no sense together, before any server is asked (exit 2)."""
-    admin = args.addtv or args.addmovie or args.delsec or args.refresh
-    if args.list and args.id:
-        parser.error("-l lists the sections and takes no ids; drop the ids or the -l")
-    if admin and args.id:
-        parser.error("--addtv/--addmovie/--delsec/--refresh take no other ids")
-    for flag, value in (("--addtv", args.addtv), ("--addmovie", args.addmovie)):
-        if value and len(value) < 2:
-            parser.error(f"{flag} needs a NAME and at least one PATH")
-    if args.yes and not args.delsec:
-        parser.error("-y only answers --delsec's question")
-    if (args.list or admin) and (args.media or args.sagedata or args.position or args.prompt
-                                 or args.simulate):
-        parser.error("-m, --sagedata, --position, -p and -n go with a sync or report, "
-                     "not with -l or the library commands")
-    if args.ignore < 0:
-        parser.error(f"-x must be 0 or more seconds, not {args.ignore}")
-    if args.sagedata and not args.media:
-        parser.error("--sagedata needs -m and media ids")
-    if args.sagedata and (args.sync or args.position):
-        parser.error("--sagedata only shows SageTV's data; drop -s / --position")
+def _admin(args: argparse.Namespace) -> bool:
+    return bool(args.list or args.addtv or args.addmovie or args.delsec or args.refresh
+                or args.check)
+
+
+#: Rules that make no sense together, checked before any server is asked (exit 2).
+_CONFLICTS: list[tuple[Callable[[argparse.Namespace], bool], str]] = [
+    (lambda a: bool(a.list and a.id), "-l lists the sections and takes no ids; drop the ids"),
+    (lambda a: bool(_admin(a) and a.id and not a.list),
+     "--addtv/--addmovie/--delsec/--refresh/--check take no other ids"),
+    (lambda a: bool(a.addtv and len(a.addtv) < 2), "--addtv needs a NAME and at least one PATH"),
+    (lambda a: bool(a.addmovie and len(a.addmovie) < 2),
+     "--addmovie needs a NAME and at least one PATH"),
+    (lambda a: bool(a.yes and _admin(a) and not a.delsec), "-y only answers --delsec's question "
+     "and the guard of a sync"),
+    (lambda a: bool(_admin(a) and (a.media or a.sagedata or a.position or a.prompt
+                                   or a.simulate)),
+     "-m, --sagedata, --position, -p and -n go with a sync or report, not with -l, --check "
+     "or the library commands"),
+    (lambda a: a.ignore < 0, "-x must be 0 or more seconds"),
+    (lambda a: bool(a.sagedata and not a.media), "--sagedata needs -m and media ids"),
+    (lambda a: bool(a.sagedata and (a.sync or a.position or a.simulate)),
+     "--sagedata only shows SageTV's data; drop -s / -n / --position"),
+    (lambda a: a.position is not None and not (a.media and (a.sync or a.simulate)),
+     "--position needs -m (media ids) and -s (or -n to simulate)"),
+    (lambda a: bool(a.prompt and not a.sync), "-p confirms sync writes; add -s"),
+    (lambda a: bool(a.media and not a.id), "-m needs one or more media ids"),
+    (lambda a: bool((a.why or a.undo is not None or a.apply) and (a.id or a.media)),
+     "--why, --undo and --apply take no other ids"),
+    (lambda a: bool(a.plan and (a.undo is not None or a.apply or a.why)),
+     "--plan saves a sync's plan; it does not go with --undo, --apply or --why"),
+    (lambda a: a.interval is not None and not (a.sync and a.interval > 0),
+     "--interval needs -s and a number of minutes above 0"),
+    (lambda a: bool(a.json and (_admin(a) or a.why or a.sagedata)),
+     "--json goes with a sync or report"),
+    (lambda a: not (_admin(a) or a.id or a.why or a.undo is not None or a.apply),
+     "nothing to do: give a section (id, name or all), -m media ids, -l, --check, "
+     "--undo, --why or a library command; see --help"),
+]
+
+
+def validate_args(args: argparse.Namespace) -> Options:
+    """The command line, checked, as the run's options (UsageError: exit 2)."""
+    for broken, message in _CONFLICTS:
+        if broken(args):
+            raise UsageError(f"{message} (see --help)")
+    ids = list(args.id)
+    if args.why is not None:
+        ids = [args.why]
+    if (args.media or args.why is not None) and not all(ASCII_ID.match(i) for i in ids):
+        bad = next(i for i in ids if not ASCII_ID.match(i))
+        raise UsageError(f"media ids are numbers (see the first column of a report), not {bad!r}")
+    if args.undo and not ASCII_ID.match(args.undo):
+        raise UsageError(f"--undo takes a run number (shown by -v), not {args.undo!r}")
+    position_ms = None
     if args.position is not None:
-        if not (args.media and args.sync):
-            parser.error("--position needs -m (media ids) and -s")
         try:
-            args.position_ms = parse_position(args.position)
+            position_ms = parse_position(args.position)
         except ValueError:
-            parser.error(f"--position takes h:m:s (like 1:02:30, 42:10 or 90), "
-                         f"not {args.position!r}")
-    if args.prompt and not args.sync:
-        parser.error("-p confirms sync writes; add -s")
-    if args.media:
-        if not args.id:
-            parser.error("-m needs one or more media ids")
-        bad = [i for i in args.id if not i.isdigit()]
-        if bad:
-            parser.error(f"media ids are numbers (see the first column of a report), "
-                         f"not {bad[0]!r}")
-    if not (args.list or admin or args.id):
-        parser.error("nothing to do: give a section (id, name or all), -m media ids, "
-                     "-l, or a library command; see --help")
-    if args.simulate and not args.sync:
-        args.sync = True  # -n alone means: show what a sync would do
+            raise UsageError(f"--position takes h:m:s (like 1:02:30, 42:10 or 90), "
+                             f"not {args.position!r}") from None
+    return Options(
+        targets=tuple(ids), media=bool(args.media or args.why is not None),
+        sync=bool(args.sync or args.simulate or args.plan), simulate=bool(args.simulate),
+        prompt=args.prompt, yes=args.yes, ignore_ms=args.ignore * 1000,
+        position_ms=position_ms, position_text=args.position or "", sagedata=args.sagedata,
+        why=args.why is not None, undo=args.undo,
+        plan_file=Path(args.plan) if args.plan else None,
+        apply_file=Path(args.apply) if args.apply else None,
+        state_path=Path(os.path.expanduser(args.state)) if args.state else None)
 
 
-def _ask(question: str, err: TextIO) -> bool:
-    """Ask on the terminal; with no terminal the answer is no, and we say so."""
-    stdin = sys.stdin
-    if stdin is None or not stdin.isatty():
-        err.write(f"{question} [y/N] no (no terminal to ask on)\n")
-        return False
-    err.write(f"{question} [y/N] ")
-    err.flush()
-    answer = stdin.readline()
-    return answer.strip().lower() in ("y", "yes")
+# -- the run's pieces ---------------------------------------------------------------------
 
 
-def resolve_sections(ids: list[str], sections: list[PlexSection]) -> list[PlexSection]:
-    """Section ids, names (any case) and 'all', in the order given, without repeats."""
-    listing = ", ".join(f"{s.key} ({s.title})" for s in sections) or "none"
-    chosen: dict[int, PlexSection] = {}
-    for wanted in ids:
-        if wanted.lower() == "all":
-            chosen.update((s.key, s) for s in sections if s.type in VIDEO_SECTION_TYPES)
-            continue
-        match = [s for s in sections if (wanted.isdigit() and s.key == int(wanted))
-                 or s.title.lower() == wanted.lower()]
-        if not match:
-            raise UsageError(f"Plex has no library section {wanted!r}; sections are: {listing}")
-        section = match[-1]
-        if section.type not in VIDEO_SECTION_TYPES:
-            raise UsageError(f"section {section.key} ({section.title}) is a {section.type} "
-                             "library; only movie and show sections can be synced")
-        chosen[section.key] = section
-    return list(chosen.values())
+def prepare_replay(opts: Options, state: StateStore | None
+                   ) -> tuple[Options, dict[int, tuple[Status, Status, Decision]]]:
+    """--undo and --apply: the items to work on and the decisions to carry out, each with
+    the states it expects to find (an item changed since is skipped)."""
+    overrides: dict[int, tuple[Status, Status, Decision]] = {}
+    if opts.undo is not None:
+        if state is None or state.db is None:
+            raise SyncError("there is no sync to undo: the sync state file has no runs yet")
+        runs = [r for r in state.runs() if r[3] > 0]
+        wanted = int(opts.undo) if opts.undo else (runs[-1][0] if runs else 0)
+        rows = [r for r in state.journal(wanted) if r.outcome == Outcome.UPDATED.value]
+        if not rows:
+            raise SyncError(f"run {wanted or '(none)'} changed nothing that can be undone")
+        for row in rows:
+            after_sage = row.sage_after or row.sage_before
+            after_plex = row.plex_after or row.plex_before
+            undo = Decision(Verdict.BOTH_OUT_OF_SYNC, row.sage_before, row.plex_before,
+                            f"undo of run {wanted}")
+            overrides[row.rating_key] = (after_sage, after_plex, undo)
+    else:
+        assert opts.apply_file is not None
+        for item in _read_plan(opts.apply_file):
+            overrides[item[0]] = item[1]
+    targets = tuple(str(k) for k in overrides)
+    return replace(opts, targets=targets, media=True, sync=True), overrides
 
 
-class Run:
-    """One sync or report run: resolve targets, read SageTV, then per Plex item match,
-    decide, apply and report."""
+def _read_plan(path: Path) -> list[tuple[int, tuple[Status, Status, Decision]]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        items = []
+        for item in data["items"]:
+            decision = Decision(Verdict.BOTH_OUT_OF_SYNC, _status_or_none(item["to_sage"]),
+                                _status_or_none(item["to_plex"]), f"plan: {item['rule']}")
+            items.append((int(item["media_id"]), (Status.from_text(item["sage"]),
+                                                  Status.from_text(item["plex"]), decision)))
+        return items
+    except OSError as exc:
+        raise UsageError(f"cannot read the plan {path} ({exc.strerror}); give the file "
+                         "--plan wrote") from None
+    except (ValueError, KeyError, TypeError):
+        raise UsageError(f"{path} is not a plan saved by --plan; make one with --plan") from None
 
-    def __init__(self, args: argparse.Namespace, sage: SageClient, plex: PlexClient, *,
-                 out: TextIO, err: TextIO, stop: threading.Event) -> None:
-        self.args = args
-        self.sage = sage
-        self.plex = plex
-        self.out = out
-        self.err = err
-        self.stop = stop
-        self.opts = Options(ignore_ms=args.ignore * 1000)
-        self.applier = Applier(sage, plex, self.opts)
-        self.report = Report()
-        self.pending: collections.deque[tuple[Pair, Future | None]] = collections.deque()
-        self.writing = 0  # pending items whose writes were handed to the pool
-        self.lines: list[str] = []  # output not yet written (see flush)
-        self.flush_due = time.monotonic() + OUTPUT_BATCH_S
 
-    def plex_items(self) -> Iterable[PlexItem]:
-        """What to work on. Sections are resolved and media ids looked up before anything
-        is read from SageTV, so a bad id fails before any write."""
-        if self.args.media:
-            items = [plex_item_from_element(video)
-                     for media_id in dict.fromkeys(int(i) for i in self.args.id)
-                     for video in self.plex.videos_of(media_id)]
-            if self.args.position is not None:
-                for item in items:
-                    if 0 < item.state.duration_ms <= self.args.position_ms:
-                        raise UsageError(
-                            f"--position {self.args.position} is past the end of media id "
-                            f"{item.rating_key} ({format_hms(item.state.duration_ms)}); "
-                            "give a position inside the item")
-            return items
-        sections = resolve_sections(self.args.id, self.plex.sections())
-        if not sections:
-            self.err.write("Plex has no movie or show sections to sync\n")
+def save_plan(path: Path, facts: Facts) -> int:
+    items = [{"media_id": e.plex.rating_key, "title": e.plex.title,
+              "sage": e.sage_status.to_text(), "plex": e.plex_status.to_text(),
+              "to_sage": e.decision.to_sage.to_text() if e.decision.to_sage else None,
+              "to_plex": e.decision.to_plex.to_text() if e.decision.to_plex else None,
+              "rule": e.decision.rule, "writes": [str(w) for w in e.writes]}
+             for e in facts.entries if e.matched and e.writes]
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        temporary.write_text(json.dumps({"sageplex_sync_plan": 1, "items": items}, indent=1),
+                             encoding="utf-8")
+        os.replace(temporary, path)  # whole or not at all
+    except OSError as exc:
+        raise UsageError(f"cannot write the plan {path} ({exc.strerror}); give a writable "
+                         "place") from None
+    return len(items)
 
-        def stream() -> Iterator[PlexItem]:
+
+def why_text(entry: Entry, played_from: str) -> str:
+    plex = entry.plex
+    lines = [f"media id {plex.rating_key}: {plex.title}",
+             f"  Plex raw:    {json.dumps(plex.raw())}"]
+    if entry.sage is None or entry.bounds is None:
+        lines.append(f"  SageTV:      {entry_label(entry)} {entry_reason(entry)}".rstrip())
+        return "\n".join(lines)
+    lines += [
+        f"  SageTV raw:  media file {entry.sage.media_file_id}, airing {entry.sage.airing_id}: "
+        f"{json.dumps(entry.sage.raw())}",
+        f"  bounds:      {entry.bounds} (Plex threshold from {played_from})",
+        f"  states:      SageTV {entry.sage_status}, Plex {entry.plex_status}",
+        "  base:        " + (f"SageTV {entry.base.sage}, Plex {entry.base.plex}"
+                             if entry.base else "none yet (first sync: the newer side wins)"),
+        f"  rule:        {entry.decision.rule}",
+        "  would do:    " + ("; then ".join(str(w) for w in entry.writes)
+                             or entry.blocked or "nothing")]
+    return "\n".join(lines)
+
+
+def _print_sagedata(run: SyncRun, facts: Facts, console: Console) -> None:
+    console.err.write("SageTV data for the media ids, by Plex media id:\n")
+    data = {}
+    for entry in facts.entries:
+        if entry.sage is not None:
+            data[str(entry.plex.rating_key)] = run.sage.media_file(entry.sage.media_file_id)
+    console.out.write(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def _say_clocks(sage: SageClient, plex: PlexClient) -> None:
+    for client in (sage, plex):
+        offset = client.clock_offset_ms
+        if offset:
+            log.info("%s's clock is %s %s this computer's: its times are corrected",
+                     client.server.label, format_hms(abs(offset)),
+                     "ahead of" if offset > 0 else "behind")
+
+
+def run_sync(opts: Options, config: Config, console: Console, stop: threading.Event,
+             all_items: bool, as_json: bool) -> ExitCode:
+    """One run from reading to the summary."""
+    state_path = opts.state_path or default_state_path(config.path)
+    log.info("sync state: %s", state_path)
+    with SageClient(config.sage) as sage, PlexClient(config.plex) as plex, \
+            StateStore(state_path, write=opts.writes) as state:
+        overrides: dict[int, tuple[Status, Status, Decision]] = {}
+        if opts.undo is not None or opts.apply_file is not None:
+            opts, overrides = prepare_replay(opts, state)
+        run = SyncRun(opts, sage, plex, state, console, stop, overrides)
+        facts = run.read()
+        run.index = facts.index  # type: ignore[attr-defined]
+        _say_clocks(sage, plex)
+        run.check(facts)
+        run.plan(facts)
+        if opts.why:
+            console.out.write("\n".join(why_text(e, facts.played_from) for e in facts.entries)
+                              + "\n")
+            return ExitCode.OK
+        if opts.sagedata:
+            _print_sagedata(run, facts, console)
+            return ExitCode.OK
+        if opts.plan_file is not None:
+            count = save_plan(opts.plan_file, facts)
+            console.err.write(f"plan with {count} item(s) saved to {opts.plan_file}\n")
+        run.guard(facts)
+        if opts.sync:
+            run.write(facts)
+        if opts.writes:
+            run_id = run.remember(facts)
+            log.info("run %d recorded in %s", run_id, state_path)
+        report = Report(facts.entries, wrote=opts.writes, unreadable_sage=facts.index
+                        .unreadable_count, interrupted=stop.is_set())
+        _print_report(report, console, all_items, as_json)
+        log.info("done: exit %d (%d SageTV and %d Plex requests)", report.exit_code(),
+                 sage.request_count, plex.request_count)
+        return report.exit_code()
+
+
+def _print_report(report: Report, console: Console, all_items: bool, as_json: bool) -> None:
+    lines = []
+    for entry in report.entries:
+        if as_json:
+            lines.append(json.dumps(entry_json(entry), ensure_ascii=False))
+        elif report.shows(entry, all_items):
+            lines.append(item_line(entry))
+    if as_json:
+        lines.append(json.dumps(report.json_summary()))
+    else:
+        lines.append(report.summary())
+    console.out.write(console.secrets.redact("\n".join(lines)) + "\n")
+
+
+def run_check(config: Config, console: Console) -> ExitCode:
+    """--check: the config, both servers, and what the tool may do there."""
+    out = console.out
+    out.write(f"config: {config.path}\n")
+    for warning in config.warnings:
+        out.write(f"warning: {warning}\n")
+    failed = False
+    with SageClient(config.sage) as sage, PlexClient(config.plex) as plex:
+        try:
+            count = len(sage.media_files(("MediaFileID",)))
+            out.write(f"SageTV at {config.sage.address}: {count} media files; clock "
+                      f"{_offset_words(sage.measured_offset_ms)}\n")
+        except SageError as exc:
+            failed = True
+            out.write(f"SageTV: FAILED: {console.secrets.redact(str(exc))}\n")
+        try:
+            server = plex.plex
+            out.write(f"Plex at {config.plex.address}: {server.friendlyName} "
+                      f"(version {server.version}); clock "
+                      f"{_offset_words(plex.measured_offset_ms)}\n")
+            for section in plex.sections():
+                out.write(f"  section {section.key}: {section.title} ({section.type})\n")
+            fraction, source = plex.played_threshold()
+            owner = "not readable" not in source
+            out.write(f"  played threshold {fraction:.0%} ({source}); writes: "
+                      + ("allowed (owner token)\n" if owner else
+                         "watch state only (a managed user's token)\n"))
+        except PlexError as exc:
+            failed = True
+            out.write(f"Plex: FAILED: {console.secrets.redact(str(exc))}\n")
+    out.write("check failed\n" if failed else "check passed\n")
+    return ExitCode.FAILED if failed else ExitCode.OK
+
+
+def _offset_words(offset_ms: int | None) -> str:
+    if offset_ms is None:
+        return "not known (no Date header)"
+    if abs(offset_ms) <= CLOCK_OFFSET_REPORTED_MS:
+        return "in step with this computer's"
+    return (f"{format_hms(abs(offset_ms))} {'ahead of' if offset_ms > 0 else 'behind'} this "
+            "computer's (corrected)")
+
+
+def run_admin(args: argparse.Namespace, config: Config, console: Console) -> ExitCode:
+    """-l, --addtv, --addmovie, --delsec and --refresh."""
+    out = console.out
+    with PlexClient(config.plex) as plex:
+        sections = plex.sections()
+        if args.list:
             for section in sections:
-                log.info("section %s (%s)", section.key, section.title)
-                for video in self.plex.section_videos(section):
-                    yield plex_item_from_element(video)
-        return stream()
+                out.write(f"{section.key:>3}: {section.title} ({section.type})\n")
+            return ExitCode.OK
+        if args.addtv or args.addmovie:
+            name, *paths = args.addtv or args.addmovie
+            taken = [s for s in sections if s.title.lower() == name.lower()]
+            if taken:
+                raise UsageError(f"Plex already has a section named {name!r} (id "
+                                 f"{taken[0].key}); choose another name")
+            kind = TV_SECTION if args.addtv else MOVIE_SECTION
+            plex.add_section(name, kind, paths)
+            out.write(f"Plex library '{name}' added ({kind['type']}, {kind['scanner']}, "
+                      f"{len(paths)} folder(s)).\n")
+            return ExitCode.OK
+        if args.refresh:
+            for section in resolve_sections([args.refresh], sections, video_only=False):
+                plex.refresh_section(section.key)
+                out.write(f"Refreshing library [{section.key}]: {section.title}\n")
+            return ExitCode.OK
+        if args.delsec.lower() == "all":
+            raise UsageError("--delsec deletes one section at a time; give its id or name")
+        section = resolve_sections([args.delsec], sections, video_only=False)[0]
+        if not args.yes:
+            if not console.can_ask:
+                raise UsageError(f"--delsec {section.key} asks before deleting, and there is "
+                                 "no terminal to ask on; add -y to delete without asking")
+            if not console.ask(f"Delete the Plex library [{section.key}] {section.title}? "
+                               "This cannot be undone."):
+                out.write("Not deleted.\n")
+                return ExitCode.OK
+        plex.delete_section(section.key)
+        out.write(f"Library [{section.key}] {section.title} deleted.\n")
+        return ExitCode.OK
 
-    def prepare(self, plex_item: PlexItem, index: SageIndex) -> Pair:
-        """Match and decide one item (reads segment times of a multi-segment file that
-        has a position)."""
-        pair = Pair(plex_item)
-        matches = index.match(plex_item)
-        pair.candidates = len(matches)
-        if len(matches) != 1:
-            if matches:
-                pair.detail = "media files " + ", ".join(str(m.media_file_id) for m in matches)
-            return pair
-        item = pair.sage = matches[0]
-        # A split recording's segment times cost two requests a segment: they are read to
-        # place a position (SageTV's, or --position) and before writing to SageTV
-        # (dispatch). Without a position its state needs no times: it is not watched, or
-        # watched, whatever its length.
-        if item.segments is not None or self.args.position is not None or (
-                item.watched_end_ms > 0 and not item.watched):
-            self.read_segments(pair)
-        sage = pair.sage_side
-        if self.args.position is not None:
-            if sage.duration_ms and self.args.position_ms >= sage.duration_ms:
-                raise UsageError(f"--position {self.args.position} is past the end of the "
-                                 f"SageTV recording of media id {plex_item.rating_key} "
-                                 f"({format_hms(sage.duration_ms)})")
-            pair.action = decide_position(sage, plex_item.state, self.args.position_ms,
-                                          self.opts)
-        else:
-            pair.action = decide(sage, plex_item.state, self.opts)
-        if any(isinstance(w, SageSetPosition) and w.clear_first for w in pair.action.writes):
-            siblings = index.watched_siblings(item)
-            if siblings:
-                pair.notes.append(f"SageTV's ClearWatched also un-watches {len(siblings)} other "
-                                  f"recording(s) of this show (media file "
-                                  f"{', '.join(str(s.media_file_id) for s in siblings[:5])})")
-        if pair.action.blocked and pair.action.writes:
-            pair.notes.append(f"skipped: {pair.action.blocked}")
-        return pair
 
-    def read_segments(self, pair: Pair) -> None:
-        """The segments of its SageTV file that the Plex item plays; a split recording's
-        times are read (two requests a segment) the first time they are needed."""
-        item = pair.sage
-        assert item is not None
-        if item.segments is None:
-            item.segments = tuple(self.sage.segment_times(item.media_file_id, item.segment_count))
-        pair.segments = covered_segments(item, (file_name(p) for p in pair.plex.paths))
-
-    def execute(self) -> ExitCode:
-        items = self.plex_items()
-        with _no_cyclic_gc():
-            index = SageIndex(sage_item_from_json(r) for r in self.sage.media_files())
-        log.info("SageTV lists %d media files", len(index))
-        gc.freeze()  # the index lives as long as the run: the collector need not scan it
-        pool = ThreadPoolExecutor(max_workers=WRITE_WORKERS, thread_name_prefix="write")
+def run_rounds(opts: Options, config: Config, console: Console, stop: threading.Event,
+               minutes: float, all_items: bool, as_json: bool) -> ExitCode:
+    """--interval: sync, sleep, repeat until Ctrl-C or SIGTERM; a failed round is logged
+    and the next one runs."""
+    code = ExitCode.OK
+    while not stop.is_set():
         try:
-            for plex_item in items:
-                if self.stop.is_set():
-                    break
-                pair = self.prepare(plex_item, index)
-                future = self.dispatch(pair, pool)
-                self.pending.append((pair, future))
-                self.writing += future is not None
-                self.drain(keep=WRITE_WORKERS * 4)
-        except SyncError:
-            # A read failed half-way (a listing, a segment lookup): what was done so far,
-            # then main() prints the error.
-            self.report.stopped = self.report.videos > 0 or bool(self.pending)
+            code = run_sync(opts, config, console, stop, all_items, as_json)
+        except UsageError:
             raise
-        finally:
-            self.drain(keep=0)  # never leave a write behind half-reported
-            pool.shutdown(wait=True)
-            gc.unfreeze()
-            if self.report.stopped:
-                self.lines.append(self.report.summary())
-                self.flush()
-        # After the drain: a Ctrl-C while the last writes were in flight counts too.
-        self.report.interrupted = self.stop.is_set()
-        self.lines.append(self.report.summary())
-        self.flush()
-        return self.report.exit_code()
-
-    def dispatch(self, pair: Pair, pool: ThreadPoolExecutor) -> Future | None:
-        """Start the pair's writes in the pool, or settle it at once (report mode,
-        simulation, nothing to write, a write that cannot be done, a declined prompt)."""
-        action = pair.action
-        if self.args.sagedata:
-            self.show_sagedata(pair)
-        if action is None or not self.args.sync or action.verdict is Verdict.IN_SYNC:
-            return None
-        if not action.writes:
-            pair.outcome, pair.detail = Outcome.SKIPPED, action.blocked
-            return None
-        if self.args.simulate:
-            pair.outcome = Outcome.SIMULATED
-            pair.detail = "would " + "; then ".join(str(w) for w in action.writes)
-            return None
-        if self.args.prompt:
-            self.drain(keep=0)  # the previous item's line first, then the question
-            if not self.confirm(pair):
-                pair.outcome, pair.detail = Outcome.SKIPPED, "not confirmed"
-                return None
-        if pair.sage is not None and any(isinstance(w, (SageMarkWatched, SageSetPosition))
-                                         for w in action.writes):
-            self.read_segments(pair)  # a SageTV write and its read-back place positions
-        return pool.submit(self.apply_unless_stopped, pair)
-
-    def apply_unless_stopped(self, pair: Pair) -> None:
-        """In the pool: an item whose writes have not started when Ctrl-C comes is left
-        as it is (reported as skipped); one that has started is finished."""
-        if self.stop.is_set():
-            pair.outcome, pair.detail = Outcome.SKIPPED, "interrupted before writing"
-            return
-        self.applier.apply(pair)
-
-    def confirm(self, pair: Pair) -> bool:
-        assert pair.action is not None
-        writes = "; then ".join(str(w) for w in pair.action.writes)
-        previous = signal.getsignal(signal.SIGINT) if _main_thread() else None
-        try:
-            if previous is not None:  # Ctrl-C at the prompt: answer no and stop
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-            return _ask(f"[{pair.plex.rating_key}] {pair.plex.title}: {writes}?", self.err)
-        except (KeyboardInterrupt, EOFError):
-            self.stop.set()
-            self.err.write("\n")
-            return False
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
-
-    def drain(self, keep: int) -> None:
-        """Report finished items in the order they came, keeping at most `keep` items'
-        writes in flight; the items behind an unfinished write wait (up to
-        PENDING_ITEMS_MAX), so that a few writes among many items in sync still keep the
-        pool busy. With `keep=0` everything is reported and written out at once."""
-        pending = self.pending
-        while pending and (self.writing > keep or len(pending) > PENDING_ITEMS_MAX
-                           or pending[0][1] is None or pending[0][1].done()):
-            pair, future = pending.popleft()
-            if future is not None:
-                self.writing -= 1
-                try:
-                    future.result()
-                except Exception as exc:  # a bug must not lose the other items' report
-                    log.exception("write of media id %s", pair.plex.rating_key)
-                    pair.outcome = Outcome.FAILED
-                    pair.detail = f"internal error: {exc.__class__.__name__}: {exc}"
-            self.report.add(pair)
-            line = item_line(pair)
-            if pair.outcome is not Outcome.UNCHANGED or pair.sage is None:
-                log.info("%s", SECRETS.redact(line))
-            self.lines.append(line)
-        if keep == 0 or len(self.lines) >= OUTPUT_BATCH_LINES or \
-                time.monotonic() >= self.flush_due:
-            self.flush()
-
-    def flush(self) -> None:
-        """Write the lines made so far in one piece, secrets hidden: one write per line
-        would cost more than deciding the item."""
-        if self.lines:
-            self.lines.append("")
-            self.out.write(SECRETS.redact("\n".join(self.lines)))
-            self.lines.clear()
-        self.flush_due = time.monotonic() + OUTPUT_BATCH_S
-
-    def show_sagedata(self, pair: Pair) -> None:
-        if pair.sage is None:
-            return
-        record = self.sage.media_file(pair.sage.media_file_id, full=True)
-        self.lines.append(f"SageTV data for media id {pair.plex.rating_key} (media file "
-                          f"{pair.sage.media_file_id}):")
-        self.lines.append(json.dumps(record, indent=2, sort_keys=True, ensure_ascii=False))
-
-
-def _main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
+        except SyncError as exc:
+            code = exc.exit_code
+            message = console.secrets.redact(str(exc))
+            log.error("round failed: %s", message)
+            console.err.write(f"{PROG}: round failed: {message}\n")
+        console.out.flush()
+        if stop.wait(minutes * 60):
+            break
+    return ExitCode.INTERRUPTED if code is not ExitCode.FAILED else code
 
 
 @contextlib.contextmanager
-def _no_cyclic_gc() -> Iterator[None]:
-    """Python's cyclic garbage collector paused in a block that makes many long-lived
-    objects and no garbage cycles: reading a 50,000-item listing makes a million, which
-    it would otherwise scan over and over while they are made."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def run_admin(args: argparse.Namespace, plex: PlexClient, out: TextIO, err: TextIO) -> ExitCode:
-    """-l, --addtv, --addmovie, --delsec and --refresh."""
-    if args.list:
-        for section in plex.sections():
-            out.write(f"{section.key:>3}: {section.title} ({section.type})\n")
-        return ExitCode.OK
-    if args.addtv or args.addmovie:
-        name, *paths = args.addtv or args.addmovie
-        kind = TV_SECTION if args.addtv else MOVIE_SECTION
-        plex.add_section(name, kind, paths)
-        out.write(f"Plex library '{name}' added ({kind['type']}, {kind['scanner']}, "
-                  f"{len(paths)} folder(s)).\n")
-        return ExitCode.OK
-    section = resolve_sections([args.delsec or args.refresh], plex.sections())[0]
-    if args.refresh:
-        plex.refresh_section(section.key)
-        out.write(f"Refreshing library [{section.key}]: {section.title}\n")
-        return ExitCode.OK
-    if not args.yes:
-        if sys.stdin is None or not sys.stdin.isatty():
-            raise UsageError(f"--delsec {section.key} asks before deleting, and there is no "
-                             "terminal to ask on; add -y to delete without asking")
-        if not _ask(f"Delete the Plex library [{section.key}] {section.title}? "
-                    "This cannot be undone.", err):
-            out.write("Not deleted.\n")
-            return ExitCode.OK
-    plex.delete_section(section.key)
-    out.write(f"Library [{section.key}] {section.title} deleted.\n")
-    return ExitCode.OK
-
-
-def setup_logging(verbose: bool, err: TextIO) -> Path | None:
-    """Debug detail to the log file (rotated at 5 MB, as the original did), secrets hidden."""
-    path = Path(os.environ.get("SAGEPLEX_LOG") or Path(tempfile.gettempdir()) / LOG_FILE_NAME)
-    formatter = _RedactingFormatter(LOG_FORMAT)
+def logging_to(verbose: bool, err: TextIO, secrets: Secrets) -> Iterator[Path | None]:
+    """The run's log handlers (a 0600 file in the user's state folder, stderr with -v),
+    taken down again when the run ends. Library debug lines only with -v."""
+    path = Path(os.environ.get("SAGEPLEX_LOG") or user_state_dir() / LOG_FILE_NAME)
+    formatter = _RedactingFormatter(secrets)
     handlers: list[logging.Handler] = []
     try:
-        handler: logging.Handler = logging.handlers.RotatingFileHandler(
-            path, maxBytes=5 * 1024 * 1024, backupCount=5, encoding="utf-8")
-        handlers.append(handler)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            path.touch(mode=0o600)
+        handlers.append(logging.handlers.RotatingFileHandler(
+            path, maxBytes=5 * 1024 * 1024, backupCount=5, encoding="utf-8"))
     except OSError as exc:
-        err.write(f"sageplex_sync: warning: cannot write the log file {path} ({exc.strerror}); "
+        err.write(f"{PROG}: warning: cannot write the log file {path} ({exc.strerror}); "
                   "set SAGEPLEX_LOG to a writable file\n")
-        path = None  # type: ignore[assignment]
     if verbose:
         handlers.append(logging.StreamHandler(err))
-    if not handlers:
-        handlers.append(logging.NullHandler())  # else logging's last resort prints to stderr
+    names = ("sageplex_sync", "plexapi", "urllib3") if verbose else ("sageplex_sync",)
+    saved = [(logging.getLogger(n), logging.getLogger(n).level, logging.getLogger(n).propagate)
+             for n in names]
     for handler in handlers:
         handler.setFormatter(formatter)
-        handler._sageplex = True  # type: ignore[attr-defined]  (ours, to replace next run)
-    for name in ("sageplex_sync", "plexapi", "urllib3"):
-        logger = logging.getLogger(name)
-        for old in [h for h in logger.handlers if getattr(h, "_sageplex", False)]:
-            logger.removeHandler(old)
-            old.close()
-        logger.setLevel(logging.DEBUG)
+    for logger, _, _ in saved:
+        logger.setLevel(logging.DEBUG if verbose or logger is log else logging.WARNING)
+        if logger is log and not verbose:
+            logger.setLevel(logging.INFO)
         for handler in handlers:
             logger.addHandler(handler)
         logger.propagate = False
-    return path
+    try:
+        yield path if handlers and not isinstance(handlers[0], logging.StreamHandler) else None
+    finally:
+        for logger, level, propagate in saved:
+            for handler in handlers:
+                logger.removeHandler(handler)
+            logger.setLevel(level)
+            logger.propagate = propagate
+        for handler in handlers:
+            handler.close()
+
+
+@contextlib.contextmanager
+def stopping_on_signals(stop: threading.Event) -> Iterator[threading.Event]:
+    """Ctrl-C and SIGTERM set ``stop``: the writes in flight finish, nothing new starts.
+    The handlers only set flags (the run says what happened); they are put back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _dispatch(args: argparse.Namespace, opts: Options, console: Console,
+              stop: threading.Event) -> ExitCode:
+    config = load_config(find_config(args.config), console.secrets)
+    log.info("config %s: %r %r", config.path, config.sage, config.plex)
+    for warning in config.warnings:
+        console.err.write(f"{PROG}: warning: {warning}\n")
+    if args.check:
+        return run_check(config, console)
+    if _admin(args):
+        return run_admin(args, config, console)
+    if args.interval is not None:
+        return run_rounds(opts, config, console, stop, args.interval, args.all_items
+                          or args.verbose, args.json)
+    return run_sync(opts, config, console, stop, args.all_items or args.verbose, args.json)
 
 
 def main(argv: list[str] | None = None, *, out: TextIO | None = None,
-         err: TextIO | None = None) -> int:
+         err: TextIO | None = None, stdin: TextIO | None = None) -> int:
     """Run the command line; the one place exceptions become messages and exit codes."""
     out = out or sys.stdout
     err = err or sys.stderr
-    parser = build_parser()
+    stdin = stdin if stdin is not None else sys.stdin
+    secrets = Secrets()
     try:
-        args = parser.parse_args(argv)
-        validate_args(parser, args)
+        args = build_parser().parse_args(argv)
+        opts = replace(validate_args(args), argv=tuple(argv if argv is not None
+                                                        else sys.argv[1:]))
     except SystemExit as exc:  # argparse has printed the help or the version
         return exc.code if isinstance(exc.code, int) else ExitCode.USAGE
     except UsageError as exc:
-        err.write(f"sageplex_sync: error: {SECRETS.redact(str(exc))}\n")
+        err.write(f"{PROG}: error: {exc}\n")
         return exc.exit_code
-    setup_logging(args.verbose, err)
-    log.info("***** sageplex_sync %s %s *****", __version__, argv if argv is not None
-             else sys.argv[1:])
-    stop = threading.Event()  # set by Ctrl-C: finish the writes started, then stop
-    previous = None
-    if _main_thread():
-        def on_sigint(signum: int, frame: object) -> None:
-            if stop.is_set():
-                raise KeyboardInterrupt  # a second Ctrl-C: stop now
-            stop.set()
-            err.write("\nInterrupted: finishing the writes already started "
-                      "(Ctrl-C again to abort)\n")
-        previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        config = load_config(find_config(args.config))
-        log.info("config %s: %r %r", config.path, config.sage, config.plex)
-        with SageClient(config.sage) as sage, PlexClient(config.plex) as plex:
-            if args.list or args.addtv or args.addmovie or args.delsec or args.refresh:
-                return run_admin(args, plex, out, err)
-            code = Run(args, sage, plex, out=out, err=err, stop=stop).execute()
-            log.info("done: exit %d (%d SageTV and %d Plex requests)", code,
-                     sage.request_count, plex.request_count)
-            return code
-    except SyncError as exc:
-        message = SECRETS.redact(str(exc))
-        log.error("%s", message)
-        err.write(f"sageplex_sync: error: {message}\n")
-        return exc.exit_code
-    except KeyboardInterrupt:
-        err.write("sageplex_sync: interrupted\n")
-        return ExitCode.INTERRUPTED
-    except BrokenPipeError:
-        return ExitCode.FAILED
-    except Exception as exc:  # a bug: one line here, the traceback in the log
-        log.exception("unexpected error")
-        message = SECRETS.redact(f"{exc.__class__.__name__}: {exc}")
-        err.write(f"sageplex_sync: internal error: {message} (details in the log)\n")
-        return ExitCode.FAILED
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+    progress = _isatty(err) and not args.no_progress and not args.verbose
+    console = Console(out, err, stdin, secrets, progress)
+    stop = threading.Event()
+    with logging_to(args.verbose, err, secrets), stopping_on_signals(stop):
+        log.info("***** sageplex_sync %s %s *****", __version__, list(opts.argv))
         try:
-            out.flush()
-        except (BrokenPipeError, ValueError):
-            pass
+            code = _dispatch(args, opts, console, stop)
+            if stop.is_set() and code is ExitCode.OK:
+                code = ExitCode.INTERRUPTED
+            return code
+        except SyncError as exc:
+            message = secrets.redact(str(exc))
+            log.error("%s", message)
+            err.write(f"{PROG}: error: {message}\n")
+            return exc.exit_code
+        except KeyboardInterrupt:
+            err.write(f"{PROG}: interrupted\n")
+            return ExitCode.INTERRUPTED
+        except BrokenPipeError:
+            return ExitCode.FAILED
+        except Exception as exc:  # a bug: one line here, the traceback in the log
+            log.exception("unexpected error")
+            message = secrets.redact(f"{exc.__class__.__name__}: {exc}")
+            err.write(f"{PROG}: internal error: {message} (details in the log)\n")
+            return ExitCode.FAILED
+        finally:
+            with contextlib.suppress(BrokenPipeError, ValueError):
+                out.flush()
 
 
 if __name__ == "__main__":

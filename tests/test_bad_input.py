@@ -17,7 +17,7 @@ import pytest
 
 import sageplex_sync
 from tests.conftest import Env, Result, assert_no_secrets
-from tests.world import HOUR, MIN, PLEX_TOKEN, SAGE_PASSWORD, World, at, none, watched
+from tests.fakes.world import HOUR, MIN, PLEX_TOKEN, SAGE_PASSWORD, World, at, none, watched
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,7 @@ import pytest
 
 import sageplex_sync
 from tests.conftest import assert_no_secrets
-from tests.world import MOVIE_SECTION, TV_SECTION, World, at, none, watched
+from tests.fakes.world import MOVIE_SECTION, TV_SECTION, World, at, none, watched
 
 TOOL = Path(sageplex_sync.__file__).resolve()
 

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import requests
 
-from tests.fake_http import FakeServer
-from tests.fake_sagex import FakeSage, SageMediaFile, add_example_library, serve_sage
+from tests.fakes.fake_http import FakeServer
+from tests.fakes.fake_sagex import FakeSage, SageMediaFile, add_example_library, serve_sage
 
 MIN = 60_000
 DAY = 24 * 60 * MIN

@@ -22,7 +22,7 @@ Performance: each media file's serialized JSON is cached per filter and dropped 
 watch state (or its show's ``lastWatched``) changes, so a 50,000-item listing is a join of
 cached fragments.
 
-Run ``python tests/fake_sagex.py --port 8080`` for a standalone server with example data.
+Run ``python -m tests.fakes.fake_sagex --port 8080`` for a standalone server with example data.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 try:
     from .fake_http import FakeServer, Request, Response
-except ImportError:  # loaded as a top-level module (tests/ itself on sys.path)
+except ImportError:  # loaded as a top-level module (tests/fakes/ itself on sys.path)
     from fake_http import FakeServer, Request, Response  # type: ignore[no-redef]
 
 # --- SageTV constants (§6.2, §6.5; CORE java/sage/BigBrother.java) -----------------------------

@@ -1,7 +1,7 @@
 """A fake Plex Media Server that the unmodified ``plexapi`` library cannot tell from a
 real one for the calls sageplex_sync makes (see shared/reference/plex-api.md, §8).
 
-``FakePlex`` is an *app* for ``tests.fake_http.FakeServer``: it answers real HTTP on
+``FakePlex`` is an *app* for ``tests.fakes.fake_http.FakeServer``: it answers real HTTP on
 127.0.0.1 with the XML a PMS sends, keeps watch state per user (token), and applies the
 watch-state semantics of plex-api.md §4.1 to ``/:/scrobble``, ``/:/unscrobble``,
 ``/:/progress`` and ``/:/timeline``. The library admin calls of §5 (``library.add``,
@@ -30,8 +30,8 @@ from typing import Callable
 from urllib.parse import unquote
 
 try:
-    from tests.fake_http import FakeServer, Request, Response
-except ImportError:  # run from inside tests/ (e.g. a demo script next to this file)
+    from tests.fakes.fake_http import FakeServer, Request, Response
+except ImportError:  # run from inside tests/fakes/ (e.g. a demo script next to this file)
     from fake_http import FakeServer, Request, Response  # type: ignore[no-redef]
 
 IDENTIFIER = "com.plexapp.plugins.library"

@@ -23,9 +23,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.fake_http import FakeServer
-from tests.fake_plex import FakePlex, PlexItem
-from tests.fake_sagex import FakeSage
+from tests.fakes.fake_http import FakeServer
+from tests.fakes.fake_plex import FakePlex, PlexItem
+from tests.fakes.fake_sagex import FakeSage
 
 SEC = 1_000
 MIN = 60 * SEC

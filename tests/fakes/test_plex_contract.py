@@ -20,8 +20,8 @@ import requests  # noqa: E402
 from plexapi.exceptions import BadRequest, NotFound, Unauthorized  # noqa: E402
 from plexapi.server import PlexServer  # noqa: E402
 
-from tests.fake_http import FakeServer  # noqa: E402
-from tests.fake_plex import IDENTIFIER, FakePlex  # noqa: E402
+from tests.fakes.fake_http import FakeServer  # noqa: E402
+from tests.fakes.fake_plex import IDENTIFIER, FakePlex  # noqa: E402
 
 TOKEN = "contract-token"
 NOW = 1_700_000_000

@@ -3,7 +3,9 @@ a request log, and faults injected on purpose.
 
 A fake is an *app*: an object with ``handle(request) -> Response`` (and optionally
 ``function_of(request) -> str | None`` naming the API function a request calls, so
-faults and the log can refer to it). ``FakeServer`` serves an app on a free port in a
+faults and the log can refer to it, and ``date_clock_s() -> float``, the server's own
+clock in epoch seconds, which every reply's ``Date`` header is taken from; without it
+the header shows the real time). ``FakeServer`` serves an app on a free port in a
 background thread, records every request in ``log`` and applies the faults registered
 with ``add_fault`` before (or instead of) calling the app.
 
@@ -17,6 +19,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
@@ -115,6 +118,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002
         pass  # the request log replaces stderr chatter
+
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        """The ``Date`` header send_response adds to every reply (errors and faults too):
+        RFC 7231 IMF-fixdate from the app's own clock, which may be skewed on purpose."""
+        if timestamp is None:
+            clock = getattr(self.server.fake.app, "date_clock_s", None)
+            timestamp = clock() if clock is not None else time.time()
+        return formatdate(timestamp, usegmt=True)
 
     def parse_request(self) -> bool:
         self._started = time.perf_counter()  # the request line is in: serving starts

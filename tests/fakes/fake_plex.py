@@ -381,6 +381,10 @@ class FakePlex:
     # ----------------------------------------------------------------------------------
     # the app protocol
     # ----------------------------------------------------------------------------------
+    def date_clock_s(self) -> float:
+        """The server's clock (epoch seconds) for the Date header of every reply."""
+        return float(self.clock())
+
     def function_of(self, request: Request) -> str | None:
         """Short endpoint name of a request, for the log and fault matching."""
         name = self._route(request.method, request.path)[0]

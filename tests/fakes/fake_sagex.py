@@ -756,6 +756,10 @@ class FakeSage:
         return self._order
 
     # --- HTTP -----------------------------------------------------------------------------------
+    def date_clock_s(self) -> float:
+        """The server's clock (epoch seconds) for the Date header of every reply."""
+        return self.clock_ms() / 1000
+
     @staticmethod
     def _is_api_path(path: str) -> bool:
         # /sagex/ (and /sagex) fall back to the api handler (§1.1)

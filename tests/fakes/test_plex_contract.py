@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator
+from email.utils import formatdate, parsedate_to_datetime
 from xml.etree.ElementTree import Element, ParseError
 
 # plexapi reads its config file when imported: keep a developer's own config out
@@ -22,6 +23,7 @@ from plexapi.server import PlexServer  # noqa: E402
 
 from tests.fakes.fake_http import FakeServer  # noqa: E402
 from tests.fakes.fake_plex import IDENTIFIER, FakePlex  # noqa: E402
+from tests.fakes.world import DAY, PLEX_TOKEN, World, at, none, watched  # noqa: E402
 
 TOKEN = "contract-token"
 NOW = 1_700_000_000
@@ -555,3 +557,57 @@ def test_fault_dropped_connection_is_connection_error(plex: PlexServer, server: 
     server.add_fault(function="scrobble", drop=True)
     with pytest.raises(requests.exceptions.ConnectionError):
         plex.fetchItem(lib.plain).markPlayed()
+
+
+# --------------------------------------------------------------------------------------
+# the server's clock: stamps and the Date header
+# --------------------------------------------------------------------------------------
+def date_s(reply: requests.Response) -> float:
+    return parsedate_to_datetime(reply.headers["Date"]).timestamp()
+
+
+def test_every_reply_has_a_date_header_from_the_server_clock(server: FakeServer, lib: Library,
+                                                             clock: Clock) -> None:
+    server.add_fault(path="/library/sections", status=500)
+    replies = [raw(server, "/"), raw(server, "/", token=None), raw(server, "/nowhere"),
+               raw(server, "/library/sections"),
+               raw(server, "/:/scrobble", key=str(lib.plain), identifier=IDENTIFIER)]
+    assert [r.status_code for r in replies] == [200, 401, 404, 500, 200]
+    for reply in replies:  # RFC 7231 IMF-fixdate of the fake's "now", errors included
+        assert reply.headers["Date"] == formatdate(NOW, usegmt=True)
+    clock.now += 3600.4
+    assert date_s(raw(server, "/")) == pytest.approx(NOW + 3600.4, abs=1)
+
+
+def test_skewed_plex_clock_stamps_writes_and_dates_replies() -> None:
+    skew = -7 * 60_000  # the Plex server's clock is 7 minutes slow
+    world = World(plex_skew_ms=skew)
+    movie = world.movie("Heat", plex=none())
+    old = world.movie("Ronin", plex=watched(ago=DAY))
+    show = world.episode("Castle", 1, 1, "Pilot", plex=at(20 * 60_000, ago=DAY))
+    plex_now = (world.clock.ms() + skew) / 1000
+    assert world.plex_clock_s() == plex_now
+    # declared states were written down by Plex's own clock
+    assert world.plex_item(old).last_viewed_at_s == int(plex_now - DAY / 1000)
+    with world.running() as servers:
+        def call(path: str, **params: object) -> requests.Response:
+            reply = requests.get(servers.plex.base_url + path, timeout=5,
+                                 params={"identifier": IDENTIFIER, **params},
+                                 headers={"X-Plex-Token": PLEX_TOKEN})
+            assert date_s(reply) == pytest.approx(world.plex_clock_s(), abs=1)
+            return reply
+
+        assert call("/:/scrobble", key=movie.rating_key).status_code == 200
+        assert world.plex_item(movie).last_viewed_at_s == int(plex_now)
+        world.clock.advance(90_000)  # advancing the world moves the server's clock too
+        call("/:/progress", key=show.rating_key, time=5 * 60_000, state="stopped")
+        assert world.plex_item(show).last_viewed_at_s == int(plex_now + 90)
+        world.clock.advance(30_000)
+        call("/:/timeline", ratingKey=show.rating_key, key=f"/library/metadata/{show.rating_key}",
+             time=6 * 60_000, state="stopped")
+        assert world.plex_item(show).last_viewed_at_s == int(plex_now + 120)
+        world.plex_skew_ms = 0  # a skew can change while the servers run
+        assert date_s(call("/identity")) == pytest.approx(world.clock.s(), abs=1)
+        unauthorized = requests.get(servers.plex.base_url + "/", timeout=5)
+        assert unauthorized.status_code == 401
+        assert date_s(unauthorized) == pytest.approx(world.clock.s(), abs=1)

@@ -611,3 +611,82 @@ def test_skewed_plex_clock_stamps_writes_and_dates_replies() -> None:
         unauthorized = requests.get(servers.plex.base_url + "/", timeout=5)
         assert unauthorized.status_code == 401
         assert date_s(unauthorized) == pytest.approx(world.clock.s(), abs=1)
+
+
+# --------------------------------------------------------------------------------------
+# server settings, batch metadata, unscrobble, the scrobble offset switch
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("threshold, value", [(0.9, 90), (0.95, 95), (0.7, 70)])
+def test_prefs_serve_the_played_threshold(plex: PlexServer, app: FakePlex, threshold: float,
+                                          value: int) -> None:
+    app.played_threshold = threshold
+    settings = plex.settings  # a cached property: one GET /:/prefs
+    setting = settings.get("LibraryVideoPlayedThreshold")
+    assert (setting.type, setting.value, setting.default) == ("int", value, 90)
+    assert setting.label == "Video played threshold"
+    assert settings.get("FriendlyName").value == "fake-plex"
+    assert {s.id for s in settings.all()} >= {"FriendlyName", "LibraryVideoPlayedThreshold",
+                                              "LibraryVideoPlayedAtBehaviour"}
+
+
+def test_prefs_raw_xml_and_owner_only(server: FakeServer, app: FakePlex) -> None:
+    reply = raw(server, "/:/prefs")
+    assert reply.status_code == 200 and reply.headers["Content-Type"] == "text/xml;charset=utf-8"
+    assert '<Setting id="LibraryVideoPlayedThreshold" label="Video played threshold"' in reply.text
+    assert 'type="int" default="90" value="90"' in reply.text
+    assert server.log[-1].function == "prefs" and "prefs" not in FakePlex.WRITE_FUNCTIONS
+    assert raw(server, "/:/prefs", token="guest-token").status_code == 403  # a managed user
+    assert raw(server, "/:/prefs", token="nobody").status_code == 401
+    assert raw(server, "/:/prefs", method="DELETE").status_code == 405
+
+
+def test_batch_metadata_returns_every_item_in_one_container(plex: PlexServer, server: FakeServer,
+                                                            lib: Library) -> None:
+    keys = [lib.plain, lib.b1, lib.started]  # two sections, in the order asked
+    reply = raw(server, "/library/metadata/" + ",".join(map(str, keys)))
+    assert reply.status_code == 200
+    server.clear_log()
+    items = plex.fetchItems(keys)  # plexapi turns a list of ints into one comma-list request
+    assert [i.ratingKey for i in items] == keys
+    assert [(r.function, r.path) for r in server.log] == [
+        ("metadata", "/library/metadata/" + ",".join(map(str, keys)))]
+    assert [type(i).__name__ for i in items] == ["Movie", "Episode", "Movie"]
+    assert raw(server, f"/library/metadata/{lib.plain},999999").status_code == 404
+    assert raw(server, f"/library/metadata/{lib.plain},x").status_code == 400
+
+
+def test_unscrobble_clears_everything_and_applies_to_a_season(server: FakeServer, lib: Library,
+                                                              app: FakePlex) -> None:
+    season = app.season_key(lib.tv, "Show A", 1)
+    for key in (season, lib.started):
+        assert raw(server, "/:/scrobble", key=str(key), identifier=IDENTIFIER).status_code == 200
+    episodes = [rk for (s, _), rk in lib.episodes.items() if s == 1]
+    assert all(app.item(rk).view_count == 1 for rk in episodes)
+    for key in (season, lib.started):
+        reply = raw(server, "/:/unscrobble", key=str(key), identifier=IDENTIFIER)
+        assert (reply.status_code, reply.content) == (200, b"")
+    for rk in [*episodes, lib.started]:
+        state = app.item(rk)
+        assert (state.view_count, state.view_offset_ms, state.last_viewed_at_s) == (0, 0, None)
+    assert raw(server, "/:/unscrobble", key=str(lib.plain)).status_code == 400  # no identifier
+    assert raw(server, "/:/unscrobble", key="999999", identifier=IDENTIFIER).status_code == 404
+    assert "unscrobble" in FakePlex.WRITE_FUNCTIONS
+
+
+@pytest.mark.parametrize("clears, offset", [(True, 0), (False, 600_000)])
+def test_scrobble_clears_offset_switch(plex: PlexServer, lib: Library, app: FakePlex,
+                                       clock: Clock, clears: bool, offset: int) -> None:
+    app.scrobble_clears_offset = clears
+    clock.now += 10
+    plex.fetchItem(lib.started).markPlayed()  # 600 s in, never played
+    state = app.item(lib.started)
+    assert (state.view_count, state.view_offset_ms, state.last_viewed_at_s) == (1, offset, NOW + 10)
+    assert plex.fetchItem(lib.started).viewOffset == offset
+    app.progress_past_threshold = "played"  # a completed play still clears it either way
+    plex.fetchItem(lib.started).updateProgress(6_900_000)
+    assert (app.item(lib.started).view_count, app.item(lib.started).view_offset_ms) == (2, 0)
+
+
+def test_scrobble_clears_offset_is_a_constructor_option() -> None:
+    assert FakePlex().scrobble_clears_offset is True
+    assert FakePlex(scrobble_clears_offset=False).scrobble_clears_offset is False

@@ -524,8 +524,7 @@ def measure_pool(size: int, latency_ms: float, say) -> dict[int, ChildRun]:
         with tempfile.TemporaryDirectory(prefix="sageplex-bench-") as tmp, \
                 world.running() as servers:
             for fake in (servers.sage, servers.plex):
-                for function in fake.app.WRITE_FUNCTIONS:
-                    fake.add_fault(function=function, delay_s=latency_ms / 1000)
+                fake.write_delay_s = latency_ms / 1000
             bench = Bench(world, servers, Path(tmp))
             run = runs[workers] = bench.tool("all", "-s", workers=workers)
             if count_of("updated", total_line(run.out)) != info.out_of_sync:

@@ -3,7 +3,8 @@ a request log, and faults injected on purpose.
 
 A fake is an *app*: an object with ``handle(request) -> Response`` (and optionally
 ``function_of(request) -> str | None`` naming the API function a request calls, so
-faults and the log can refer to it, and ``date_clock_s() -> float``, the server's own
+faults, latency and the log can refer to it; a ``WRITE_FUNCTIONS`` set naming the
+functions that write, for ``write_delay_s``; and ``date_clock_s() -> float``, the server's own
 clock in epoch seconds, which every reply's ``Date`` header is taken from; without it
 the header shows the real time). ``FakeServer`` serves an app on a free port in a
 background thread, records every request in ``log`` and applies the faults registered
@@ -160,6 +161,9 @@ class _Handler(BaseHTTPRequestHandler):
             request.function = function_of(request)
         with fake.lock:
             fake.log.append(request)
+        latency = fake.latency_s(request)
+        if latency > 0:
+            time.sleep(latency)
         fault = fake._take_fault(request)
         if fault is not None and fault.delay_s:
             time.sleep(fault.delay_s)
@@ -252,10 +256,18 @@ class FakeServer:
 
     Use as a context manager, or call ``start()``/``stop()``. ``log`` lists every
     request received; ``errors`` collects exceptions raised inside the app.
+
+    ``read_delay_s`` and ``write_delay_s`` are the server's latency: every request sleeps
+    that long before it is answered (before any fault applies), ``write_delay_s`` for those
+    whose function is in the app's ``WRITE_FUNCTIONS`` (a real server commits a write to its
+    database), ``read_delay_s`` for all others. Plain attributes: set them at any time.
     """
 
-    def __init__(self, app: object, port: int = 0) -> None:
+    def __init__(self, app: object, port: int = 0, *, read_delay_s: float = 0.0,
+                 write_delay_s: float = 0.0) -> None:
         self.app = app
+        self.read_delay_s = read_delay_s
+        self.write_delay_s = write_delay_s
         self.log: list[Request] = []
         self.errors: list[BaseException] = []
         self.faults: list[Fault] = []
@@ -298,6 +310,15 @@ class FakeServer:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self._port}"
+
+    # -- latency ---------------------------------------------------------------------
+    def latency_s(self, request: Request) -> float:
+        """How long ``request`` waits before it is answered (``read_delay_s`` or
+        ``write_delay_s``)."""
+        writes = getattr(self.app, "WRITE_FUNCTIONS", ())
+        if request.function is not None and request.function in writes:
+            return self.write_delay_s
+        return self.read_delay_s
 
     # -- faults ----------------------------------------------------------------------
     def add_fault(self, fault: Fault | None = None, **kwargs: object) -> Fault:

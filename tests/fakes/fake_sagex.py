@@ -464,7 +464,8 @@ class FakeSage:
                  field_set: str = "head",
                  latest_watched_plus_3s: bool = False,
                  sagex_version: str = "9.2.8.1",
-                 plex_js_service: bool = False) -> None:
+                 plex_js_service: bool = False,
+                 list_delay_s: float = 0.0) -> None:
         if field_set not in ("head", "2015"):
             raise ValueError(f"field_set must be 'head' or '2015', not {field_set!r}")
         self.user = user
@@ -478,6 +479,13 @@ class FakeSage:
         self.sagex_version = sagex_version
         # the original tool's plex.js installed (§5): plex:GetMediaFileForName answers
         self.plex_js_service = plex_js_service
+        # a real SageTV takes a while to build a big GetMediaFiles reply: each listing sleeps
+        # this long first, outside the lock, so concurrent listings overlap as they would
+        self.list_delay_s = list_delay_s
+        self.listing_calls = 0  # GetMediaFiles calls answered or being answered
+        self.listings_in_flight = 0  # of those, being answered now
+        self.listings_in_flight_max = 0  # the most seen at once
+        self._listing_lock = threading.Lock()
         self._lock = threading.RLock()
         self._by_mf: dict[int, SageMediaFile] = {}
         self._by_airing: dict[int, SageMediaFile] = {}
@@ -804,8 +812,22 @@ class FakeSage:
         if request.method not in ("GET", "HEAD", "POST"):
             reason = f"HTTP method {request.method} is not supported by this URL"
             return Response(405, _jetty_page(405, reason, request.path), _JETTY_HTML_TYPE)
-        with self._lock:
-            return self._api(request)
+        if self.function_of(request) != "GetMediaFiles":
+            with self._lock:
+                return self._api(request)
+        with self._listing_lock:
+            self.listing_calls += 1
+            self.listings_in_flight += 1
+            self.listings_in_flight_max = max(self.listings_in_flight_max,
+                                              self.listings_in_flight)
+        try:
+            if self.list_delay_s > 0:
+                time.sleep(self.list_delay_s)
+            with self._lock:
+                return self._api(request)
+        finally:
+            with self._listing_lock:
+                self.listings_in_flight -= 1
 
     def _authorized(self, request: Request) -> bool:
         scheme, _, credentials = (request.header("authorization") or "").strip().partition(" ")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from email.utils import formatdate, parsedate_to_datetime
 from xml.etree.ElementTree import Element, ParseError
@@ -690,3 +691,21 @@ def test_scrobble_clears_offset_switch(plex: PlexServer, lib: Library, app: Fake
 def test_scrobble_clears_offset_is_a_constructor_option() -> None:
     assert FakePlex().scrobble_clears_offset is True
     assert FakePlex(scrobble_clears_offset=False).scrobble_clears_offset is False
+
+
+# --------------------------------------------------------------------------------------
+# latency
+# --------------------------------------------------------------------------------------
+def test_server_read_and_write_delays(server: FakeServer, lib: Library, app: FakePlex) -> None:
+    def timed(path: str, **params: str) -> float:
+        started = time.perf_counter()
+        assert raw(server, path, **params).status_code == 200
+        return time.perf_counter() - started
+
+    server.read_delay_s, server.write_delay_s = 0.2, 0.6
+    read_s = timed(f"/library/metadata/{lib.plain}")
+    write_s = timed("/:/scrobble", key=str(lib.plain), identifier=IDENTIFIER)
+    assert 0.2 <= read_s < 0.6 <= write_s  # scrobble is in WRITE_FUNCTIONS
+    server.write_delay_s = 0.0  # settable at any time
+    assert timed("/:/unscrobble", key=str(lib.plain), identifier=IDENTIFIER) < 0.5
+    assert app.item(lib.plain).view_count == 0

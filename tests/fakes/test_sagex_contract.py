@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from email.utils import formatdate, parsedate_to_datetime
 from typing import Any
 
@@ -904,3 +905,57 @@ def test_skewed_sage_clock_stamps_writes_and_dates_replies() -> None:
         unauthorized = requests.get(url, timeout=10)
         assert unauthorized.status_code == 401
         assert date_ms(unauthorized) == pytest.approx(world.clock.ms(), abs=1000)
+
+
+# --- latency: slow listings and per-server delays --------------------------------------------
+def timed(call: Any) -> tuple[float, Any]:
+    started = time.perf_counter()
+    result = call()
+    return time.perf_counter() - started, result
+
+
+def test_list_delay_slows_each_listing_and_counts_concurrent_ones(install: Any,
+                                                                  server: FakeServer) -> None:
+    sage = install(list_delay_s=0.2)
+    add_example_library(sage, base_ms=BASE, fillers=0)
+    assert (sage.listing_calls, sage.listings_in_flight_max) == (0, 0)
+    barrier = threading.Barrier(3)
+    elapsed: list[float] = []
+
+    def listing() -> None:
+        api = Api(server.base_url)
+        barrier.wait()
+        seconds, reply = timed(lambda: api.json("MediaFileAPI.GetMediaFiles", "T"))
+        assert len(reply["Result"]) == 7
+        elapsed.append(seconds)
+
+    threads = [threading.Thread(target=listing) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(elapsed) == 3 and min(elapsed) >= 0.2
+    assert (sage.listing_calls, sage.listings_in_flight, sage.listings_in_flight_max) == (3, 0, 3)
+    api = Api(server.base_url)
+    seconds, _ = timed(lambda: api.json("GetMediaFiles", "T", size=1))
+    assert seconds >= 0.2
+    assert (sage.listing_calls, sage.listings_in_flight_max) == (4, 3)  # one at a time now
+    sage.list_delay_s = 5.0  # only GetMediaFiles waits: other calls answer at once
+    seconds, _ = timed(lambda: api.json("GetAiringForID", 1))
+    assert seconds < 2.5 and sage.listing_calls == 4
+
+
+def test_server_read_and_write_delays(install: Any, server: FakeServer) -> None:
+    sage = install()
+    mf = add_example_library(sage, base_ms=BASE, fillers=0)["on_time"]
+    api = Api(server.base_url)
+    server.read_delay_s, server.write_delay_s = 0.2, 0.6
+    try:
+        read_s, _ = timed(lambda: api.json("GetAiringForID", mf.airing_id))
+        write_s, _ = timed(lambda: api.json("SetWatched", f"airing:{mf.airing_id}"))
+        assert 0.2 <= read_s < 0.6 <= write_s
+        assert "SetWatched" in sage.WRITE_FUNCTIONS
+    finally:
+        server.read_delay_s = server.write_delay_s = 0.0
+    with FakeServer(FakeSage(), write_delay_s=0.3) as slow:
+        assert (slow.read_delay_s, slow.write_delay_s) == (0.0, 0.3)

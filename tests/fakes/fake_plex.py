@@ -30,10 +30,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 from urllib.parse import unquote
 
-try:
-    from tests.fakes.fake_http import FakeServer, Request, Response
-except ImportError:  # run from inside tests/fakes/ (e.g. a demo script next to this file)
-    from fake_http import FakeServer, Request, Response  # type: ignore[no-redef]
+from tests.fakes.fake_http import Request, Response
 
 IDENTIFIER = "com.plexapp.plugins.library"
 OWNER = "owner"  # user name of the main token (the server owner)
@@ -232,7 +229,7 @@ def _browse_key(path: str) -> str:
 # --------------------------------------------------------------------------------------
 class FakePlex:
     """A fake PMS. Build a library with ``add_section``/``add_movie``/``add_episode``,
-    serve it with ``FakeServer(app)`` (or ``serve_plex``), inspect it with ``item``/
+    serve it with ``FakeServer(app)``, inspect it with ``item``/
     ``items``/``sections``. All state is guarded by one lock: ThreadingHTTPServer serves
     requests concurrently and tests read state from their own thread."""
 
@@ -343,15 +340,6 @@ class FakePlex:
         """Make a directory (and its ancestors) visible through /services/browse."""
         with self.lock:
             self._add_dir(_norm_dir(path))
-
-    def set_watch_state(self, rating_key: int, *, user: str = OWNER, view_count: int = 0,
-                        view_offset_ms: int = 0, last_viewed_at_s: int | None = None) -> None:
-        """Set one user's watch state of a movie or episode directly (test set-up)."""
-        with self.lock:
-            meta = self._meta[rating_key]
-            if meta.type not in _PLAYABLE:
-                raise ValueError("watch state belongs to movies and episodes")
-            self._set_watch(user, meta, _Watch(view_count, view_offset_ms, last_viewed_at_s))
 
     # ----------------------------------------------------------------------------------
     # inspecting state
@@ -1091,8 +1079,3 @@ class FakePlex:
             grandparent_key=m.grandparent, guid=m.guid, added_at_s=m.added_at,
             updated_at_s=m.updated_at, part_sizes=list(m.sizes), leaf_count=len(leaves),
             viewed_leaf_count=sum(1 for e in leaves if e.rk in watch and watch[e.rk].count > 0))
-
-
-def serve_plex(app: FakePlex | None = None, **kwargs: object) -> FakeServer:
-    """Start a FakeServer for ``app`` (or a new FakePlex built from ``kwargs``)."""
-    return FakeServer(app or FakePlex(**kwargs)).start()  # type: ignore[arg-type]

@@ -22,12 +22,10 @@ Performance: each media file's serialized JSON is cached per filter and dropped 
 watch state (or its show's ``lastWatched``) changes, so a 50,000-item listing is a join of
 cached fragments.
 
-Run ``python -m tests.fakes.fake_sagex --port 8080`` for a standalone server with example data.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import re
@@ -36,10 +34,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-try:
-    from .fake_http import FakeServer, Request, Response
-except ImportError:  # loaded as a top-level module (tests/fakes/ itself on sys.path)
-    from fake_http import FakeServer, Request, Response  # type: ignore[no-redef]
+from tests.fakes.fake_http import FakeServer, Request, Response
 
 # --- SageTV constants (§6.2, §6.5; CORE java/sage/BigBrother.java) -----------------------------
 MIN_WATCH_MS = 5000  # SetWatchedTimes writes nothing when the clamped duration is <= this
@@ -169,7 +164,7 @@ class SageMediaFile:
     """One MediaFile and its (content) Airing as added with ``FakeSage.add_media_file``.
 
     Static description only; watch state lives in the FakeSage (read it with
-    ``airing_json``/``media_file_json``/``watch_record``).
+    ``airing_json``/``media_file_json``).
     """
 
     media_file_id: int
@@ -577,16 +572,6 @@ class FakeSage:
             self._order.append(mf_id)
             return mf
 
-    def remove_media_file(self, media_file_id: int) -> None:
-        """Delete a media file (its airing and watch record go with it; the show stays)."""
-        with self._lock:
-            mf = self._by_mf.pop(media_file_id)
-            del self._by_airing[mf.airing_id]
-            self._watch.pop(mf.airing_id, None)
-            self._order.remove(media_file_id)
-            self._shows[mf.show_external_id].media_file_ids.remove(media_file_id)
-            self._invalidate((media_file_id,))
-
     def set_watch_record(self, airing_id: int, watch_start_ms: int, watch_end_ms: int,
                          real_start_ms: int = 0, real_end_ms: int = 0) -> None:
         """Store a Watched record as is (no clamps, no merge): e.g. a viewing on the TV."""
@@ -605,11 +590,6 @@ class FakeSage:
         """AiringAPI.SetWatched (§6.4)."""
         with self._lock:
             self._set_watched(self._by_airing[airing_id])
-
-    def clear_watched(self, airing_id: int) -> None:
-        """AiringAPI.ClearWatched (§6.4)."""
-        with self._lock:
-            self._clear_watched(self._by_airing[airing_id])
 
     def set_watched_times(self, airing_id: int, watched_end_ms: int, real_start_ms: int) -> None:
         """AiringAPI.SetWatchedTimes (§6.5); RealWatchedEndTime becomes ``clock_ms()``."""
@@ -633,13 +613,6 @@ class FakeSage:
     def media_files(self) -> list[SageMediaFile]:
         with self._lock:
             return [self._by_mf[i] for i in self._ordered_ids()]
-
-    def watch_record(self, airing_id: int) -> tuple[int, int, int, int] | None:
-        """The raw Watched record (ws, we, rs, re), or None."""
-        with self._lock:
-            if airing_id not in self._by_airing:
-                raise KeyError(airing_id)
-            return self._watch.get(airing_id)
 
     def show_last_watched(self, show_external_id: str) -> int:
         with self._lock:
@@ -1246,27 +1219,3 @@ def add_example_library(sage: FakeSage, *, base_ms: int, fillers: int = 55,
             segments=[(f"{root}/Filler-Episode{i + 1}-{100 + i}-0.mpg", start + 5, start + hour)],
             airing_start_ms=start, airing_end_ms=start + hour)
     return items
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Serve a fake SageTV sagex API.")
-    parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--fillers", type=int, default=55)
-    parser.add_argument("--user", default="sage")
-    parser.add_argument("--password", default="frey")
-    opts = parser.parse_args(argv)
-    sage = FakeSage(opts.user, opts.password)
-    base = int(time.time() * 1000) - (opts.fillers + 30) * 24 * 60 * MINUTE_MS
-    add_example_library(sage, base_ms=base, fillers=opts.fillers)
-    server = FakeServer(sage, port=opts.port).start()
-    print(f"fake sagex at {server.base_url}/sagex/api (user {opts.user!r}); Ctrl-C stops it",
-          flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        server.stop()
-
-
-if __name__ == "__main__":
-    main()

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark of sageplex_sync against the fake SageTV and Plex servers of tests/.
+"""Benchmark of sageplex_sync against the fake SageTV and Plex servers of tests/fakes/.
 
     python bench/bench_sync.py                         1,000, 10,000 and 50,000 items
     python bench/bench_sync.py --sizes 2000 --repeat 1
@@ -138,7 +138,7 @@ class WorldInfo:
 def _states(index: int):  # -> (sage Watch, plex Watch, row label or "")
     """5 % out of sync over the decision table's rows (both directions of rows 5-7), the
     rest in sync in the usual proportions (mostly unwatched or watched, some in progress)."""
-    from tests.world import DAY, HOUR, MIN, at, none, watched
+    from tests.fakes.world import DAY, HOUR, MIN, at, none, watched
 
     if index % OUT_OF_SYNC_EVERY == 7:
         variant = (index // OUT_OF_SYNC_EVERY) % 10
@@ -165,7 +165,7 @@ def _states(index: int):  # -> (sage Watch, plex Watch, row label or "")
 
 
 def build_world(size: int):  # -> (World, WorldInfo)
-    from tests.world import HOUR, MIN, World
+    from tests.fakes.world import HOUR, MIN, World
 
     started = time.perf_counter()
     world = World(sage_options={"plex_js_service": True})
@@ -296,7 +296,7 @@ class Bench:
         self.env.update(SAGEPLEX_CFG=str(self.config), SAGEPLEX_LOG=str(workdir / "tool.log"),
                         PLEXAPI_CONFIG_PATH=str(workdir / "no-plexapi-config.ini"),
                         PYTHONDONTWRITEBYTECODE="1")
-        from tests.world import PLEX_TOKEN, SAGE_PASSWORD, SAGE_USER
+        from tests.fakes.world import PLEX_TOKEN, SAGE_PASSWORD, SAGE_USER
 
         sections = [(world.tv_section, 4), (world.movie_section, 1)]
         self.floor_spec = {
@@ -394,8 +394,8 @@ def count_of(words: str, line: str) -> int:
 
 def writes(run: ChildRun) -> dict[str, int]:
     """Write requests each fake received during a run."""
-    from tests.fake_plex import WRITE_FUNCTIONS as PLEX_WRITES
-    from tests.fake_sagex import FakeSage
+    from tests.fakes.fake_plex import WRITE_FUNCTIONS as PLEX_WRITES
+    from tests.fakes.fake_sagex import FakeSage
 
     return {name: sum(n for f, n in run.requests[name].items() if f in functions)
             for name, functions in (("SageTV", FakeSage.WRITE_FUNCTIONS), ("Plex", PLEX_WRITES))}
@@ -524,8 +524,7 @@ def measure_pool(size: int, latency_ms: float, say) -> dict[int, ChildRun]:
         with tempfile.TemporaryDirectory(prefix="sageplex-bench-") as tmp, \
                 world.running() as servers:
             for fake in (servers.sage, servers.plex):
-                for function in fake.app.WRITE_FUNCTIONS:
-                    fake.add_fault(function=function, delay_s=latency_ms / 1000)
+                fake.write_delay_s = latency_ms / 1000
             bench = Bench(world, servers, Path(tmp))
             run = runs[workers] = bench.tool("all", "-s", workers=workers)
             if count_of("updated", total_line(run.out)) != info.out_of_sync:

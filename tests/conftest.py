@@ -17,8 +17,8 @@ import pytest
 os.environ["PLEXAPI_CONFIG_PATH"] = os.devnull + ".plexapi-config-not-here.ini"
 
 import sageplex_sync  # noqa: E402
-from tests.fake_http import FakeServer, Request  # noqa: E402
-from tests.world import PLEX_TOKEN, SAGE_PASSWORD, Servers, World  # noqa: E402
+from tests.fakes.fake_http import FakeServer, Request  # noqa: E402
+from tests.fakes.world import PLEX_TOKEN, SAGE_PASSWORD, Servers, World  # noqa: E402
 
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy",
                    "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")

@@ -23,7 +23,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make `tests` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.world import DAY, HOUR, MIN, World, at, none, watched  # noqa: E402
+from tests.fakes.world import DAY, HOUR, MIN, World, at, none, watched  # noqa: E402
 
 
 def demo_world(now_ms: int | None = None) -> World:

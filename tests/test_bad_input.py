@@ -17,7 +17,7 @@ import pytest
 
 import sageplex_sync
 from tests.conftest import Env, Result, assert_no_secrets
-from tests.world import HOUR, MIN, PLEX_TOKEN, SAGE_PASSWORD, World, at, none, watched
+from tests.fakes.world import HOUR, MIN, PLEX_TOKEN, SAGE_PASSWORD, World, at, none, watched
 
 
 @pytest.fixture(autouse=True)
@@ -187,6 +187,8 @@ USAGE_CASES: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "x-not-a-number": (["all", "-x", "ten"], ("-x", "invalid int value: 'ten'")),
     "x-missing-value": (["all", "-x"], ("-x", "expected one argument")),
     "media-id-not-numeric": (["-m", "abc", "-s"], ("media ids are numbers", "'abc'")),
+    "media-id-digits-then-letters": (["-m", "12x", "-s"], ("media ids are numbers", "'12x'")),
+    "media-id-a-name": (["-m", "Castle"], ("media ids are numbers", "'Castle'")),
     "media-id-negative": (["-m", "-s", "--", "-12"], ("media ids are numbers", "'-12'")),
     "media-without-ids": (["-m", "-s"], ("-m needs one or more media ids",)),
     "position-letters": (["-m", "1002", "-s", "--position", "abc"],
@@ -199,6 +201,8 @@ USAGE_CASES: dict[str, tuple[list[str], tuple[str, ...]]] = {
                             ("--position takes h:m:s",)),
     "position-negative": (["-m", "1002", "-s", "--position", "-5"],
                           ("--position takes h:m:s", "'-5'")),
+    "position-negative-with-equals": (["-m", "1002", "-s", "--position=-0:10"],
+                                      ("--position takes h:m:s", "'-0:10'")),
     "position-decimal": (["-m", "1002", "-s", "--position", "90.5"],
                          ("--position takes h:m:s",)),
     "position-empty": (["-m", "1002", "-s", "--position", ""], ("--position takes h:m:s",)),
@@ -209,6 +213,7 @@ USAGE_CASES: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "list-and-sync": (["-l", "-s"], ("not allowed with",)),
     "list-with-ids": (["-l", "all"], ("-l lists the sections and takes no ids",)),
     "list-with-media": (["-l", "-m"], ("go with a sync or report",)),
+    "refresh-with-media": (["--refresh", "1", "-m"], ("go with a sync or report",)),
     "prompt-without-sync": (["all", "-p"], ("-p confirms sync writes; add -s",)),
     "sagedata-without-media": (["all", "--sagedata"], ("--sagedata needs -m",)),
     "sagedata-with-sync": (["-m", "1002", "--sagedata", "-s"], ("--sagedata only shows",)),
@@ -221,10 +226,12 @@ USAGE_CASES: dict[str, tuple[list[str], tuple[str, ...]]] = {
 
 
 @pytest.mark.parametrize("argv, says", list(USAGE_CASES.values()), ids=list(USAGE_CASES))
-def test_usage_error(env: Env, argv: list[str], says: tuple[str, ...]) -> None:
+def test_usage_error(env: Env, capsys: pytest.CaptureFixture[str], argv: list[str],
+                     says: tuple[str, ...]) -> None:
     r = env.run(*argv)
     check(r, 2, *says)
     assert r.out == ""
+    assert capsys.readouterr().err == ""  # all of it on the run's own stderr (argparse too)
     assert_nothing_asked(env)
 
 

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 import sageplex_sync
-from tests.fake_http import Request, Response
-from tests.world import DAY, HOUR, MIN, PLEX_TOKEN, World, at, none, watched
+from tests.fakes.fake_http import Request, Response
+from tests.fakes.world import DAY, HOUR, MIN, PLEX_TOKEN, World, at, none, watched
 
 
 def declare_library(world: World, episodes: int = 24, movies: int = 5) -> list[int]:
@@ -222,7 +222,7 @@ def js_lookup(base_url: str, name: str) -> dict:
 def test_the_original_tools_js_service_scans_every_file_when_enabled() -> None:
     """plex:GetMediaFileForName (sagex-api.md §5), opt-in: the first media file whose
     relative path is the name or one of whose segment paths contains it, in full."""
-    from tests.fake_sagex import FakeSage, add_example_library, serve_sage
+    from tests.fakes.fake_sagex import FakeSage, add_example_library, serve_sage
 
     sage = FakeSage("sage", "pw", plex_js_service=True)
     files = add_example_library(sage, base_ms=1_700_000_000_000, fillers=3)

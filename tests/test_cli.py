@@ -1,5 +1,6 @@
-"""The command line end to end: sections, the library commands, usage errors and the
-``python sageplex_sync.py`` entry point, against the fake servers over HTTP."""
+"""The command line end to end: sections, the library commands and the
+``python sageplex_sync.py`` entry point, against the fake servers over HTTP (the usage
+errors, exit 2 before any request, are one table in test_bad_input.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 
 import sageplex_sync
 from tests.conftest import assert_no_secrets
-from tests.world import MOVIE_SECTION, TV_SECTION, World, at, none, watched
+from tests.fakes.world import MOVIE_SECTION, TV_SECTION, World, at, none, watched
 
 TOOL = Path(sageplex_sync.__file__).resolve()
 
@@ -179,64 +180,6 @@ def test_delete_section_asks_on_a_terminal(world: World, start,
     assert (world.movie_section not in world.plex.sections) is deleted
     if not deleted:
         assert "Not deleted." in result.out
-
-
-# -- usage errors: exit 2 before any request -----------------------------------------------
-
-USAGE_ERRORS = [
-    pytest.param(["-l", "-s"], "not allowed with", id="list-with-sync"),
-    pytest.param(["-l", "all"], "-l lists the sections", id="list-with-ids"),
-    pytest.param(["all", "--sagedata"], "--sagedata needs -m", id="sagedata-without-m"),
-    pytest.param(["-m", "1001", "--sagedata", "-s"], "--sagedata only shows",
-                 id="sagedata-with-sync"),
-    pytest.param(["-m", "1001", "--position", "0:10:00"], "--position needs -m",
-                 id="position-without-s"),
-    pytest.param(["all", "-s", "--position", "0:10:00"], "--position needs -m",
-                 id="position-without-m"),
-    pytest.param(["-m", "1001", "-s", "--position", "abc"], "--position takes h:m:s",
-                 id="position-letters"),
-    pytest.param(["-m", "1001", "-s", "--position", "0:61:00"], "--position takes h:m:s",
-                 id="position-61-minutes"),
-    pytest.param(["-m", "1001", "-s", "--position", "1:2:3:4"], "--position takes h:m:s",
-                 id="position-four-fields"),
-    pytest.param(["-m", "1001", "-s", "--position", "1.5"], "--position takes h:m:s",
-                 id="position-decimal"),
-    pytest.param(["-m", "1001", "-s", "--position", ""], "--position takes h:m:s",
-                 id="position-empty"),
-    pytest.param(["-m", "1001", "-s", "--position=-0:10"], "--position takes h:m:s",
-                 id="position-negative"),
-    pytest.param(["all", "-x", "-5"], "-x must be 0 or more", id="negative-ignore"),
-    pytest.param(["all", "-x", "ten"], "invalid int value", id="ignore-not-a-number"),
-    pytest.param(["all", "-p"], "-p confirms sync writes", id="prompt-without-sync"),
-    pytest.param(["-m", "-s"], "-m needs one or more media ids", id="media-without-ids"),
-    pytest.param(["-m", "12x", "-s"], "media ids are numbers", id="media-id-not-numeric"),
-    pytest.param(["-m", "Castle"], "media ids are numbers", id="media-id-a-name"),
-    pytest.param([], "nothing to do", id="no-arguments"),
-    pytest.param(["all", "-y"], "-y only answers --delsec", id="yes-without-delsec"),
-    pytest.param(["--addtv", "Name"], "--addtv needs a NAME and at least one PATH",
-                 id="addtv-without-path"),
-    pytest.param(["--refresh", "1", "-m"], "go with a sync or report",
-                 id="refresh-with-media"),
-    pytest.param(["all", "--bogus"], "unrecognized arguments", id="unknown-option"),
-]
-
-
-@pytest.mark.parametrize(("argv", "message"), USAGE_ERRORS)
-def test_usage_error_exits_2_before_any_request(world: World, start,
-                                                capsys: pytest.CaptureFixture[str],
-                                                argv: list[str], message: str) -> None:
-    two_sections(world)
-    env = start()
-
-    result = env.run(*argv)
-
-    assert result.code == 2
-    assert message in result.err
-    assert result.err.count("\n") == 1 and result.err.startswith("sageplex_sync: error:")
-    assert capsys.readouterr().err == ""  # all of it on the run's own stderr
-    assert result.out == ""
-    assert env.sage.requests() == []
-    assert env.plex.requests() == []
 
 
 # -- the entry point in a real process -----------------------------------------------------

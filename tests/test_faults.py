@@ -24,8 +24,8 @@ import pytest
 
 import sageplex_sync
 from tests.conftest import PROXY_VARIABLES, Env, Result, assert_no_secrets
-from tests.fake_http import Request
-from tests.world import DAY, HOUR, MIN, Item, World, at, none, watched
+from tests.fakes.fake_http import Request
+from tests.fakes.world import DAY, HOUR, MIN, Item, World, at, none, watched
 
 MAIN = Path(__file__).resolve().parent.parent
 

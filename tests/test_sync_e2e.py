@@ -16,8 +16,20 @@ from dataclasses import dataclass
 import pytest
 
 from tests.conftest import assert_no_secrets
+from tests.fakes.world import (
+    DAY,
+    DEFAULT_NOW_MS,
+    HOUR,
+    MIN,
+    SEC,
+    Item,
+    Watch,
+    World,
+    at,
+    none,
+    watched,
+)
 from tests.sandbox import demo_world
-from tests.world import DAY, DEFAULT_NOW_MS, HOUR, MIN, SEC, Item, Watch, World, at, none, watched
 
 TOLERANCE_MS = 2_000  # SageTV's watched times do not round-trip to the millisecond
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
+from email.utils import formatdate, parsedate_to_datetime
 from xml.etree.ElementTree import Element, ParseError
 
 # plexapi reads its config file when imported: keep a developer's own config out
@@ -20,8 +22,9 @@ import requests  # noqa: E402
 from plexapi.exceptions import BadRequest, NotFound, Unauthorized  # noqa: E402
 from plexapi.server import PlexServer  # noqa: E402
 
-from tests.fake_http import FakeServer  # noqa: E402
-from tests.fake_plex import IDENTIFIER, FakePlex  # noqa: E402
+from tests.fakes.fake_http import FakeServer  # noqa: E402
+from tests.fakes.fake_plex import IDENTIFIER, FakePlex  # noqa: E402
+from tests.fakes.world import DAY, PLEX_TOKEN, World, at, none, watched  # noqa: E402
 
 TOKEN = "contract-token"
 NOW = 1_700_000_000
@@ -555,3 +558,154 @@ def test_fault_dropped_connection_is_connection_error(plex: PlexServer, server: 
     server.add_fault(function="scrobble", drop=True)
     with pytest.raises(requests.exceptions.ConnectionError):
         plex.fetchItem(lib.plain).markPlayed()
+
+
+# --------------------------------------------------------------------------------------
+# the server's clock: stamps and the Date header
+# --------------------------------------------------------------------------------------
+def date_s(reply: requests.Response) -> float:
+    return parsedate_to_datetime(reply.headers["Date"]).timestamp()
+
+
+def test_every_reply_has_a_date_header_from_the_server_clock(server: FakeServer, lib: Library,
+                                                             clock: Clock) -> None:
+    server.add_fault(path="/library/sections", status=500)
+    replies = [raw(server, "/"), raw(server, "/", token=None), raw(server, "/nowhere"),
+               raw(server, "/library/sections"),
+               raw(server, "/:/scrobble", key=str(lib.plain), identifier=IDENTIFIER)]
+    assert [r.status_code for r in replies] == [200, 401, 404, 500, 200]
+    for reply in replies:  # RFC 7231 IMF-fixdate of the fake's "now", errors included
+        assert reply.headers["Date"] == formatdate(NOW, usegmt=True)
+    clock.now += 3600.4
+    assert date_s(raw(server, "/")) == pytest.approx(NOW + 3600.4, abs=1)
+
+
+def test_skewed_plex_clock_stamps_writes_and_dates_replies() -> None:
+    skew = -7 * 60_000  # the Plex server's clock is 7 minutes slow
+    world = World(plex_skew_ms=skew)
+    movie = world.movie("Heat", plex=none())
+    old = world.movie("Ronin", plex=watched(ago=DAY))
+    show = world.episode("Castle", 1, 1, "Pilot", plex=at(20 * 60_000, ago=DAY))
+    plex_now = (world.clock.ms() + skew) / 1000
+    assert world.plex_clock_s() == plex_now
+    # declared states were written down by Plex's own clock
+    assert world.plex_item(old).last_viewed_at_s == int(plex_now - DAY / 1000)
+    with world.running() as servers:
+        def call(path: str, **params: object) -> requests.Response:
+            reply = requests.get(servers.plex.base_url + path, timeout=5,
+                                 params={"identifier": IDENTIFIER, **params},
+                                 headers={"X-Plex-Token": PLEX_TOKEN})
+            assert date_s(reply) == pytest.approx(world.plex_clock_s(), abs=1)
+            return reply
+
+        assert call("/:/scrobble", key=movie.rating_key).status_code == 200
+        assert world.plex_item(movie).last_viewed_at_s == int(plex_now)
+        world.clock.advance(90_000)  # advancing the world moves the server's clock too
+        call("/:/progress", key=show.rating_key, time=5 * 60_000, state="stopped")
+        assert world.plex_item(show).last_viewed_at_s == int(plex_now + 90)
+        world.clock.advance(30_000)
+        call("/:/timeline", ratingKey=show.rating_key, key=f"/library/metadata/{show.rating_key}",
+             time=6 * 60_000, state="stopped")
+        assert world.plex_item(show).last_viewed_at_s == int(plex_now + 120)
+        world.plex_skew_ms = 0  # a skew can change while the servers run
+        assert date_s(call("/identity")) == pytest.approx(world.clock.s(), abs=1)
+        unauthorized = requests.get(servers.plex.base_url + "/", timeout=5)
+        assert unauthorized.status_code == 401
+        assert date_s(unauthorized) == pytest.approx(world.clock.s(), abs=1)
+
+
+# --------------------------------------------------------------------------------------
+# server settings, batch metadata, unscrobble, the scrobble offset switch
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("threshold, value", [(0.9, 90), (0.95, 95), (0.7, 70)])
+def test_prefs_serve_the_played_threshold(plex: PlexServer, app: FakePlex, threshold: float,
+                                          value: int) -> None:
+    app.played_threshold = threshold
+    settings = plex.settings  # a cached property: one GET /:/prefs
+    setting = settings.get("LibraryVideoPlayedThreshold")
+    assert (setting.type, setting.value, setting.default) == ("int", value, 90)
+    assert setting.label == "Video played threshold"
+    assert settings.get("FriendlyName").value == "fake-plex"
+    assert {s.id for s in settings.all()} >= {"FriendlyName", "LibraryVideoPlayedThreshold",
+                                              "LibraryVideoPlayedAtBehaviour"}
+
+
+def test_prefs_raw_xml_and_owner_only(server: FakeServer, app: FakePlex) -> None:
+    reply = raw(server, "/:/prefs")
+    assert reply.status_code == 200 and reply.headers["Content-Type"] == "text/xml;charset=utf-8"
+    assert '<Setting id="LibraryVideoPlayedThreshold" label="Video played threshold"' in reply.text
+    assert 'type="int" default="90" value="90"' in reply.text
+    assert server.log[-1].function == "prefs" and "prefs" not in FakePlex.WRITE_FUNCTIONS
+    assert raw(server, "/:/prefs", token="guest-token").status_code == 403  # a managed user
+    assert raw(server, "/:/prefs", token="nobody").status_code == 401
+    assert raw(server, "/:/prefs", method="DELETE").status_code == 405
+
+
+def test_batch_metadata_returns_every_item_in_one_container(plex: PlexServer, server: FakeServer,
+                                                            lib: Library) -> None:
+    keys = [lib.plain, lib.b1, lib.started]  # two sections, in the order asked
+    reply = raw(server, "/library/metadata/" + ",".join(map(str, keys)))
+    assert reply.status_code == 200
+    server.clear_log()
+    items = plex.fetchItems(keys)  # plexapi turns a list of ints into one comma-list request
+    assert [i.ratingKey for i in items] == keys
+    assert [(r.function, r.path) for r in server.log] == [
+        ("metadata", "/library/metadata/" + ",".join(map(str, keys)))]
+    assert [type(i).__name__ for i in items] == ["Movie", "Episode", "Movie"]
+    assert raw(server, f"/library/metadata/{lib.plain},999999").status_code == 404
+    assert raw(server, f"/library/metadata/{lib.plain},x").status_code == 400
+
+
+def test_unscrobble_clears_everything_and_applies_to_a_season(server: FakeServer, lib: Library,
+                                                              app: FakePlex) -> None:
+    season = app.season_key(lib.tv, "Show A", 1)
+    for key in (season, lib.started):
+        assert raw(server, "/:/scrobble", key=str(key), identifier=IDENTIFIER).status_code == 200
+    episodes = [rk for (s, _), rk in lib.episodes.items() if s == 1]
+    assert all(app.item(rk).view_count == 1 for rk in episodes)
+    for key in (season, lib.started):
+        reply = raw(server, "/:/unscrobble", key=str(key), identifier=IDENTIFIER)
+        assert (reply.status_code, reply.content) == (200, b"")
+    for rk in [*episodes, lib.started]:
+        state = app.item(rk)
+        assert (state.view_count, state.view_offset_ms, state.last_viewed_at_s) == (0, 0, None)
+    assert raw(server, "/:/unscrobble", key=str(lib.plain)).status_code == 400  # no identifier
+    assert raw(server, "/:/unscrobble", key="999999", identifier=IDENTIFIER).status_code == 404
+    assert "unscrobble" in FakePlex.WRITE_FUNCTIONS
+
+
+@pytest.mark.parametrize("clears, offset", [(True, 0), (False, 600_000)])
+def test_scrobble_clears_offset_switch(plex: PlexServer, lib: Library, app: FakePlex,
+                                       clock: Clock, clears: bool, offset: int) -> None:
+    app.scrobble_clears_offset = clears
+    clock.now += 10
+    plex.fetchItem(lib.started).markPlayed()  # 600 s in, never played
+    state = app.item(lib.started)
+    assert (state.view_count, state.view_offset_ms, state.last_viewed_at_s) == (1, offset, NOW + 10)
+    assert plex.fetchItem(lib.started).viewOffset == offset
+    app.progress_past_threshold = "played"  # a completed play still clears it either way
+    plex.fetchItem(lib.started).updateProgress(6_900_000)
+    assert (app.item(lib.started).view_count, app.item(lib.started).view_offset_ms) == (2, 0)
+
+
+def test_scrobble_clears_offset_is_a_constructor_option() -> None:
+    assert FakePlex().scrobble_clears_offset is True
+    assert FakePlex(scrobble_clears_offset=False).scrobble_clears_offset is False
+
+
+# --------------------------------------------------------------------------------------
+# latency
+# --------------------------------------------------------------------------------------
+def test_server_read_and_write_delays(server: FakeServer, lib: Library, app: FakePlex) -> None:
+    def timed(path: str, **params: str) -> float:
+        started = time.perf_counter()
+        assert raw(server, path, **params).status_code == 200
+        return time.perf_counter() - started
+
+    server.read_delay_s, server.write_delay_s = 0.2, 0.6
+    read_s = timed(f"/library/metadata/{lib.plain}")
+    write_s = timed("/:/scrobble", key=str(lib.plain), identifier=IDENTIFIER)
+    assert 0.2 <= read_s < 0.6 <= write_s  # scrobble is in WRITE_FUNCTIONS
+    server.write_delay_s = 0.0  # settable at any time
+    assert timed("/:/unscrobble", key=str(lib.plain), identifier=IDENTIFIER) < 0.5
+    assert app.item(lib.plain).view_count == 0

@@ -3,7 +3,10 @@ a request log, and faults injected on purpose.
 
 A fake is an *app*: an object with ``handle(request) -> Response`` (and optionally
 ``function_of(request) -> str | None`` naming the API function a request calls, so
-faults and the log can refer to it). ``FakeServer`` serves an app on a free port in a
+faults, latency and the log can refer to it; a ``WRITE_FUNCTIONS`` set naming the
+functions that write, for ``write_delay_s``; and ``date_clock_s() -> float``, the server's own
+clock in epoch seconds, which every reply's ``Date`` header is taken from; without it
+the header shows the real time). ``FakeServer`` serves an app on a free port in a
 background thread, records every request in ``log`` and applies the faults registered
 with ``add_fault`` before (or instead of) calling the app.
 
@@ -17,6 +20,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
@@ -116,6 +120,14 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002
         pass  # the request log replaces stderr chatter
 
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        """The ``Date`` header send_response adds to every reply (errors and faults too):
+        RFC 7231 IMF-fixdate from the app's own clock, which may be skewed on purpose."""
+        if timestamp is None:
+            clock = getattr(self.server.fake.app, "date_clock_s", None)
+            timestamp = clock() if clock is not None else time.time()
+        return formatdate(timestamp, usegmt=True)
+
     def parse_request(self) -> bool:
         self._started = time.perf_counter()  # the request line is in: serving starts
         return super().parse_request()
@@ -149,6 +161,9 @@ class _Handler(BaseHTTPRequestHandler):
             request.function = function_of(request)
         with fake.lock:
             fake.log.append(request)
+        latency = fake.latency_s(request)
+        if latency > 0:
+            time.sleep(latency)
         fault = fake._take_fault(request)
         if fault is not None and fault.delay_s:
             time.sleep(fault.delay_s)
@@ -241,10 +256,18 @@ class FakeServer:
 
     Use as a context manager, or call ``start()``/``stop()``. ``log`` lists every
     request received; ``errors`` collects exceptions raised inside the app.
+
+    ``read_delay_s`` and ``write_delay_s`` are the server's latency: every request sleeps
+    that long before it is answered (before any fault applies), ``write_delay_s`` for those
+    whose function is in the app's ``WRITE_FUNCTIONS`` (a real server commits a write to its
+    database), ``read_delay_s`` for all others. Plain attributes: set them at any time.
     """
 
-    def __init__(self, app: object, port: int = 0) -> None:
+    def __init__(self, app: object, port: int = 0, *, read_delay_s: float = 0.0,
+                 write_delay_s: float = 0.0) -> None:
         self.app = app
+        self.read_delay_s = read_delay_s
+        self.write_delay_s = write_delay_s
         self.log: list[Request] = []
         self.errors: list[BaseException] = []
         self.faults: list[Fault] = []
@@ -287,6 +310,15 @@ class FakeServer:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self._port}"
+
+    # -- latency ---------------------------------------------------------------------
+    def latency_s(self, request: Request) -> float:
+        """How long ``request`` waits before it is answered (``read_delay_s`` or
+        ``write_delay_s``)."""
+        writes = getattr(self.app, "WRITE_FUNCTIONS", ())
+        if request.function is not None and request.function in writes:
+            return self.write_delay_s
+        return self.read_delay_s
 
     # -- faults ----------------------------------------------------------------------
     def add_fault(self, fault: Fault | None = None, **kwargs: object) -> Fault:

@@ -1,10 +1,11 @@
 """A fake Plex Media Server that the unmodified ``plexapi`` library cannot tell from a
 real one for the calls sageplex_sync makes (see shared/reference/plex-api.md, §8).
 
-``FakePlex`` is an *app* for ``tests.fake_http.FakeServer``: it answers real HTTP on
+``FakePlex`` is an *app* for ``tests.fakes.fake_http.FakeServer``: it answers real HTTP on
 127.0.0.1 with the XML a PMS sends, keeps watch state per user (token), and applies the
 watch-state semantics of plex-api.md §4.1 to ``/:/scrobble``, ``/:/unscrobble``,
-``/:/progress`` and ``/:/timeline``. The library admin calls of §5 (``library.add``,
+``/:/progress`` and ``/:/timeline``, and serves the server's preferences (``/:/prefs``,
+with the played threshold those writes use). The library admin calls of §5 (``library.add``,
 ``section.update``, ``section.delete``) work too, including the ``/services/browse``
 look-ups ``library.add`` makes before it POSTs.
 
@@ -29,10 +30,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 from urllib.parse import unquote
 
-try:
-    from tests.fake_http import FakeServer, Request, Response
-except ImportError:  # run from inside tests/ (e.g. a demo script next to this file)
-    from fake_http import FakeServer, Request, Response  # type: ignore[no-redef]
+from tests.fakes.fake_http import Request, Response
 
 IDENTIFIER = "com.plexapp.plugins.library"
 OWNER = "owner"  # user name of the main token (the server owner)
@@ -231,7 +229,7 @@ def _browse_key(path: str) -> str:
 # --------------------------------------------------------------------------------------
 class FakePlex:
     """A fake PMS. Build a library with ``add_section``/``add_movie``/``add_episode``,
-    serve it with ``FakeServer(app)`` (or ``serve_plex``), inspect it with ``item``/
+    serve it with ``FakeServer(app)``, inspect it with ``item``/
     ``items``/``sections``. All state is guarded by one lock: ThreadingHTTPServer serves
     requests concurrently and tests read state from their own thread."""
 
@@ -240,7 +238,8 @@ class FakePlex:
 
     def __init__(self, token: str = "fake-plex-token", *, clock: Callable[[], float] = time.time,
                  min_progress_ms: int = 60_000, played_threshold: float = 0.9,
-                 progress_past_threshold: str = "played", omit_total_size: bool = False,
+                 progress_past_threshold: str = "played", scrobble_clears_offset: bool = True,
+                 omit_total_size: bool = False,
                  extra_tokens: dict[str, str] | None = None,
                  machine_identifier: str | None = None,
                  friendly_name: str = "fake-plex") -> None:
@@ -251,6 +250,8 @@ class FakePlex:
         self.min_progress_ms = min_progress_ms
         self.played_threshold = played_threshold
         self.progress_past_threshold = progress_past_threshold
+        # plex-api.md §9.3: whether a scrobble removes the resume offset is only believed
+        self.scrobble_clears_offset = scrobble_clears_offset
         self.omit_total_size = omit_total_size
         self.tokens: dict[str, str] = {token: OWNER, **(extra_tokens or {})}
         self.machine_identifier = machine_identifier or (uuid.uuid4().hex + uuid.uuid4().hex[:8])
@@ -340,15 +341,6 @@ class FakePlex:
         with self.lock:
             self._add_dir(_norm_dir(path))
 
-    def set_watch_state(self, rating_key: int, *, user: str = OWNER, view_count: int = 0,
-                        view_offset_ms: int = 0, last_viewed_at_s: int | None = None) -> None:
-        """Set one user's watch state of a movie or episode directly (test set-up)."""
-        with self.lock:
-            meta = self._meta[rating_key]
-            if meta.type not in _PLAYABLE:
-                raise ValueError("watch state belongs to movies and episodes")
-            self._set_watch(user, meta, _Watch(view_count, view_offset_ms, last_viewed_at_s))
-
     # ----------------------------------------------------------------------------------
     # inspecting state
     # ----------------------------------------------------------------------------------
@@ -381,6 +373,10 @@ class FakePlex:
     # ----------------------------------------------------------------------------------
     # the app protocol
     # ----------------------------------------------------------------------------------
+    def date_clock_s(self) -> float:
+        """The server's clock (epoch seconds) for the Date header of every reply."""
+        return float(self.clock())
+
     def function_of(self, request: Request) -> str | None:
         """Short endpoint name of a request, for the log and fault matching."""
         name = self._route(request.method, request.path)[0]
@@ -424,6 +420,8 @@ class FakePlex:
         if parts[0] == ":" and len(parts) == 2 and parts[1] in (
                 "scrobble", "unscrobble", "progress", "timeline"):
             return allow(parts[1], self._WRITE)
+        if parts == [":", "prefs"]:
+            return allow("prefs", self._READ)  # GUESS: setting prefs (PUT) is not modelled
         if parts == ["identity"]:
             return allow("identity", self._READ)
         if parts[:2] == ["services", "browse"]:
@@ -503,6 +501,35 @@ class FakePlex:
             f'<Directory key="recentlyAdded" title="Recently Added Content"/>'
             f'<Directory key="onDeck" title="On Deck Content"/>'
             f'</MediaContainer>')
+
+    def _do_prefs(self, request: Request, user: str) -> Response:
+        """The server's settings (plex-api.md §4.1): the played threshold the watch-state
+        writes apply, and a few others of the real list."""
+        self._owner_only(user)  # GUESS: server settings are the owner's, like other admin
+        threshold = round(self.played_threshold * 100)
+        settings = [
+            [("id", "FriendlyName"), ("label", "Friendly name"),
+             ("summary", "This name will be used to identify this media server to other "
+                         "computers on your network."),
+             ("type", "text"), ("default", ""), ("value", self.friendly_name), ("hidden", 0),
+             ("advanced", 0), ("group", "general")],
+            [("id", "LibraryVideoPlayedThreshold"), ("label", "Video played threshold"),
+             ("summary", "Set the percentage at which a video is considered played."),
+             ("type", "int"), ("default", 90), ("value", threshold), ("hidden", 0),
+             ("advanced", 1), ("group", "library"),
+             ("enumValues", "50:50%|60:60%|70:70%|80:80%|90:90%|95:95%|99:99%")],
+            # GUESS at the enum labels; the values and default are support.plex.tv's
+            [("id", "LibraryVideoPlayedAtBehaviour"), ("label", "Video play completion behaviour"),
+             ("summary", "Decide whether to use end credits markers to determine the 'watched' "
+                         "state of video items."),
+             ("type", "int"), ("default", 3), ("value", 3), ("hidden", 0), ("advanced", 1),
+             ("group", "library"),
+             ("enumValues", "0:at selected threshold percentage|1:at final credits marker "
+                            "position|2:at first credits marker position|3:earliest between "
+                            "threshold percent and first credits marker")],
+        ]
+        body = "".join(f"<Setting{_attrs(pairs)}/>" for pairs in settings)
+        return self._xml(f'<MediaContainer size="{len(settings)}">{body}</MediaContainer>')
 
     def _do_sections(self, request: Request, user: str) -> Response:
         dirs = "".join(self._section_xml(s) for s in self._sections.values())
@@ -622,7 +649,7 @@ class FakePlex:
         meta = self._write_target(request, "key")
         now = int(self.clock())
         for leaf in self._leaves(meta):
-            self._played(user, leaf, now)
+            self._played(user, leaf, now, clear_offset=self.scrobble_clears_offset)
         return self._empty()
 
     def _do_unscrobble(self, request: Request, user: str) -> Response:
@@ -665,9 +692,12 @@ class FakePlex:
             old = self._watch[user].get(meta.rk) or _Watch()
             self._set_watch(user, meta, _Watch(old.count, position, now))
 
-    def _played(self, user: str, meta: _Meta, now: int) -> None:
+    def _played(self, user: str, meta: _Meta, now: int, clear_offset: bool = True) -> None:
+        """viewCount + 1, lastViewedAt now; the offset goes (believed, §4.1) unless
+        ``clear_offset`` is False (the scrobble_clears_offset switch; a progress report
+        past the threshold is a completed play and always clears it)."""
         old = self._watch[user].get(meta.rk) or _Watch()
-        self._set_watch(user, meta, _Watch(old.count + 1, 0, now))
+        self._set_watch(user, meta, _Watch(old.count + 1, 0 if clear_offset else old.offset, now))
 
     # ----------------------------------------------------------------------------------
     # library admin (§5)
@@ -1049,8 +1079,3 @@ class FakePlex:
             grandparent_key=m.grandparent, guid=m.guid, added_at_s=m.added_at,
             updated_at_s=m.updated_at, part_sizes=list(m.sizes), leaf_count=len(leaves),
             viewed_leaf_count=sum(1 for e in leaves if e.rk in watch and watch[e.rk].count > 0))
-
-
-def serve_plex(app: FakePlex | None = None, **kwargs: object) -> FakeServer:
-    """Start a FakeServer for ``app`` (or a new FakePlex built from ``kwargs``)."""
-    return FakeServer(app or FakePlex(**kwargs)).start()  # type: ignore[arg-type]

@@ -22,12 +22,10 @@ Performance: each media file's serialized JSON is cached per filter and dropped 
 watch state (or its show's ``lastWatched``) changes, so a 50,000-item listing is a join of
 cached fragments.
 
-Run ``python tests/fake_sagex.py --port 8080`` for a standalone server with example data.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import re
@@ -36,10 +34,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-try:
-    from .fake_http import FakeServer, Request, Response
-except ImportError:  # loaded as a top-level module (tests/ itself on sys.path)
-    from fake_http import FakeServer, Request, Response  # type: ignore[no-redef]
+from tests.fakes.fake_http import FakeServer, Request, Response
 
 # --- SageTV constants (§6.2, §6.5; CORE java/sage/BigBrother.java) -----------------------------
 MIN_WATCH_MS = 5000  # SetWatchedTimes writes nothing when the clamped duration is <= this
@@ -169,7 +164,7 @@ class SageMediaFile:
     """One MediaFile and its (content) Airing as added with ``FakeSage.add_media_file``.
 
     Static description only; watch state lives in the FakeSage (read it with
-    ``airing_json``/``media_file_json``/``watch_record``).
+    ``airing_json``/``media_file_json``).
     """
 
     media_file_id: int
@@ -464,7 +459,8 @@ class FakeSage:
                  field_set: str = "head",
                  latest_watched_plus_3s: bool = False,
                  sagex_version: str = "9.2.8.1",
-                 plex_js_service: bool = False) -> None:
+                 plex_js_service: bool = False,
+                 list_delay_s: float = 0.0) -> None:
         if field_set not in ("head", "2015"):
             raise ValueError(f"field_set must be 'head' or '2015', not {field_set!r}")
         self.user = user
@@ -478,6 +474,13 @@ class FakeSage:
         self.sagex_version = sagex_version
         # the original tool's plex.js installed (§5): plex:GetMediaFileForName answers
         self.plex_js_service = plex_js_service
+        # a real SageTV takes a while to build a big GetMediaFiles reply: each listing sleeps
+        # this long first, outside the lock, so concurrent listings overlap as they would
+        self.list_delay_s = list_delay_s
+        self.listing_calls = 0  # GetMediaFiles calls answered or being answered
+        self.listings_in_flight = 0  # of those, being answered now
+        self.listings_in_flight_max = 0  # the most seen at once
+        self._listing_lock = threading.Lock()
         self._lock = threading.RLock()
         self._by_mf: dict[int, SageMediaFile] = {}
         self._by_airing: dict[int, SageMediaFile] = {}
@@ -569,16 +572,6 @@ class FakeSage:
             self._order.append(mf_id)
             return mf
 
-    def remove_media_file(self, media_file_id: int) -> None:
-        """Delete a media file (its airing and watch record go with it; the show stays)."""
-        with self._lock:
-            mf = self._by_mf.pop(media_file_id)
-            del self._by_airing[mf.airing_id]
-            self._watch.pop(mf.airing_id, None)
-            self._order.remove(media_file_id)
-            self._shows[mf.show_external_id].media_file_ids.remove(media_file_id)
-            self._invalidate((media_file_id,))
-
     def set_watch_record(self, airing_id: int, watch_start_ms: int, watch_end_ms: int,
                          real_start_ms: int = 0, real_end_ms: int = 0) -> None:
         """Store a Watched record as is (no clamps, no merge): e.g. a viewing on the TV."""
@@ -597,11 +590,6 @@ class FakeSage:
         """AiringAPI.SetWatched (§6.4)."""
         with self._lock:
             self._set_watched(self._by_airing[airing_id])
-
-    def clear_watched(self, airing_id: int) -> None:
-        """AiringAPI.ClearWatched (§6.4)."""
-        with self._lock:
-            self._clear_watched(self._by_airing[airing_id])
 
     def set_watched_times(self, airing_id: int, watched_end_ms: int, real_start_ms: int) -> None:
         """AiringAPI.SetWatchedTimes (§6.5); RealWatchedEndTime becomes ``clock_ms()``."""
@@ -625,13 +613,6 @@ class FakeSage:
     def media_files(self) -> list[SageMediaFile]:
         with self._lock:
             return [self._by_mf[i] for i in self._ordered_ids()]
-
-    def watch_record(self, airing_id: int) -> tuple[int, int, int, int] | None:
-        """The raw Watched record (ws, we, rs, re), or None."""
-        with self._lock:
-            if airing_id not in self._by_airing:
-                raise KeyError(airing_id)
-            return self._watch.get(airing_id)
 
     def show_last_watched(self, show_external_id: str) -> int:
         with self._lock:
@@ -756,6 +737,10 @@ class FakeSage:
         return self._order
 
     # --- HTTP -----------------------------------------------------------------------------------
+    def date_clock_s(self) -> float:
+        """The server's clock (epoch seconds) for the Date header of every reply."""
+        return self.clock_ms() / 1000
+
     @staticmethod
     def _is_api_path(path: str) -> bool:
         # /sagex/ (and /sagex) fall back to the api handler (§1.1)
@@ -800,8 +785,22 @@ class FakeSage:
         if request.method not in ("GET", "HEAD", "POST"):
             reason = f"HTTP method {request.method} is not supported by this URL"
             return Response(405, _jetty_page(405, reason, request.path), _JETTY_HTML_TYPE)
-        with self._lock:
-            return self._api(request)
+        if self.function_of(request) != "GetMediaFiles":
+            with self._lock:
+                return self._api(request)
+        with self._listing_lock:
+            self.listing_calls += 1
+            self.listings_in_flight += 1
+            self.listings_in_flight_max = max(self.listings_in_flight_max,
+                                              self.listings_in_flight)
+        try:
+            if self.list_delay_s > 0:
+                time.sleep(self.list_delay_s)
+            with self._lock:
+                return self._api(request)
+        finally:
+            with self._listing_lock:
+                self.listings_in_flight -= 1
 
     def _authorized(self, request: Request) -> bool:
         scheme, _, credentials = (request.header("authorization") or "").strip().partition(" ")
@@ -1220,27 +1219,3 @@ def add_example_library(sage: FakeSage, *, base_ms: int, fillers: int = 55,
             segments=[(f"{root}/Filler-Episode{i + 1}-{100 + i}-0.mpg", start + 5, start + hour)],
             airing_start_ms=start, airing_end_ms=start + hour)
     return items
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Serve a fake SageTV sagex API.")
-    parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--fillers", type=int, default=55)
-    parser.add_argument("--user", default="sage")
-    parser.add_argument("--password", default="frey")
-    opts = parser.parse_args(argv)
-    sage = FakeSage(opts.user, opts.password)
-    base = int(time.time() * 1000) - (opts.fillers + 30) * 24 * 60 * MINUTE_MS
-    add_example_library(sage, base_ms=base, fillers=opts.fillers)
-    server = FakeServer(sage, port=opts.port).start()
-    print(f"fake sagex at {server.base_url}/sagex/api (user {opts.user!r}); Ctrl-C stops it",
-          flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        server.stop()
-
-
-if __name__ == "__main__":
-    main()

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 import threading
+import time
+from email.utils import formatdate, parsedate_to_datetime
 from typing import Any
 
 import pytest
 import requests
 
-from tests.fake_http import FakeServer
-from tests.fake_sagex import FakeSage, SageMediaFile, add_example_library, serve_sage
+from tests.fakes.fake_http import FakeServer
+from tests.fakes.fake_sagex import FakeSage, SageMediaFile, add_example_library, serve_sage
+from tests.fakes.world import SAGE_PASSWORD, SAGE_USER, World, at, none, watched
 
 MIN = 60_000
 DAY = 24 * 60 * MIN
@@ -845,3 +848,114 @@ def test_add_media_file_rejects_inconsistent_items(sage: FakeSage) -> None:
                             airing_start_ms=BASE, airing_end_ms=BASE + MIN,
                             media_file_id=mf.airing_id)
     assert sage.media_files() == [mf]
+
+
+# --- the server's clock: stamps and the Date header -------------------------------------------
+def date_ms(reply: requests.Response) -> float:
+    return parsedate_to_datetime(reply.headers["Date"]).timestamp() * 1000
+
+
+def test_every_reply_has_a_date_header_from_the_server_clock(api: Api, server: FakeServer,
+                                                             lib: dict, clock: Clock) -> None:
+    unauthorized = requests.get(api.url, params={"c": "GetMediaFiles", "encoder": "json"},
+                                timeout=10)
+    server.add_fault(function="GetAiringForID", status=503)
+    replies = [api.get("GetMediaFiles", "T", size=1), api.get("NoSuchFunction"), unauthorized,
+               api.session.get(server.base_url + "/elsewhere", timeout=10),
+               api.get("GetAiringForID", 1)]
+    assert [r.status_code for r in replies] == [200, 200, 401, 404, 503]
+    for reply in replies:  # RFC 7231 IMF-fixdate of the fake's "now", errors included
+        assert reply.headers["Date"] == formatdate(NOW / 1000, usegmt=True)
+    clock.now += 3_600_400
+    assert date_ms(api.get("GetMediaFiles", "T", size=1)) == pytest.approx(NOW + 3_600_400,
+                                                                          abs=1000)
+
+
+def test_skewed_sage_clock_stamps_writes_and_dates_replies() -> None:
+    skew = 5 * MIN  # the SageTV server's clock is 5 minutes fast
+    world = World(sage_skew_ms=skew)
+    item = world.episode("Castle", 1, 1, "Pilot", sage=none())
+    old = world.episode("Castle", 1, 2, "Nanny", sage=at(10 * MIN, ago=DAY))
+    seen = world.movie("Heat", sage=watched(ago=DAY))
+    sage_now = world.clock.ms() + skew
+    assert world.sage_clock_ms() == sage_now
+    # declared states were written down by SageTV's own clock
+    assert world.sage.airing_json(old.airing_id)["RealWatchedEndTime"] == sage_now - DAY
+    assert world.sage.airing_json(seen.airing_id)["RealWatchedEndTime"] == sage_now - DAY
+    with world.running() as servers:
+        session = requests.Session()
+        session.auth = (SAGE_USER, SAGE_PASSWORD)
+        url = servers.sage.base_url + "/sagex/api"
+
+        def call(c: str, *args: object) -> requests.Response:
+            params = {"c": c, "encoder": "json", **{str(i): a for i, a in enumerate(args, 1)}}
+            reply = session.get(url, params=params, timeout=10)
+            assert date_ms(reply) == pytest.approx(world.sage_clock_ms(), abs=1000)
+            return reply
+
+        world.clock.advance(90_000)  # advancing the world moves the server's clock too
+        target = item.file_start_ms + 12 * MIN
+        assert call("SetWatchedTimes", f"airing:{item.airing_id}", target,
+                    sage_now - 20 * MIN).json() == {}
+        airing = call("GetAiringForID", item.airing_id).json()["Airing"]
+        assert airing["RealWatchedEndTime"] == sage_now + 90_000
+        assert airing["WatchedEndTime"] == target
+        world.sage_skew_ms = 0  # a skew can change while the servers run
+        assert date_ms(call("GetMediaFiles", "T")) == pytest.approx(world.clock.ms(), abs=1000)
+        unauthorized = requests.get(url, timeout=10)
+        assert unauthorized.status_code == 401
+        assert date_ms(unauthorized) == pytest.approx(world.clock.ms(), abs=1000)
+
+
+# --- latency: slow listings and per-server delays --------------------------------------------
+def timed(call: Any) -> tuple[float, Any]:
+    started = time.perf_counter()
+    result = call()
+    return time.perf_counter() - started, result
+
+
+def test_list_delay_slows_each_listing_and_counts_concurrent_ones(install: Any,
+                                                                  server: FakeServer) -> None:
+    sage = install(list_delay_s=0.2)
+    add_example_library(sage, base_ms=BASE, fillers=0)
+    assert (sage.listing_calls, sage.listings_in_flight_max) == (0, 0)
+    barrier = threading.Barrier(3)
+    elapsed: list[float] = []
+
+    def listing() -> None:
+        api = Api(server.base_url)
+        barrier.wait()
+        seconds, reply = timed(lambda: api.json("MediaFileAPI.GetMediaFiles", "T"))
+        assert len(reply["Result"]) == 7
+        elapsed.append(seconds)
+
+    threads = [threading.Thread(target=listing) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(elapsed) == 3 and min(elapsed) >= 0.2
+    assert (sage.listing_calls, sage.listings_in_flight, sage.listings_in_flight_max) == (3, 0, 3)
+    api = Api(server.base_url)
+    seconds, _ = timed(lambda: api.json("GetMediaFiles", "T", size=1))
+    assert seconds >= 0.2
+    assert (sage.listing_calls, sage.listings_in_flight_max) == (4, 3)  # one at a time now
+    sage.list_delay_s = 5.0  # only GetMediaFiles waits: other calls answer at once
+    seconds, _ = timed(lambda: api.json("GetAiringForID", 1))
+    assert seconds < 2.5 and sage.listing_calls == 4
+
+
+def test_server_read_and_write_delays(install: Any, server: FakeServer) -> None:
+    sage = install()
+    mf = add_example_library(sage, base_ms=BASE, fillers=0)["on_time"]
+    api = Api(server.base_url)
+    server.read_delay_s, server.write_delay_s = 0.2, 0.6
+    try:
+        read_s, _ = timed(lambda: api.json("GetAiringForID", mf.airing_id))
+        write_s, _ = timed(lambda: api.json("SetWatched", f"airing:{mf.airing_id}"))
+        assert 0.2 <= read_s < 0.6 <= write_s
+        assert "SetWatched" in sage.WRITE_FUNCTIONS
+    finally:
+        server.read_delay_s = server.write_delay_s = 0.0
+    with FakeServer(FakeSage(), write_delay_s=0.3) as slow:
+        assert (slow.read_delay_s, slow.write_delay_s) == (0.0, 0.3)

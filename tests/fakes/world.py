@@ -11,7 +11,14 @@ Each item is one recording: SageTV sees it as a MediaFile with an airing (file n
 Windows form, as a SageTV server on Windows reports them) and Plex as a movie or episode
 whose parts are the same files seen through a share. Watch states are given per side
 (``none()``, ``watched(...)``, ``at(position, ...)``) with wall-clock times relative to
-the world's clock, which both fakes use as "now".
+the world's clock.
+
+Each fake has its own clock: the world's plus a skew (``World(sage_skew_ms=...,
+plex_skew_ms=...)``, or the ``sage_skew_ms``/``plex_skew_ms`` attributes later), as two
+real servers' clocks disagree. Every stamp a server makes (Plex ``lastViewedAt``, SageTV
+``RealWatchedEndTime``, ...) and its replies' ``Date`` header come from its own clock, and
+so do the stamps of the watch states declared here (``ago`` is real time before "now",
+written down by that server). ``world.clock.advance(ms)`` moves both.
 """
 
 from __future__ import annotations
@@ -23,9 +30,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.fake_http import FakeServer
-from tests.fake_plex import FakePlex, PlexItem
-from tests.fake_sagex import FakeSage
+from tests.fakes.fake_http import FakeServer
+from tests.fakes.fake_plex import FakePlex, PlexItem
+from tests.fakes.fake_sagex import FakeSage
 
 SEC = 1_000
 MIN = 60 * SEC
@@ -110,11 +117,14 @@ def _safe(text: str) -> str:
 
 class World:
     def __init__(self, *, now_ms: int | None = DEFAULT_NOW_MS, sage_options: dict | None = None,
-                 plex_options: dict | None = None) -> None:
+                 plex_options: dict | None = None, sage_skew_ms: int = 0,
+                 plex_skew_ms: int = 0) -> None:
         self.clock = Clock(now_ms)
-        self.sage = FakeSage(SAGE_USER, SAGE_PASSWORD, clock_ms=self.clock.ms,
+        self.sage_skew_ms = sage_skew_ms  # SageTV's clock minus the world's (may change later)
+        self.plex_skew_ms = plex_skew_ms  # Plex's clock minus the world's
+        self.sage = FakeSage(SAGE_USER, SAGE_PASSWORD, clock_ms=self.sage_clock_ms,
                              **(sage_options or {}))
-        self.plex = FakePlex(PLEX_TOKEN, clock=self.clock.s, **(plex_options or {}))
+        self.plex = FakePlex(PLEX_TOKEN, clock=self.plex_clock_s, **(plex_options or {}))
         self.sage_root = "D:\\SageTV\\TV"
         self.plex_roots = {"show": "/mnt/sagetv/tv", "movie": "/mnt/sagetv/movies"}
         self.tv_section = self.plex.add_section(TV_SECTION, "show", [self.plex_roots["show"]],
@@ -127,6 +137,15 @@ class World:
         self.items: list[Item] = []
         self._next_airing = 3_490_000
         self._next_slot_ms = self.clock.ms() - 60 * DAY  # recordings are weeks old
+
+    # -- the servers' clocks ----------------------------------------------------------------
+    def sage_clock_ms(self) -> int:
+        """SageTV's "now" (epoch ms): the world's clock plus ``sage_skew_ms``."""
+        return self.clock.ms() + self.sage_skew_ms
+
+    def plex_clock_s(self) -> float:
+        """Plex's "now" (epoch s): the world's clock plus ``plex_skew_ms``."""
+        return (self.clock.ms() + self.plex_skew_ms) / 1000
 
     # -- declaring items -------------------------------------------------------------------
     def movie(self, title: str, *, year: int = 1995, duration_ms: int = 2 * HOUR,
@@ -205,7 +224,7 @@ class World:
                          view_offset_ms=plex.position_ms,
                          last_viewed_at_s=None if plex.ago_ms is None or
                          (not plex.watched and not plex.position_ms)
-                         else (self.clock.ms() - plex.ago_ms) // 1000)
+                         else (self.clock.ms() + self.plex_skew_ms - plex.ago_ms) // 1000)
             if kind == "movie":
                 item.rating_key = self.plex.add_movie(self.movie_section, title, files,
                                                       item.duration_ms, year=year, **watch)
@@ -217,7 +236,7 @@ class World:
 
     def _set_sage(self, item: Item, sage: Watch, airing_start: int, airing_end: int) -> None:
         assert item.airing_id is not None
-        now = self.clock.ms()
+        now = self.sage_clock_ms()  # SageTV wrote the record with its own clock
         if sage.watched:
             if sage.ago_ms is None:
                 self.sage.set_watched(item.airing_id)  # the "manual" path: no real times

@@ -343,14 +343,15 @@ class _Section:
         return value.strip() if key == "host" else value
 
     def number(self, key: str, default: float, *, integer: bool = False,
-               low: float = 0, high: float = float("inf"), unit: str = "seconds") -> float:
+               low: float = 0, high: float = float("inf"), unit: str = "") -> float:
         value = self.values.get(key, default)
         kind = int if integer else (int, float)
         if isinstance(value, bool) or not isinstance(value, kind) or not low < value < high:
-            span = (f"a whole number from {int(low) + 1} to {int(high) - 1}" if integer
-                    else "a positive number")
-            raise ConfigError(f"config file {self.path}: '{self.name}.{key}' must be {span} "
-                              f"of {unit} (without quotes), not {json.dumps(value)}")
+            span = (f"a number from {int(low) + 1} to {int(high) - 1}" if integer
+                    else "a positive number of seconds")
+            what = f" ({unit})" if unit else ""
+            raise ConfigError(f"config file {self.path}: '{self.name}.{key}' must be {span}"
+                              f"{what} without quotes, not {json.dumps(value)}")
         return value
 
     def warnings(self) -> list[str]:
@@ -379,7 +380,7 @@ def parse_config(data: object, path: Path) -> Config:
     def port(sect: _Section) -> int:
         if sect.values.get("port") is None:
             raise ConfigError(f"config file {path}: key '{sect.name}.port' is missing; add it")
-        return int(sect.number("port", 0, integer=True, high=65536, unit="a port"))
+        return int(sect.number("port", 0, integer=True, high=65536, unit="the port"))
 
     sage_config = ServerConfig(
         "sagex", sagex.text("host"), port(sagex), user=sagex.text("user"),
@@ -387,13 +388,13 @@ def parse_config(data: object, path: Path) -> Config:
         timeout_s=float(sagex.number("timeout", DEFAULT_TIMEOUT_S)),
         list_timeout_s=float(sagex.number("list_timeout", DEFAULT_LIST_TIMEOUT_S)),
         write_workers=int(sagex.number("write_workers", DEFAULT_SAGE_WRITE_WORKERS,
-                                       integer=True, high=65, unit="workers")))
+                                       integer=True, high=65, unit="writes at a time")))
     # The original config had no token: a PMS that trusts its LAN needs none.
     plex_config = ServerConfig(
         "plex", plex.text("host"), port(plex), token=plex.text("token", required=False),
         timeout_s=float(plex.number("timeout", DEFAULT_TIMEOUT_S)),
         write_workers=int(plex.number("write_workers", DEFAULT_PLEX_WRITE_WORKERS,
-                                      integer=True, high=65, unit="workers")))
+                                      integer=True, high=65, unit="writes at a time")))
     return Config(path, sage_config, plex_config, tuple(sagex.warnings() + plex.warnings()))
 
 
@@ -1345,7 +1346,8 @@ class SageIndex:
             for other in self.items.values():
                 if other.show_id:
                     self._by_show[other.show_id].append(other)
-        return [o for o in self._by_show.get(item.show_id, ()) if o is not item]
+        return [o for o in self._by_show.get(item.show_id, ())
+                if o.media_file_id != item.media_file_id]
 
     def replace(self, item: SageItem) -> None:
         """A media file read again after the writes."""
@@ -1485,7 +1487,7 @@ class PlexSetPosition:
     position_ms: int
 
     def __str__(self) -> str:
-        return f"set Plex to {format_hms(self.position_ms)}"
+        return f"set Plex position to {format_hms(self.position_ms)}"
 
 
 @dataclass(frozen=True)
@@ -1512,7 +1514,7 @@ class SageSetPosition:
 
     def __str__(self) -> str:
         clear = "clear watched, then " if self.clear_first else ""
-        return f"{clear}set SageTV to {format_hms(self.position_ms)}"
+        return f"{clear}set SageTV position to {format_hms(self.position_ms)}"
 
 
 PlexWrite = Union[PlexMarkWatched, PlexMarkUnwatched, PlexSetPosition]
@@ -2030,6 +2032,9 @@ class SyncRun:
         """Movies and episodes by media id; a show or season gives all its episodes."""
         wanted = list(dict.fromkeys(rating_keys))
         found = {int(e.get("ratingKey") or 0): e for e in self.plex.metadata(wanted)}
+        if len(found) < len(wanted):  # a server that refuses the whole list for one id
+            found.update((int(e.get("ratingKey") or 0), e) for key in wanted
+                         if key not in found for e in self.plex.metadata([key]))
         videos: list[Element] = []
         for key in wanted:
             element = found.get(key)
@@ -2643,6 +2648,8 @@ def item_line(entry: Entry) -> str:
     if not entry.matched:
         reason = entry_reason(entry)
         return head + (f"  {reason}" if reason else "")
+    if entry.verdict is Verdict.IN_SYNC and entry.outcome is Outcome.UNCHANGED:
+        return head
     line = f"{head}  SageTV {entry.sage_status}, Plex {entry.plex_status}"
     reason = entry_reason(entry)
     line += f": {reason}" if reason else ""
@@ -2886,7 +2893,6 @@ _CONFLICTS: list[tuple[Callable[[argparse.Namespace], bool], str]] = [
                                    or a.simulate)),
      "-m, --sagedata, --position, -p and -n go with a sync or report, not with -l, --check "
      "or the library commands"),
-    (lambda a: a.ignore < 0, "-x must be 0 or more seconds"),
     (lambda a: bool(a.sagedata and not a.media), "--sagedata needs -m and media ids"),
     (lambda a: bool(a.sagedata and (a.sync or a.position or a.simulate)),
      "--sagedata only shows SageTV's data; drop -s / -n / --position"),
@@ -2913,6 +2919,8 @@ def validate_args(args: argparse.Namespace) -> Options:
     for broken, message in _CONFLICTS:
         if broken(args):
             raise UsageError(f"{message} (see --help)")
+    if args.ignore < 0:
+        raise UsageError(f"-x must be 0 or more seconds, not {args.ignore} (see --help)")
     ids = list(args.id)
     if args.why is not None:
         ids = [args.why]

@@ -71,9 +71,12 @@ class Env:
     def plex(self) -> FakeServer:
         return self.servers.plex
 
-    def run(self, *argv: str) -> Result:
+    def run(self, *argv: str, every_item: bool = True) -> Result:
+        """Run the tool in-process; ``every_item`` lists in-sync items too (--all-items),
+        so that tests can read any item's line."""
         out, err = io.StringIO(), io.StringIO()
-        code = sageplex_sync.main(list(argv), out=out, err=err)
+        args = list(argv) + (["--all-items"] if every_item and _takes_all_items(argv) else [])
+        code = sageplex_sync.main(args, out=out, err=err)
         log = self.log_path.read_text(encoding="utf-8") if self.log_path.exists() else ""
         return Result(int(code), out.getvalue(), err.getvalue(), log)
 
@@ -99,6 +102,13 @@ class Env:
     def clear_logs(self) -> None:
         self.sage.clear_log()
         self.plex.clear_log()
+
+
+def _takes_all_items(argv: tuple[str, ...]) -> bool:
+    """Whether a command line is a sync or report (where --all-items is allowed)."""
+    others = {"-l", "--list", "--check", "--addtv", "--addmovie", "--delsec", "--refresh",
+              "--why", "--sagedata", "--help", "-h", "--version"}
+    return bool(argv) and not others.intersection(argv)
 
 
 @pytest.fixture

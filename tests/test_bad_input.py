@@ -20,13 +20,6 @@ from tests.conftest import Env, Result, assert_no_secrets
 from tests.fakes.world import HOUR, MIN, PLEX_TOKEN, SAGE_PASSWORD, World, at, none, watched
 
 
-@pytest.fixture(autouse=True)
-def fresh_secrets() -> None:
-    """Each in-process run knows only the secrets of its own config, as a new process
-    would: one remembered from an earlier test must not hide a leak by redacting it."""
-    sageplex_sync.SECRETS.clear()
-
-
 @pytest.fixture
 def env(world: World, start: Callable[..., Env]) -> Env:
     """A world where a sync would write on both sides (so a case that writes shows)."""
@@ -42,7 +35,7 @@ def check(r: Result, code: int, *says: str) -> str:
     assert r.code == code, r.out + r.err
     lines = r.err.splitlines()
     assert len(lines) == 1, r.err
-    assert lines[0].startswith("sageplex_sync: error: "), r.err
+    assert lines[0].startswith("sageplex-sync: error: "), r.err
     for words in says:
         assert words in lines[0]
     for text in (r.out, r.err, r.log):
@@ -132,7 +125,7 @@ def test_config_key_missing(env: Env, key: str) -> None:
 
 
 @pytest.mark.parametrize("key, value, says", [
-    ("sagex.port", "8080", ("'sagex.port' must be a number", "without quotes", '"8080"')),
+    ("sagex.port", "8080", ("'sagex.port' must be a number from 1 to 65535", "without quotes", '"8080"')),
     ("plex.port", "32400", ("'plex.port' must be a number", '"32400"')),
     ("sagex.port", -8080, ("'sagex.port' must be a number from 1 to 65535", "-8080")),
     ("plex.port", 0, ("'plex.port'", "from 1 to 65535")),

@@ -200,7 +200,7 @@ def test_script_reports_an_error_in_one_line_with_its_exit_code(world: World,
 
     assert missing.returncode == 2
     assert missing.stderr.count("\n") == 1
-    assert missing.stderr.startswith("sageplex_sync: error: Plex has no media id 987654")
+    assert missing.stderr.startswith("sageplex-sync: error: Plex has no media id 987654")
     assert "Traceback" not in missing.stderr
     assert_no_secrets(missing.stderr, report.stdout, report.stderr)
     assert report.returncode == 0, report.stderr

@@ -83,6 +83,7 @@ def test_secrets_never_appear_in_the_config_repr(tmp_path: Path) -> None:
 def test_loaded_secrets_are_redacted_from_any_text(tmp_path: Path) -> None:
     data = json.loads(json.dumps(ORIGINAL_STYLE))
     data["plex"]["token"] = "tok-abcdef"
-    load_config(write(tmp_path, data))
-    assert sageplex_sync.SECRETS.redact("GET /?X-Plex-Token=tok-abcdef pw=frey-pw") == \
+    secrets = sageplex_sync.Secrets()
+    load_config(write(tmp_path, data), secrets)
+    assert secrets.redact("GET /?X-Plex-Token=tok-abcdef pw=frey-pw") == \
         "GET /?X-Plex-Token=<hidden> pw=<hidden>"

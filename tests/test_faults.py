@@ -42,13 +42,6 @@ REAL_BACKOFF_S = sageplex_sync.RETRY_BACKOFF_S
 
 
 @pytest.fixture(autouse=True)
-def fresh_secrets() -> None:
-    """Each in-process run knows only the secrets of its own config, as a new process
-    would: one remembered from an earlier test must not hide a leak by redacting it."""
-    sageplex_sync.SECRETS.clear()
-
-
-@pytest.fixture(autouse=True)
 def quick_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     """Retries as the tool does them, with a shorter pause: the matrix has many failing
     reads (test_retries_back_off checks the real backoff)."""
@@ -114,7 +107,7 @@ def assert_clean(r: Result) -> None:
 def assert_one_error_line(r: Result, server: str) -> str:
     lines = r.err.splitlines()
     assert len(lines) == 1, r.err
-    assert lines[0].startswith("sageplex_sync: error: "), r.err
+    assert lines[0].startswith("sageplex-sync: error: "), r.err
     assert server in lines[0], r.err
     return lines[0]
 

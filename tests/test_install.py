@@ -20,7 +20,7 @@ import pytest
 
 import sageplex_sync
 from tests.conftest import Env, assert_no_secrets
-from tests.world import MIN, World, at, watched
+from tests.fakes.world import MIN, World, at, watched
 
 ROOT = Path(__file__).resolve().parent.parent
 #: What a build of the project reads; anything else in the tree is not part of the package.

@@ -36,7 +36,7 @@ import threading
 import time
 import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from enum import Enum, IntEnum
 from pathlib import Path
@@ -421,7 +421,9 @@ class _Counter:
             except (TypeError, ValueError, IndexError, OverflowError):
                 return
             # Whole seconds: the header has no finer grain, and the reply took time to come.
-            self.offset_ms = round((server_ms - self.local_ms()) / 1000) * 1000
+            # The first reply of a run sets it: later ones would only add jitter.
+            if self.offset_ms is None:
+                self.offset_ms = round((server_ms - self.local_ms()) / 1000) * 1000
 
 
 def _session(retries: Retry, counter: _Counter, pool_size: int) -> requests.Session:
@@ -439,6 +441,17 @@ def _read_retries(read: int = 2) -> Retry:
                  other=0, backoff_factor=RETRY_BACKOFF_S,
                  status_forcelist=(429, 500, 502, 503, 504), allowed_methods={"GET"},
                  raise_on_status=False)
+
+
+class _ListingRetry(Retry):
+    """Retries of the bulk listing: as any read, except that a read timeout is not
+    retried, since the server is most likely still building the first reply."""
+
+    def increment(self, *args: Any, **kwargs: Any) -> Retry:
+        error = kwargs.get("error")
+        if isinstance(error, urllib3_errors.ReadTimeoutError):
+            raise error
+        return super().increment(*args, **kwargs)
 
 
 def _write_retries() -> Retry:
@@ -562,7 +575,10 @@ class SageClient(_Client):
         self.url = f"{server.base_url}/sagex/api"
         # A read timeout on the listing means the server is still building it: asking
         # again would make it build a second one beside the first.
-        self._listing = _session(_read_retries(read=0), self._counter, 2)
+        listing_retries = _ListingRetry(**{k: getattr(_read_retries(), k) for k in (
+            "total", "connect", "read", "status", "other", "backoff_factor",
+            "status_forcelist", "allowed_methods", "raise_on_status")})
+        self._listing = _session(listing_retries, self._counter, 2)
         for session in (self._reads, self._writes, self._listing):
             session.auth = (server.user, server.password)
 
@@ -768,9 +784,11 @@ class PlexClient(_Client):
             log.debug("plex %s failed: %r", what, exc)
             raise PlexError(_transport_error(self.server, exc, what)) from None
 
-    def xml(self, path: str, what: str, *, method: str = "get") -> Element | None:
-        """A request's reply parsed (None when it is empty)."""
-        response = self.request(path, what, method=method)
+    def xml(self, path: str, what: str, *, method: str = "get", write: bool = False
+            ) -> Element | None:
+        """A request's reply parsed (None when it is empty), as plexapi parses even the
+        replies to writes."""
+        response = self.request(path, what, method=method, write=write)
         text = _reply_decoder(response.headers.get("Content-Type", ""))(response.content, True)
         if not text.strip():
             return None
@@ -895,16 +913,16 @@ class PlexClient(_Client):
         return [] if root is None else root.findall("Video")
 
     def mark_watched(self, rating_key: int) -> None:
-        self.request(f"/:/scrobble?key={rating_key}&identifier={PLEX_LIBRARY}",
+        self.xml(f"/:/scrobble?key={rating_key}&identifier={PLEX_LIBRARY}",
                      f"to mark media id {rating_key} watched", write=True)
 
     def mark_unwatched(self, rating_key: int) -> None:
-        self.request(f"/:/unscrobble?key={rating_key}&identifier={PLEX_LIBRARY}",
+        self.xml(f"/:/unscrobble?key={rating_key}&identifier={PLEX_LIBRARY}",
                      f"to mark media id {rating_key} not watched", write=True)
 
     def set_position(self, rating_key: int, position_ms: int, duration_ms: int) -> None:
         # The timeline call, unlike /:/progress, also works for managed (Home) users.
-        self.request(f"/:/timeline?ratingKey={rating_key}&key=/library/metadata/{rating_key}"
+        self.xml(f"/:/timeline?ratingKey={rating_key}&key=/library/metadata/{rating_key}"
                      f"&identifier={PLEX_LIBRARY}&time={int(position_ms)}&state=stopped"
                      f"&duration={int(duration_ms)}",
                      f"to set the position of media id {rating_key}", write=True)
@@ -2089,10 +2107,17 @@ class SyncRun:
         entry.sage_status = sage_status(item, segments, entry.bounds)
         plex = entry.plex
         entry.plex_status = classify(plex.watched, plex.position_ms, entry.bounds, is_sage=False)
-        entry.sage_last_ms = (item.real_end_ms - self.sage.clock_offset_ms
-                              if item.real_end_ms > 0 else 0)
-        entry.plex_last_ms = (plex.last_viewed_ms - self.plex.clock_offset_ms
-                              if plex.last_viewed_ms > 0 else 0)
+        sage_offset, plex_offset = self.clock_offsets()
+        entry.sage_last_ms = item.real_end_ms - sage_offset if item.real_end_ms > 0 else 0
+        entry.plex_last_ms = plex.last_viewed_ms - plex_offset if plex.last_viewed_ms > 0 else 0
+
+    def clock_offsets(self) -> tuple[int, int]:
+        """Both servers' clock offsets; two that differ by no more than the Date header's
+        grain are one offset (a tie between the servers' times stays a tie)."""
+        sage, plex = self.sage.clock_offset_ms, self.plex.clock_offset_ms
+        if abs(sage - plex) <= 1000:
+            return sage, sage
+        return sage, plex
 
     # -- 2. check --------------------------------------------------------------------------
     def check(self, facts: Facts) -> None:
@@ -2223,9 +2248,20 @@ class SyncRun:
             with ThreadPoolExecutor(workers, thread_name_prefix="write") as pool:
                 futures = [pool.submit(self.run_task, task, False, bar)
                            for task in tasks.values()]
+                self._wait(futures)
                 for future, task in zip(futures, tasks.values()):
                     _settle(future, task)
         bar.close()
+
+    def _wait(self, futures: list[Future]) -> None:
+        """Wait for the writes; on Ctrl-C (or SIGTERM) say that those started finish."""
+        said = False
+        while not all(f.done() for f in futures):
+            wait(futures, timeout=0.2, return_when=FIRST_EXCEPTION)
+            if self.stop.is_set() and not said:
+                said = True
+                self.console.err.write("\nInterrupted: finishing the writes already started "
+                                       "(nothing new starts)\n")
 
     def run_task(self, task: list[Entry], confirm: bool, bar: Any) -> None:
         wrote_sage: list[int] = []
@@ -2294,17 +2330,30 @@ class SyncRun:
         return self.state.record_run(self.opts.kind, self.opts.argv, bases, journal)
 
     def reread(self, written: list[Entry], facts: Facts) -> None:
+        """Read back the written items (and the recordings sharing a written show flag);
+        an item that cannot be read back has failed."""
         sage_ids: set[int] = set()
         for entry in written:
             if entry.sage is not None and any(_is_sage(w) for w in entry.writes):
                 sage_ids.add(entry.sage.media_file_id)
                 sage_ids.update(s.media_file_id for s in facts.index.siblings(entry.sage))
-        for item in self.read_sage_again(sage_ids):
-            facts.index.replace(item)
+        for media_file_id, item_or_error in self.read_sage_again(sage_ids).items():
+            if isinstance(item_or_error, SyncError):
+                sage_ids.discard(media_file_id)
+                _fail_unread([e for e in written if e.sage is not None
+                              and e.sage.media_file_id == media_file_id],
+                             item_or_error, sage=True)
+            else:
+                facts.index.replace(item_or_error)
         plex_keys = [e.plex.rating_key for e in written
                      if any(not _is_sage(w) for w in e.writes)]
         plex_now = {}
-        for element in self.plex.metadata(plex_keys):
+        try:
+            elements = self.plex.metadata(plex_keys)
+        except SyncError as exc:
+            _fail_unread(written, exc, sage=False)
+            elements = []
+        for element in elements:
             try:
                 item = plex_item_from_element(element)
             except PlexError:
@@ -2315,20 +2364,31 @@ class SyncRun:
                                   or entry.plex.rating_key in plex_now):
                 self.read_after(entry, facts, plex_now.get(entry.plex.rating_key))
 
-    def read_sage_again(self, ids: set[int]) -> list[SageItem]:
+    def read_sage_again(self, ids: set[int]) -> dict[int, SageItem | SyncError]:
+        """The media files by id, read again (one listing when there are many), or the
+        error that kept one from being read."""
+        found: dict[int, SageItem | SyncError] = {}
         if len(ids) > SAGE_REREAD_LISTING_ABOVE:
-            records: Iterable[object] = (r for r in self.sage.media_files(SAGE_FIELDS)
-                                         if isinstance(r, dict) and r.get("MediaFileID") in ids)
+            try:
+                records = [r for r in self.sage.media_files(SAGE_FIELDS)
+                           if isinstance(r, dict) and r.get("MediaFileID") in ids]
+            except SyncError as exc:
+                return dict.fromkeys(ids, exc)
         else:
-            records = [r for r in (self.sage.media_file(i, SAGE_FIELDS) for i in sorted(ids))
-                       if r is not None]
-        items = []
+            records = []
+            for media_file_id in sorted(ids):
+                try:
+                    records.append(self.sage.media_file(media_file_id, SAGE_FIELDS))
+                except SyncError as exc:
+                    found[media_file_id] = exc
         for record in records:
             try:
-                items.append(sage_item_from_json(record))
+                item = sage_item_from_json(record)
             except SageError as exc:
                 log.warning("SageTV record skipped on reading back: %s", exc)
-        return items
+                continue
+            found[item.media_file_id] = item
+        return found
 
     def read_after(self, entry: Entry, facts: Facts, plex_item: PlexItem | None) -> None:
         assert entry.sage is not None and entry.bounds is not None
@@ -2347,6 +2407,13 @@ class SyncRun:
             return
         entry.outcome = Outcome.FAILED
         entry.detail += f"; Plex accepted the write but the item is {entry.plex_after}"
+
+
+def _fail_unread(written: list[Entry], exc: SyncError, *, sage: bool) -> None:
+    for entry in written:
+        if entry.outcome is Outcome.UPDATED and any(_is_sage(w) == sage for w in entry.writes):
+            entry.outcome = Outcome.FAILED
+            entry.detail += f"; reading it back failed: {exc}"
 
 
 def _unreadable_entry(element: Element, reason: str) -> Entry:
@@ -2481,7 +2548,9 @@ class Applier:
         fresh, now = self._now()
         if now == intended:
             return self._siblings_note(fresh, call)
-        reason = error or f"SageTV accepted {call} but the item is {now}, not {intended}"
+        reason = error or (f"SageTV accepted {call} but the item is still {now}"
+                           if now == self.entry.sage_status else
+                           f"SageTV accepted {call} but the item is {now}, not {intended}")
         if restore and self._less_watched(now):
             reason += f"; {self._restore()}"
         raise SageError(reason)

@@ -15,7 +15,6 @@ from typing import Any, Callable
 
 import pytest
 
-import sageplex_sync
 from tests.conftest import Env, Result, assert_no_secrets
 from tests.fakes.world import HOUR, MIN, PLEX_TOKEN, SAGE_PASSWORD, World, at, none, watched
 
@@ -125,7 +124,8 @@ def test_config_key_missing(env: Env, key: str) -> None:
 
 
 @pytest.mark.parametrize("key, value, says", [
-    ("sagex.port", "8080", ("'sagex.port' must be a number from 1 to 65535", "without quotes", '"8080"')),
+    ("sagex.port", "8080", ("'sagex.port' must be a number from 1 to 65535", "without quotes",
+                             '"8080"')),
     ("plex.port", "32400", ("'plex.port' must be a number", '"32400"')),
     ("sagex.port", -8080, ("'sagex.port' must be a number from 1 to 65535", "-8080")),
     ("plex.port", 0, ("'plex.port'", "from 1 to 65535")),
@@ -210,7 +210,7 @@ USAGE_CASES: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "prompt-without-sync": (["all", "-p"], ("-p confirms sync writes; add -s",)),
     "sagedata-without-media": (["all", "--sagedata"], ("--sagedata needs -m",)),
     "sagedata-with-sync": (["-m", "1002", "--sagedata", "-s"], ("--sagedata only shows",)),
-    "yes-without-delsec": (["all", "-y"], ("-y only answers --delsec",)),
+    "yes-with-list": (["-l", "-y"], ("-y only answers --delsec",)),
     "addtv-without-path": (["--addtv", "Recorded TV"], ("--addtv needs a NAME and at least "
                                                         "one PATH",)),
     "delsec-with-ids": (["--delsec", "1", "2"], ("take no other ids",)),
@@ -232,7 +232,7 @@ def test_help_and_version_still_work(env: Env, capsys: pytest.CaptureFixture[str
     assert env.run("--help").code == 0
     assert "exit codes:" in capsys.readouterr().out
     assert env.run("--version").code == 0
-    assert "sageplex_sync.py" in capsys.readouterr().out
+    assert "sageplex-sync" in capsys.readouterr().out
     assert_nothing_asked(env)
 
 
@@ -250,7 +250,7 @@ def test_help_and_version_still_work(env: Env, capsys: pytest.CaptureFixture[str
 def test_unknown_section(env: Env, argv: list[str], says: tuple[str, ...]) -> None:
     check(env.run(*argv), 2, *says)
     assert env.writes() == []
-    assert env.sage.requests() == []  # SageTV is read only once every target is known
+    assert env.sage_writes() == []  # SageTV is read at the same time, but never written
 
 
 def test_media_id_that_does_not_exist(env: Env) -> None:

@@ -76,7 +76,7 @@ def test_unknown_section_is_a_usage_error_listing_the_sections(world: World, sta
     assert "Plex has no library section 'Cartoons'" in result.err
     assert f"1 ({TV_SECTION}), 2 ({MOVIE_SECTION})" in result.err
     assert env.writes() == []
-    assert env.sage.requests() == []  # sections are resolved before SageTV is read
+    assert env.sage_writes() == []  # SageTV is listed at the same time, never written
 
 
 def test_list_shows_both_sections(world: World, start) -> None:
@@ -205,7 +205,7 @@ def test_script_reports_an_error_in_one_line_with_its_exit_code(world: World,
     assert_no_secrets(missing.stderr, report.stdout, report.stderr)
     assert report.returncode == 0, report.stderr
     assert f"{item.rating_key}  Castle - s01e01 - Pilot  [SageTV out of sync]" in report.stdout
-    assert report.stdout.splitlines()[-1].startswith("Total: 1 videos")
+    assert report.stdout.splitlines()[-1].startswith("Total: 1 video,")
     assert env.writes() == []
 
 

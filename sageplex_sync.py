@@ -40,7 +40,7 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from enum import Enum, IntEnum
 from pathlib import Path
-from typing import Any, Callable, NoReturn, TextIO, TypeVar, Union
+from typing import Any, Callable, NoReturn, TextIO, TypeVar, Union, cast
 from xml.etree.ElementTree import Element, ParseError, XMLPullParser, fromstring
 
 import requests
@@ -151,6 +151,10 @@ class SageError(SyncError):
 
 class PlexError(SyncError):
     """The Plex server failed or refused a request, or sent a record we cannot read."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status  # the HTTP status of a refused request, else 0
 
 
 class StateError(SyncError):
@@ -447,11 +451,13 @@ class _ListingRetry(Retry):
     """Retries of the bulk listing: as any read, except that a read timeout is not
     retried, since the server is most likely still building the first reply."""
 
-    def increment(self, *args: Any, **kwargs: Any) -> Retry:
-        error = kwargs.get("error")
+    def increment(self, method: str | None = None, url: str | None = None,
+                  response: Any = None, error: Exception | None = None, _pool: Any = None,
+                  _stacktrace: Any = None) -> _ListingRetry:
         if isinstance(error, urllib3_errors.ReadTimeoutError):
             raise error
-        return super().increment(*args, **kwargs)
+        return cast(_ListingRetry,
+                    super().increment(method, url, response, error, _pool, _stacktrace))
 
 
 def _write_retries() -> Retry:
@@ -590,7 +596,7 @@ class SageClient(_Client):
              start: int | None = None, size: int | None = None,
              fields: Sequence[str] | None = None) -> dict:
         """Call one sagex function and return the decoded JSON object: the choke point."""
-        params: dict[str, object] = {"c": function, "encoder": "json"}
+        params: dict[str, Any] = {"c": function, "encoder": "json"}
         for number, arg in enumerate(args, start=1):
             params[str(number)] = arg
         if start is not None:
@@ -738,11 +744,9 @@ class PlexClient(_Client):
     def _status_error(self, status: int, what: str) -> PlexError:
         if status == 401:
             return PlexError(f"{self.where} refused the token (HTTP 401); "
-                             "check plex.token in the config")
+                             "check plex.token in the config", status)
         hint = "; the token's user may not manage this server" if status == 403 else ""
-        error = PlexError(f"{self.where} answered HTTP {status} {what}{hint}")
-        error.status = status  # type: ignore[attr-defined]
-        return error
+        return PlexError(f"{self.where} answered HTTP {status} {what}{hint}", status)
 
     @property
     def plex(self) -> Any:
@@ -810,7 +814,7 @@ class PlexClient(_Client):
         try:
             root = self.xml("/:/prefs", "to the server settings")
         except PlexError as exc:
-            if getattr(exc, "status", 0) in (401, 403, 404):
+            if exc.status in (401, 403, 404):
                 return DEFAULT_PLEX_PLAYED_PERCENT / 100, "Plex's default (settings not readable)"
             raise
         for setting in (root if root is not None else ()):
@@ -868,7 +872,7 @@ class PlexClient(_Client):
                        container: dict[str, str]) -> Iterator[Element]:
         with self.request(path, what, headers=headers, stream=True) as response:
             decode = _reply_decoder(response.headers.get("Content-Type", ""))
-            parser = XMLPullParser(events=("start", "end"))
+            parser: XMLPullParser[Element] = XMLPullParser(events=("start", "end"))
             stack: list[Element] = []
             empty = True  # plexapi reads an empty (or blank) reply as no container at all
             try:
@@ -899,7 +903,7 @@ class PlexClient(_Client):
             try:
                 root = self.xml(f"/library/metadata/{keys}", f"to media id {keys}")
             except PlexError as exc:
-                if getattr(exc, "status", 0) == 404:
+                if exc.status == 404:
                     continue
                 raise
             found += [] if root is None else list(root)
@@ -951,11 +955,13 @@ class PlexClient(_Client):
                      write=True)
 
 
-def _listing_children(parser: XMLPullParser, stack: list[Element],
+def _listing_children(parser: XMLPullParser[Element], stack: list[Element],
                       container: dict[str, str]) -> Iterator[Element]:
     """The Video children of the container as the parser completes them; each is dropped
     from the tree once handed on, so a listing never sits in memory whole."""
-    for event, element in parser.read_events():
+    for event_and_element in parser.read_events():
+        # Only start and end events were asked for: each comes with its element.
+        event, element = cast("tuple[str, Element]", event_and_element)
         if event == "start":
             if not stack:
                 container.update(element.attrib)
@@ -1747,13 +1753,13 @@ class StateStore:
         for (rating_key, media_file_id, name, sage, plex, sage_raw, plex_raw, pending_sage,
              pending_plex, pending_on, run_id) in self._rows("SELECT * FROM base"):
             try:
-                pending = None
+                base = Base(Status.from_text(sage), Status.from_text(plex))
                 if pending_on:
-                    pending = (_status_or_none(pending_sage), _status_or_none(pending_plex))
-                on = tuple(Status.from_text(t) for t in pending_on.split("|")) \
-                    if pending_on else None
-                base = Base(Status.from_text(sage), Status.from_text(plex), pending,
-                            on)  # type: ignore[arg-type]
+                    on_sage, on_plex = pending_on.split("|")
+                    base = replace(base, pending=(_status_or_none(pending_sage),
+                                                  _status_or_none(pending_plex)),
+                                   pending_on=(Status.from_text(on_sage),
+                                               Status.from_text(on_plex)))
             except (ValueError, AttributeError) as exc:
                 raise _damaged(self.path, exc) from None
             found[rating_key] = BaseRecord(media_file_id, name, base, sage_raw, plex_raw,
@@ -1761,16 +1767,18 @@ class StateStore:
         return found
 
     def runs(self) -> list[tuple[int, str, str, int]]:
-        return [tuple(r) for r in self._rows(  # type: ignore[misc]
+        return [(int(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in self._rows(
             "SELECT run_id, started_at, kind, writes FROM runs ORDER BY run_id")]
 
     def journal(self, run_id: int) -> list[JournalRow]:
         rows = []
         for row in self._rows("SELECT * FROM journal WHERE run_id = ?", run_id):
             try:
-                rows.append(JournalRow(*row[:6], Status.from_text(row[6]),  # type: ignore[misc]
-                                       Status.from_text(row[7]), _status_or_none(row[8]),
-                                       _status_or_none(row[9]), row[10], row[11]))
+                rows.append(JournalRow(
+                    run_id=row[0], rating_key=row[1], media_file_id=row[2], title=row[3],
+                    rule=row[4], writes=row[5], sage_before=Status.from_text(row[6]),
+                    plex_before=Status.from_text(row[7]), sage_after=_status_or_none(row[8]),
+                    plex_after=_status_or_none(row[9]), outcome=row[10], detail=row[11]))
             except ValueError as exc:
                 raise _damaged(self.path, exc) from None
         return rows
@@ -1994,6 +2002,7 @@ class SyncRun:
         self.stop = stop
         #: Decisions given from outside (--undo, --apply), with the states they expect.
         self.overrides = overrides or {}
+        self.index: SageIndex | None = None  # once read
         self._sage_slots = threading.BoundedSemaphore(sage.server.write_workers)
         self._plex_slots = threading.BoundedSemaphore(plex.server.write_workers)
 
@@ -2010,6 +2019,7 @@ class SyncRun:
                 index = SageIndex(listing.result())
         finally:
             background.shutdown(wait=False, cancel_futures=True)
+        self.index = index
         log.info("SageTV lists %d media files; Plex %d items", len(index), len(items))
         entries = [Entry(item) for item in items] + unreadable
         facts = Facts(entries, index, played_fraction, played_from, len(unreadable))
@@ -2360,8 +2370,8 @@ class SyncRun:
                 continue
             plex_now[item.rating_key] = item
         for entry in facts.entries:
-            if entry.matched and (entry.sage.media_file_id in sage_ids  # type: ignore[union-attr]
-                                  or entry.plex.rating_key in plex_now):
+            if entry.sage is not None and entry.bounds is not None and (
+                    entry.sage.media_file_id in sage_ids or entry.plex.rating_key in plex_now):
                 self.read_after(entry, facts, plex_now.get(entry.plex.rating_key))
 
     def read_sage_again(self, ids: set[int]) -> dict[int, SageItem | SyncError]:
@@ -2378,9 +2388,12 @@ class SyncRun:
             records = []
             for media_file_id in sorted(ids):
                 try:
-                    records.append(self.sage.media_file(media_file_id, SAGE_FIELDS))
+                    record = self.sage.media_file(media_file_id, SAGE_FIELDS)
                 except SyncError as exc:
                     found[media_file_id] = exc
+                    continue
+                if record is not None:
+                    records.append(record)
         for record in records:
             try:
                 item = sage_item_from_json(record)
@@ -2499,12 +2512,12 @@ class Applier:
         done: list[str] = []
         for write in self.entry.writes:
             try:
-                if _is_sage(write):
+                if isinstance(write, (SageMarkWatched, SageClearWatched, SageSetPosition)):
                     with self.run._sage_slots:
-                        note = self.sage_write(write)  # type: ignore[arg-type]
+                        note = self.sage_write(write)
                 else:
                     with self.run._plex_slots:
-                        note = self.plex_write(write)  # type: ignore[arg-type]
+                        note = self.plex_write(write)
             except SyncError as exc:
                 self.entry.outcome = Outcome.FAILED
                 self.entry.detail = "; ".join(done + [f"{write}: {exc}"])
@@ -2519,7 +2532,8 @@ class Applier:
         elif isinstance(write, PlexMarkUnwatched):
             self.plex.mark_unwatched(key)
         else:
-            duration = self.entry.plex.duration_ms or self.entry.bounds.duration_ms  # type: ignore
+            assert self.entry.bounds is not None
+            duration = self.entry.plex.duration_ms or self.entry.bounds.duration_ms
             self.plex.set_position(key, write.position_ms, duration)
         return ""
 
@@ -2571,8 +2585,8 @@ class Applier:
         if not error:
             error = _attempt(lambda: self.sage.set_watched_times(item.airing_id, write.time_ms,
                                                                  real_start))
-        intended = classify(False, write.position_ms, self.entry.bounds,  # type: ignore[arg-type]
-                            is_sage=True)
+        assert self.entry.bounds is not None
+        intended = classify(False, write.position_ms, self.entry.bounds, is_sage=True)
         fresh, now = self._now()
         if now == intended:
             return self._siblings_note(fresh, "ClearWatched") if write.clear_first else ""
@@ -2625,8 +2639,7 @@ class Applier:
         return f"SageTV's {call} also {verb} media file {ids} (same show)"
 
     def run_index_siblings(self, item: SageItem) -> list[SageItem]:
-        index = getattr(self.run, "index", None)
-        return index.siblings(item) if index is not None else []
+        return self.run.index.siblings(item) if self.run.index is not None else []
 
 
 def _attempt(call: Callable[[], None]) -> str:
@@ -3131,7 +3144,6 @@ def run_sync(opts: Options, config: Config, console: Console, stop: threading.Ev
             opts, overrides = prepare_replay(opts, state)
         run = SyncRun(opts, sage, plex, state, console, stop, overrides)
         facts = run.read()
-        run.index = facts.index  # type: ignore[attr-defined]
         _say_clocks(sage, plex)
         run.check(facts)
         run.plan(facts)
@@ -3224,37 +3236,45 @@ def run_admin(args: argparse.Namespace, config: Config, console: Console) -> Exi
         if args.list:
             for section in sections:
                 out.write(f"{section.key:>3}: {section.title} ({section.type})\n")
-            return ExitCode.OK
-        if args.addtv or args.addmovie:
-            name, *paths = args.addtv or args.addmovie
-            taken = [s for s in sections if s.title.lower() == name.lower()]
-            if taken:
-                raise UsageError(f"Plex already has a section named {name!r} (id "
-                                 f"{taken[0].key}); choose another name")
-            kind = TV_SECTION if args.addtv else MOVIE_SECTION
-            plex.add_section(name, kind, paths)
-            out.write(f"Plex library '{name}' added ({kind['type']}, {kind['scanner']}, "
-                      f"{len(paths)} folder(s)).\n")
-            return ExitCode.OK
-        if args.refresh:
+        elif args.addtv or args.addmovie:
+            _add_section(args.addtv or args.addmovie, bool(args.addtv), sections, plex, out)
+        elif args.refresh:
             for section in resolve_sections([args.refresh], sections, video_only=False):
                 plex.refresh_section(section.key)
                 out.write(f"Refreshing library [{section.key}]: {section.title}\n")
-            return ExitCode.OK
-        if args.delsec.lower() == "all":
-            raise UsageError("--delsec deletes one section at a time; give its id or name")
-        section = resolve_sections([args.delsec], sections, video_only=False)[0]
-        if not args.yes:
-            if not console.can_ask:
-                raise UsageError(f"--delsec {section.key} asks before deleting, and there is "
-                                 "no terminal to ask on; add -y to delete without asking")
-            if not console.ask(f"Delete the Plex library [{section.key}] {section.title}? "
-                               "This cannot be undone."):
-                out.write("Not deleted.\n")
-                return ExitCode.OK
-        plex.delete_section(section.key)
-        out.write(f"Library [{section.key}] {section.title} deleted.\n")
+        else:
+            _delete_section(args.delsec, args.yes, sections, plex, console)
         return ExitCode.OK
+
+
+def _add_section(words: list[str], tv: bool, sections: list[PlexSection], plex: PlexClient,
+                 out: TextIO) -> None:
+    name, *paths = words
+    taken = [s for s in sections if s.title.lower() == name.lower()]
+    if taken:
+        raise UsageError(f"Plex already has a section named {name!r} (id {taken[0].key}); "
+                         "choose another name")
+    kind = TV_SECTION if tv else MOVIE_SECTION
+    plex.add_section(name, kind, paths)
+    out.write(f"Plex library '{name}' added ({kind['type']}, {kind['scanner']}, "
+              f"{len(paths)} folder(s)).\n")
+
+
+def _delete_section(wanted: str, yes: bool, sections: list[PlexSection], plex: PlexClient,
+                    console: Console) -> None:
+    if wanted.lower() == "all":
+        raise UsageError("--delsec deletes one section at a time; give its id or name")
+    section = resolve_sections([wanted], sections, video_only=False)[0]
+    if not yes:
+        if not console.can_ask:
+            raise UsageError(f"--delsec {section.key} asks before deleting, and there is "
+                             "no terminal to ask on; add -y to delete without asking")
+        if not console.ask(f"Delete the Plex library [{section.key}] {section.title}? "
+                           "This cannot be undone."):
+            console.out.write("Not deleted.\n")
+            return
+    plex.delete_section(section.key)
+    console.out.write(f"Library [{section.key}] {section.title} deleted.\n")
 
 
 def run_rounds(opts: Options, config: Config, console: Console, stop: threading.Event,
@@ -3278,22 +3298,27 @@ def run_rounds(opts: Options, config: Config, console: Console, stop: threading.
     return ExitCode.INTERRUPTED if code is not ExitCode.FAILED else code
 
 
+def _log_file(path: Path, err: TextIO) -> list[logging.Handler]:
+    """The rotating log file (5 MB, as the original), made readable by the user alone."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            path.touch(mode=0o600)
+        return [logging.handlers.RotatingFileHandler(
+            path, maxBytes=5 * 1024 * 1024, backupCount=5, encoding="utf-8")]
+    except OSError as exc:
+        err.write(f"{PROG}: warning: cannot write the log file {path} ({exc.strerror}); "
+                  "set SAGEPLEX_LOG to a writable file\n")
+        return []
+
+
 @contextlib.contextmanager
 def logging_to(verbose: bool, err: TextIO, secrets: Secrets) -> Iterator[Path | None]:
     """The run's log handlers (a 0600 file in the user's state folder, stderr with -v),
     taken down again when the run ends. Library debug lines only with -v."""
     path = Path(os.environ.get("SAGEPLEX_LOG") or user_state_dir() / LOG_FILE_NAME)
     formatter = _RedactingFormatter(secrets)
-    handlers: list[logging.Handler] = []
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not path.exists():
-            path.touch(mode=0o600)
-        handlers.append(logging.handlers.RotatingFileHandler(
-            path, maxBytes=5 * 1024 * 1024, backupCount=5, encoding="utf-8"))
-    except OSError as exc:
-        err.write(f"{PROG}: warning: cannot write the log file {path} ({exc.strerror}); "
-                  "set SAGEPLEX_LOG to a writable file\n")
+    handlers: list[logging.Handler] = _log_file(path, err)
     if verbose:
         handlers.append(logging.StreamHandler(err))
     names = ("sageplex_sync", "plexapi", "urllib3") if verbose else ("sageplex_sync",)

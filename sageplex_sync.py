@@ -2172,8 +2172,9 @@ class SyncRun:
                     entry.sage = item
                     self.measure(entry, item, facts.played_fraction)
             decision, viewed_at = self.decide_members(members)
-            for entry in members:
-                self.plan_entry(entry, decision, viewed_at)
+            for position, entry in enumerate(members):
+                # One SageTV write for the recording: the first of the items holding it.
+                self.plan_entry(entry, decision, viewed_at, sage_too=position == 0)
             written = next((w for w in members[0].writes if not isinstance(
                 w, (PlexMarkWatched, PlexMarkUnwatched, PlexSetPosition))), None)
             if written is not None:
@@ -2199,11 +2200,12 @@ class SyncRun:
                           leader.plex_last_ms, leader.base)
         return decision, leader.plex_last_ms
 
-    def plan_entry(self, entry: Entry, decision: Decision, viewed_at_ms: int) -> None:
+    def plan_entry(self, entry: Entry, decision: Decision, viewed_at_ms: int,
+                   sage_too: bool = True) -> None:
         assert entry.sage is not None
         entry.decision = replace(decision, verdict=_member_verdict(entry, decision))
         writes: list[Write] = []
-        if decision.to_sage is not None:
+        if decision.to_sage is not None and sage_too:
             write = sage_write(entry.sage, entry.segments, entry.sage_status, decision.to_sage,
                                viewed_at_ms)
             writes += [write] if write is not None else []
@@ -2279,7 +2281,8 @@ class SyncRun:
             if self.stop.is_set():
                 entry.outcome, entry.detail = Outcome.SKIPPED, "interrupted before writing"
                 entry.keep_base = True
-            elif wrote_sage and self._stale(entry, wrote_sage):
+            elif wrote_sage and any(_is_sage(w) for w in entry.writes) and \
+                    self._stale(entry, wrote_sage):
                 pass
             elif confirm and not self.confirm(entry):
                 entry.outcome, entry.detail = Outcome.SKIPPED, "not confirmed"
@@ -2306,8 +2309,7 @@ class SyncRun:
         others = ", ".join(str(i) for i in wrote_sage if i != entry.sage.media_file_id)
         entry.outcome = Outcome.SKIPPED
         entry.detail = (f"SageTV changed it while writing media file {others or 'this one'} "
-                        "(a shared show flag); the next sync settles it")
-        entry.keep_base = True
+                        "(a shared show flag): what SageTV shows now is kept")
         return True
 
     def confirm(self, entry: Entry) -> bool:

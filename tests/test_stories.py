@@ -21,7 +21,7 @@ import pytest
 import sageplex_sync
 from tests.conftest import Env, Result, assert_no_secrets
 from tests.user import WATCHED, User, bounds, plex_state, progress, sage_state
-from tests.world import DAY, HOUR, MIN, SEC, World, at, none, watched
+from tests.fakes.world import DAY, HOUR, MIN, SEC, World, at, none, watched
 
 TOLERANCE_MS = 2_000
 
@@ -236,7 +236,7 @@ def test_d_listing_cut_off_ends_the_run_before_any_write(world: World, start,
     before = snapshot(world)
 
     r = ok(sync(env, state), 1)
-    assert r.err.startswith("sageplex_sync: error: ") and "Plex" in r.err
+    assert r.err.startswith("sageplex-sync: error: ") and "Plex" in r.err
     assert env.writes() == []  # not even the TV section's item, listed in full
     assert snapshot(world) == before
 
@@ -262,7 +262,7 @@ def test_d_position_past_the_end_of_one_item_writes_nothing(world: World, start,
 
     env.clear_logs()
     r = ok(env.run("-m", *ids, "-s", "--position", "1:00:00", "--state", str(state)), 2)
-    assert r.err.startswith("sageplex_sync: error: ")
+    assert r.err.startswith("sageplex-sync: error: ")
     assert env.writes() == []
     assert snapshot(world) == before
 
@@ -551,7 +551,7 @@ def test_n_damaged_state_file_stops_the_run_and_is_left_alone(world: World, star
         r = ok(sync(env, state), 1)
         lines = r.err.splitlines()
         assert len(lines) == 1, r.err
-        assert lines[0].startswith("sageplex_sync: error: ")
+        assert lines[0].startswith("sageplex-sync: error: ")
         assert str(state) in lines[0] or state.name in lines[0]
         assert re.search(r"delete|remove|rename|move|--state", lines[0]), lines[0]
         assert env.writes() == []

@@ -13,8 +13,8 @@ import urllib.request
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
-from tests.fake_http import FakeServer
-from tests.world import MIN, PLEX_TOKEN, SEC, Item, World, sage_time
+from tests.fakes.fake_http import FakeServer
+from tests.fakes.world import MIN, PLEX_TOKEN, SEC, Item, World, sage_time
 
 IDENTIFIER = "com.plexapp.plugins.library"
 TOLERANCE_MS = 2_000  # two PROGRESS states are equal when closer than this (§1.3)

@@ -591,6 +591,18 @@ class FakeSage:
         with self._lock:
             self._set_watched(self._by_airing[airing_id])
 
+    def clear_watched(self, airing_id: int) -> None:
+        """AiringAPI.ClearWatched (§6.4), as the user does it in SageTV's menus."""
+        with self._lock:
+            self._clear_watched(self._by_airing[airing_id])
+
+    def watch_record(self, airing_id: int) -> tuple[int, int, int, int] | None:
+        """The raw Watched record (ws, we, rs, re), or None."""
+        with self._lock:
+            if airing_id not in self._by_airing:
+                raise KeyError(airing_id)
+            return self._watch.get(airing_id)
+
     def set_watched_times(self, airing_id: int, watched_end_ms: int, real_start_ms: int) -> None:
         """AiringAPI.SetWatchedTimes (§6.5); RealWatchedEndTime becomes ``clock_ms()``."""
         with self._lock:

@@ -36,8 +36,8 @@ from hypothesis.stateful import (
 )
 
 from tests.conftest import Env
-from tests.user import NONE, WATCHED, State, User, bounds, plex_state, progress, sage_state
 from tests.fakes.world import DAY, HOUR, MIN, SEC, Item, World, at, none, watched
+from tests.user import NONE, WATCHED, State, User, bounds, plex_state, progress, sage_state
 
 SHARED_FLAG = "EP0000555001"
 PAIR = ("castle-2a", "castle-2b")  # two recordings of one episode: one SageTV show flag

@@ -20,8 +20,8 @@ import pytest
 
 import sageplex_sync
 from tests.conftest import Env, Result, assert_no_secrets
-from tests.user import WATCHED, User, bounds, plex_state, progress, sage_state
 from tests.fakes.world import DAY, HOUR, MIN, SEC, World, at, none, watched
+from tests.user import WATCHED, User, bounds, plex_state, progress, sage_state
 
 TOLERANCE_MS = 2_000
 

@@ -1891,8 +1891,10 @@ class Entry:
     notes: list[str] = field(default_factory=list)
     sage_after: Status | None = None
     plex_after: Status | None = None
-    #: The decision was not carried out and the old base stays (stale read, interrupted).
+    #: The decision was not carried out and the old base stays (interrupted, declined).
     keep_base: bool = False
+    #: What SageTV will show once another Plex item's write to the same file is done.
+    sage_expected: Status | None = None
 
     @property
     def matched(self) -> bool:
@@ -2175,6 +2177,8 @@ class SyncRun:
             for position, entry in enumerate(members):
                 # One SageTV write for the recording: the first of the items holding it.
                 self.plan_entry(entry, decision, viewed_at, sage_too=position == 0)
+                if position and any(_is_sage(w) for w in members[0].writes):
+                    entry.sage_expected = decision.to_sage
             written = next((w for w in members[0].writes if not isinstance(
                 w, (PlexMarkWatched, PlexMarkUnwatched, PlexSetPosition))), None)
             if written is not None:
@@ -2281,9 +2285,10 @@ class SyncRun:
             if self.stop.is_set():
                 entry.outcome, entry.detail = Outcome.SKIPPED, "interrupted before writing"
                 entry.keep_base = True
-            elif wrote_sage and any(_is_sage(w) for w in entry.writes) and \
-                    self._stale(entry, wrote_sage):
+            elif wrote_sage and not self._fresh(entry, wrote_sage):
                 pass
+            elif not entry.writes:
+                pass  # decided again on a fresh read: nothing left to do
             elif confirm and not self.confirm(entry):
                 entry.outcome, entry.detail = Outcome.SKIPPED, "not confirmed"
                 entry.keep_base = True
@@ -2294,22 +2299,33 @@ class SyncRun:
                     wrote_sage.append(entry.sage.media_file_id)
             bar.update()
 
-    def _stale(self, entry: Entry, wrote_sage: list[int]) -> bool:
-        """No decision on a stale read: an earlier write of this run (to the same
-        recording or one sharing its show flag) may have changed this item."""
+    def _fresh(self, entry: Entry, wrote_sage: list[int]) -> bool:
+        """No decision on a stale read: an earlier write of this run to the same recording
+        or to one sharing its show flag may have changed this item. If it did, the item is
+        decided again on a fresh read, taking what SageTV now shows as the server's truth
+        (not as the user's activity). False when the item cannot be read."""
         assert entry.sage is not None and entry.bounds is not None
         record = self.sage.media_file(entry.sage.media_file_id, SAGE_FIELDS)
         if record is None:
             entry.outcome, entry.detail = Outcome.FAILED, "SageTV no longer has this file"
-            return True
+            return False
         fresh = sage_item_from_json(record)
         fresh.segments = entry.sage.segments
-        if sage_status(fresh, entry.segments, entry.bounds) == entry.sage_status:
-            return False
-        others = ", ".join(str(i) for i in wrote_sage if i != entry.sage.media_file_id)
-        entry.outcome = Outcome.SKIPPED
-        entry.detail = (f"SageTV changed it while writing media file {others or 'this one'} "
-                        "(a shared show flag): what SageTV shows now is kept")
+        now = sage_status(fresh, entry.segments, entry.bounds)
+        if now == (entry.sage_expected or entry.sage_status) or self.overrides \
+                or self.opts.position_ms is not None:
+            return True
+        others = ", ".join(str(i) for i in wrote_sage if i != fresh.media_file_id)
+        entry.notes.append(f"decided again: SageTV's write to media file {others or 'it'} "
+                           f"changed it to {now} (a shared show flag)")
+        entry.sage, entry.sage_status = fresh, now
+        entry.sage_last_ms = fresh.real_end_ms - self.clock_offsets()[0] \
+            if fresh.real_end_ms > 0 else 0
+        if entry.base is not None:
+            entry.base = replace(entry.base, sage=now, pending=None, pending_on=None)
+        decision = decide(now, entry.plex_status, entry.sage_last_ms, entry.plex_last_ms,
+                          entry.base)
+        self.plan_entry(entry, decision, entry.plex_last_ms)
         return True
 
     def confirm(self, entry: Entry) -> bool:
@@ -2406,6 +2422,8 @@ class SyncRun:
         return found
 
     def read_after(self, entry: Entry, facts: Facts, plex_item: PlexItem | None) -> None:
+        """Both sides as they are after the writes; a Plex write that did not take has
+        failed, one the server took its own way is reported once (the base keeps it)."""
         assert entry.sage is not None and entry.bounds is not None
         item = facts.index.items.get(entry.sage.media_file_id, entry.sage)
         entry.sage_after = sage_status(item, entry.segments, entry.bounds)
@@ -2413,15 +2431,27 @@ class SyncRun:
             return
         entry.plex_after = classify(plex_item.watched, plex_item.position_ms, entry.bounds,
                                     is_sage=False)
-        intended = entry.decision.to_plex
-        if entry.outcome is not Outcome.UPDATED or intended is None or \
-                not any(not _is_sage(w) for w in entry.writes) or entry.plex_after == intended:
+        write = next((w for w in entry.writes if not _is_sage(w)), None)
+        if entry.outcome is not Outcome.UPDATED or write is None \
+                or entry.plex_after == entry.decision.to_plex:
             return
-        if intended.kind is Kind.PROGRESS and entry.plex_after.kind is Kind.WATCHED:
-            entry.notes.append("Plex counted the position as played")
+        note = _plex_took_it_its_way(write, entry.plex, plex_item)
+        if note:
+            entry.notes.append(note)
             return
         entry.outcome = Outcome.FAILED
         entry.detail += f"; Plex accepted the write but the item is {entry.plex_after}"
+
+
+def _plex_took_it_its_way(write: PlexWrite, before: PlexItem, after: PlexItem) -> str:
+    """What the server made of a write that took, where it differs from what was asked
+    (the references do not say what a server does there); '' when it did not take."""
+    if isinstance(write, PlexMarkWatched) and after.view_count > before.view_count:
+        return (f"Plex counts it watched and kept its resume point at "
+                f"{format_hms(after.position_ms)} (this server's scrobble keeps it)")
+    if isinstance(write, PlexSetPosition) and after.watched and not after.position_ms:
+        return "Plex counted the position as played"
+    return ""
 
 
 def _fail_unread(written: list[Entry], exc: SyncError, *, sage: bool) -> None:

@@ -62,9 +62,12 @@ NAMES = ("heat", "ronin", "castle-1", "castle-2a", "castle-2b")
 
 
 class SyncModel(RuleBasedStateMachine):
+    #: The fake Plex's settings for what the references leave open (see PLEX_SWITCHES).
+    plex_options: dict = {}
+
     def __init__(self) -> None:
         super().__init__()
-        self.world = World()
+        self.world = World(plex_options=self.plex_options)
         self.items = declare(self.world)
         self.bounds = {name: bounds(self.world, item) for name, item in self.items.items()}
         self.stack = contextlib.ExitStack()
@@ -205,7 +208,17 @@ class SyncModel(RuleBasedStateMachine):
         assert self.env.sage.errors == [] and self.env.plex.errors == []
 
 
-def test_random_user_actions_and_syncs(monkeypatch: pytest.MonkeyPatch) -> None:
+#: What Plex does with a write the references are unsure of: a position past the played
+#: threshold (played, stored, ignored) and whether a scrobble clears the offset.
+PLEX_SWITCHES = [{"progress_past_threshold": past, "scrobble_clears_offset": clears}
+                 for past in ("played", "offset", "ignore") for clears in (True, False)]
+
+
+@pytest.mark.parametrize("plex_options", PLEX_SWITCHES,
+                         ids=[f"{o['progress_past_threshold']}-clears-{o['scrobble_clears_offset']}"
+                              for o in PLEX_SWITCHES])
+def test_random_user_actions_and_syncs(monkeypatch: pytest.MonkeyPatch,
+                                       plex_options: dict) -> None:
     for name in ("SAGEPLEX_CFG", "SAGEPLEX_LOG"):  # put back after the examples
         monkeypatch.setenv(name, os.environ.get(name, ""))
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
@@ -214,7 +227,8 @@ def test_random_user_actions_and_syncs(monkeypatch: pytest.MonkeyPatch) -> None:
     phases = [Phase.explicit, Phase.reuse, Phase.generate]
     if os.environ.get("SAGEPLEX_MODEL_SHRINK"):
         phases.append(Phase.shrink)
-    run_state_machine_as_test(SyncModel, settings=settings(
-        max_examples=int(os.environ.get("SAGEPLEX_MODEL_EXAMPLES", "40")),
+    machine = type("SyncModelUnder", (SyncModel,), {"plex_options": plex_options})
+    run_state_machine_as_test(machine, settings=settings(
+        max_examples=int(os.environ.get("SAGEPLEX_MODEL_EXAMPLES", "12")),
         stateful_step_count=20, deadline=None, database=None, phases=phases,
         suppress_health_check=[HealthCheck.too_slow]))

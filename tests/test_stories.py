@@ -30,6 +30,20 @@ def near(actual: int, expected: int) -> bool:
     return abs(actual - expected) < TOLERANCE_MS
 
 
+#: What Plex does with a write the references are unsure of: a position past the played
+#: threshold (played, stored, ignored) and whether a scrobble clears the offset. Every
+#: story must come out right under each.
+PLEX_SWITCHES = [{"progress_past_threshold": past, "scrobble_clears_offset": clears}
+                 for past in ("played", "offset", "ignore") for clears in (True, False)]
+
+
+@pytest.fixture(params=PLEX_SWITCHES,
+                ids=[f"{o['progress_past_threshold']}-clears-{o['scrobble_clears_offset']}"
+                     for o in PLEX_SWITCHES])
+def world(request: pytest.FixtureRequest) -> World:
+    return World(plex_options=request.param)
+
+
 @pytest.fixture
 def state(tmp_path: Path) -> Path:
     return tmp_path / "state.sqlite"
@@ -457,7 +471,7 @@ class TestClockSkew:
     @pytest.fixture
     def world(self) -> World:
         # Plex's clock 10 minutes ahead: its lastViewedAt stamps and its Date header
-        return World(plex_skew_ms=10 * MIN)  # type: ignore[call-arg]
+        return World(plex_skew_ms=10 * MIN)
 
     def test_k_later_viewing_on_sagetv_wins_over_a_plex_clock_ahead(
             self, world: World, start, state: Path) -> None:

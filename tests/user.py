@@ -43,8 +43,15 @@ class User:
                    identifier=IDENTIFIER, state="stopped", time=position_ms, duration=duration)
 
     def plex_finish(self, item: Item, rating_key: int | None = None) -> None:
-        """Mark played (or play to the end): the scrobble."""
-        self._plex("/:/scrobble", key=rating_key or item.rating_key, identifier=IDENTIFIER)
+        """Play to the end: the scrobble, leaving no resume point. A client that plays to
+        the end leaves none, whatever the server's switch says about a bare scrobble (that
+        switch is about what the server does with the tool's writes)."""
+        plex = self.world.plex
+        clears, plex.scrobble_clears_offset = plex.scrobble_clears_offset, True
+        try:
+            self._plex("/:/scrobble", key=rating_key or item.rating_key, identifier=IDENTIFIER)
+        finally:
+            plex.scrobble_clears_offset = clears
 
     def plex_unwatch(self, item: Item, rating_key: int | None = None) -> None:
         """Mark unplayed: the unscrobble (view count and position go)."""

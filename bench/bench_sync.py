@@ -755,6 +755,37 @@ def _default_list_timeout() -> float:
     return sageplex_sync.DEFAULT_LIST_TIMEOUT_S
 
 
+def profile_check(size: int, latency: Latency, top: int, say) -> None:
+    """One check under cProfile (``--profile SIZE``): where the tool's own time goes."""
+    import io
+    import pstats
+
+    world, info = build_world(size)
+    with tempfile.TemporaryDirectory(prefix="sageplex-bench-") as tmp, world.running() as servers:
+        latency.apply(servers)
+        bench = Bench(world, servers, Path(tmp))
+        bench.warm_up()
+        profile = Path(tmp) / "check.prof"
+        argv = [sys.executable, "-m", "cProfile", "-o", str(profile), str(TOOL), "all",
+                "--state", str(Path(tmp) / "state.sqlite"), "-y"]
+        run = run_child(argv, bench.env, Path(tmp))
+        if run.code != 0:
+            raise RuntimeError(f"profiled check exited {run.code}:\n{run.err[-2000:]}")
+        check_report(run, info, "profiled check")
+        for order in ("tottime", "cumulative"):
+            text = io.StringIO()
+            pstats.Stats(str(profile), stream=text).sort_stats(order).print_stats(top)
+            lines = text.getvalue().splitlines()
+            start = next((i for i, ln in enumerate(lines) if "ncalls" in ln), 0)
+            say(f"\n== profile of one check of {size:,} items ({run.wall_s:.2f} s wall under "
+                f"cProfile), top {top} by {order}")
+            for line in lines[start:]:
+                if line.strip():
+                    say("  " + line.replace(str(ROOT) + "/", ""))
+    del world
+    gc.collect()
+
+
 # -----------------------------------------------------------------------------------------
 # Summary
 # -----------------------------------------------------------------------------------------
@@ -784,9 +815,9 @@ def verdict(ok: bool) -> str:
 
 def summary(results: list[SizeResult], first: FirstSync | None, slow: SlowListing | None,
             slow_wanted: bool, say) -> None:
-    say("\n   items |  check | lean floor | check/lean | naive floor | check/naive |"
+    say("\n    items |  check | lean floor | check/lean | naive floor | check/naive |"
         " sync (writes)   | peak RSS check/sync | KB/item | requests SageTV/Plex")
-    say("  -------+--------+------------+------------+-------------+-------------+"
+    say("  --------+--------+------------+------------+-------------+-------------+"
         "-----------------+---------------------+---------+---------------------")
     previous: SizeResult | None = None
     for r in results:
@@ -795,7 +826,7 @@ def summary(results: list[SizeResult], first: FirstSync | None, slow: SlowListin
             per_item = (r.check.rss_mb - previous.check.rss_mb) * 1024 / (
                 r.info.size - previous.info.size)
             growth = f"{per_item:7.2f}"
-        say(f"  {r.info.size:>6,} | {r.check.wall_s:5.2f}s | {r.lean.wall_s:9.2f}s | "
+        say(f"  {r.info.size:>7,} | {r.check.wall_s:5.2f}s | {r.lean.wall_s:9.2f}s | "
             f"{r.check.wall_s / r.lean.wall_s:9.2f}x | {r.naive.wall_s:10.2f}s | "
             f"{r.check.wall_s / r.naive.wall_s:10.2f}x | "
             f"{r.sync.wall_s:6.2f}s ({sum(writes(r.sync).values()):>5,}) | "
@@ -885,6 +916,8 @@ def main(argv: list[str] | None = None) -> int:
                              "SageTV taking SECONDS (default 60) per listing; takes minutes")
     parser.add_argument("--slow-listing-size", type=int, default=100_000,
                         help="items of the slow-listing scenario (default 100000)")
+    parser.add_argument("--profile", type=int, metavar="SIZE",
+                        help="only profile one check of SIZE items with cProfile")
     parser.add_argument("--worker", nargs=2, metavar=("NAME", "SPEC"), help=argparse.SUPPRESS)
     parser.add_argument("--spawner", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -911,6 +944,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         say(f"sageplex_sync benchmark, {datetime.date.today().isoformat()}, {machine()}")
+        if args.profile:
+            say(f"server latency: {latency}")
+            profile_check(args.profile, latency, 25, say)
+            return 0
         say(f"sizes {', '.join(f'{s:,}' for s in sizes)}; floors and check: best of "
             f"{args.repeat}, alternately; all wall times are around a subprocess (python "
             "start-up included), peak RSS and CPU from its rusage")

@@ -1436,6 +1436,14 @@ class Base:
     plex: Status
     pending: tuple[Status | None, Status | None] | None = None
     pending_on: tuple[Status, Status] | None = None
+    #: Each side's last-watched time then, as its server stamped it (0: none): a newer
+    #: stamp is a new viewing even when the state is the same (watched again).
+    sage_last_ms: int = 0
+    plex_last_ms: int = 0
+
+
+#: A last-watched stamp must move by more than this to count as a new viewing.
+RESTAMP_MS = 1_000
 
 
 def _verdict(sage: Status, plex: Status, result: Status) -> Verdict:
@@ -1464,7 +1472,8 @@ def decide_two_way(sage: Status, plex: Status, sage_last_ms: int, plex_last_ms: 
 
 
 def decide(sage: Status, plex: Status, sage_last_ms: int, plex_last_ms: int,
-           base: Base | None) -> Decision:
+           base: Base | None, *, sage_stamp_ms: int = 0, plex_stamp_ms: int = 0
+           ) -> Decision:
     """The three-way merge: with a base, the side that changed since the last sync is
     copied to the other, whatever it is (an un-watch or a move back included); when
     neither changed nothing is written even if they differ; when both changed, or there
@@ -1476,7 +1485,9 @@ def decide(sage: Status, plex: Status, sage_last_ms: int, plex_last_ms: int,
         verdict = (Verdict.BOTH_OUT_OF_SYNC if to_sage and to_plex else
                    Verdict.SAGE_OUT_OF_SYNC if to_sage else Verdict.PLEX_OUT_OF_SYNC)
         return Decision(verdict, to_sage, to_plex, "the last sync's failed write, again")
-    sage_changed, plex_changed = sage != base.sage, plex != base.plex
+    # ``*_stamp_ms`` are the servers' own last-watched times, comparable with the base's.
+    sage_changed = sage != base.sage or sage_stamp_ms > base.sage_last_ms + RESTAMP_MS
+    plex_changed = plex != base.plex or plex_stamp_ms > base.plex_last_ms + RESTAMP_MS
     if sage_changed and plex_changed:
         two_way = decide_two_way(sage, plex, sage_last_ms, plex_last_ms)
         return replace(two_way, rule=f"both changed since the last sync; {two_way.rule}")
@@ -1558,6 +1569,18 @@ def plex_write(current: Status, result: Status) -> tuple[PlexWrite | None, str]:
         return None, (f"Plex ignores positions of a minute or less "
                       f"({format_hms(result.position_ms)})")
     return PlexSetPosition(result.position_ms), ""
+
+
+def plex_writes(write: PlexWrite | None, view_count: int, position_ms: int
+                ) -> tuple[PlexWrite, ...]:
+    """The Plex requests for one write. Marking watched an item never played that holds a
+    resume point clears the point first (unscrobble, which costs nothing there): whether a
+    scrobble clears it is not documented, and a point left makes it a rewatch."""
+    if write is None:
+        return ()
+    if isinstance(write, PlexMarkWatched) and position_ms > 0 and view_count == 0:
+        return PlexMarkUnwatched(), write
+    return (write,)
 
 
 def sage_write(item: SageItem, segments: Sequence[tuple[int, int]], current: Status,
@@ -1753,7 +1776,11 @@ class StateStore:
         for (rating_key, media_file_id, name, sage, plex, sage_raw, plex_raw, pending_sage,
              pending_plex, pending_on, run_id) in self._rows("SELECT * FROM base"):
             try:
-                base = Base(Status.from_text(sage), Status.from_text(plex))
+                base = Base(Status.from_text(sage), Status.from_text(plex),
+                            sage_last_ms=int(json.loads(sage_raw or "{}")
+                                             .get("RealWatchedEndTime") or 0),
+                            plex_last_ms=int(json.loads(plex_raw or "{}")
+                                             .get("lastViewedAt") or 0) * 1000)
                 if pending_on:
                     on_sage, on_plex = pending_on.split("|")
                     base = replace(base, pending=(_status_or_none(pending_sage),
@@ -1895,6 +1922,9 @@ class Entry:
     keep_base: bool = False
     #: What SageTV will show once another Plex item's write to the same file is done.
     sage_expected: Status | None = None
+    #: Both sides as read back after the writes.
+    sage_after_item: SageItem | None = None
+    plex_after_item: PlexItem | None = None
 
     @property
     def matched(self) -> bool:
@@ -2198,10 +2228,15 @@ class SyncRun:
         if self.opts.position_ms is not None:
             return decide_position(first.sage_status, first.plex_status,
                                    self.opts.position_ms), 0
-        changed = [m for m in members if m.base is not None and m.plex_status != m.base.plex]
+        changed = [m for m in members if m.base is not None and (
+            m.plex_status != m.base.plex
+            or m.plex.last_viewed_ms > m.base.plex_last_ms + RESTAMP_MS)]
         leader = max(changed or members, key=lambda m: m.plex_last_ms)
+        assert leader.sage is not None
         decision = decide(leader.sage_status, leader.plex_status, leader.sage_last_ms,
-                          leader.plex_last_ms, leader.base)
+                          leader.plex_last_ms, leader.base,
+                          sage_stamp_ms=leader.sage.real_end_ms,
+                          plex_stamp_ms=leader.plex.last_viewed_ms)
         return decision, leader.plex_last_ms
 
     def plan_entry(self, entry: Entry, decision: Decision, viewed_at_ms: int,
@@ -2215,7 +2250,7 @@ class SyncRun:
             writes += [write] if write is not None else []
         if decision.to_plex is not None:
             plex_change, entry.blocked = plex_write(entry.plex_status, decision.to_plex)
-            writes += [plex_change] if plex_change is not None else []
+            writes += plex_writes(plex_change, entry.plex.view_count, entry.plex.position_ms)
         entry.writes = tuple(writes)
 
     # -- 4. guard --------------------------------------------------------------------------
@@ -2322,9 +2357,11 @@ class SyncRun:
         entry.sage_last_ms = fresh.real_end_ms - self.clock_offsets()[0] \
             if fresh.real_end_ms > 0 else 0
         if entry.base is not None:
-            entry.base = replace(entry.base, sage=now, pending=None, pending_on=None)
+            entry.base = replace(entry.base, sage=now, pending=None, pending_on=None,
+                                 sage_last_ms=fresh.real_end_ms)
         decision = decide(now, entry.plex_status, entry.sage_last_ms, entry.plex_last_ms,
-                          entry.base)
+                          entry.base, sage_stamp_ms=fresh.real_end_ms,
+                          plex_stamp_ms=entry.plex.last_viewed_ms)
         self.plan_entry(entry, decision, entry.plex_last_ms)
         return True
 
@@ -2427,11 +2464,15 @@ class SyncRun:
         assert entry.sage is not None and entry.bounds is not None
         item = facts.index.items.get(entry.sage.media_file_id, entry.sage)
         entry.sage_after = sage_status(item, entry.segments, entry.bounds)
+        entry.sage_after_item = item
         if plex_item is None:
             return
+        entry.plex_after_item = plex_item
         entry.plex_after = classify(plex_item.watched, plex_item.position_ms, entry.bounds,
                                     is_sage=False)
-        write = next((w for w in entry.writes if not _is_sage(w)), None)
+        write = next((w for w in reversed(entry.writes)
+                      if isinstance(w, (PlexMarkWatched, PlexMarkUnwatched, PlexSetPosition))),
+                     None)
         if entry.outcome is not Outcome.UPDATED or write is None \
                 or entry.plex_after == entry.decision.to_plex:
             return
@@ -2508,17 +2549,25 @@ def _base_record(entry: Entry) -> BaseRecord | None:
     assert entry.sage is not None
     name = file_name(entry.plex.paths[0]) if entry.plex.paths else ""
     if entry.outcome is Outcome.FAILED:
-        old = entry.base or Base(entry.sage_status, entry.plex_status)
+        old = entry.base or Base(entry.sage_status, entry.plex_status,
+                                 sage_last_ms=entry.sage.real_end_ms,
+                                 plex_last_ms=entry.plex.last_viewed_ms)
         decision = entry.decision
         base = replace(old, pending=(decision.to_sage, decision.to_plex),
                        pending_on=(entry.sage_status, entry.plex_status))
-        return BaseRecord(entry.sage.media_file_id, name, base)
+        return BaseRecord(entry.sage.media_file_id, name, base,
+                          json.dumps({"RealWatchedEndTime": old.sage_last_ms}),
+                          json.dumps({"lastViewedAt": old.plex_last_ms // 1000}))
     if entry.keep_base:
         return None
     sage = entry.sage_after if entry.sage_after is not None else entry.sage_status
     plex = entry.plex_after if entry.plex_after is not None else entry.plex_status
-    return BaseRecord(entry.sage.media_file_id, name, Base(sage, plex),
-                      json.dumps(entry.sage.raw()), json.dumps(entry.plex.raw()))
+    sage_item = entry.sage_after_item or entry.sage
+    plex_item = entry.plex_after_item or entry.plex
+    return BaseRecord(entry.sage.media_file_id, name,
+                      Base(sage, plex, sage_last_ms=sage_item.real_end_ms,
+                           plex_last_ms=plex_item.last_viewed_ms),
+                      json.dumps(sage_item.raw()), json.dumps(plex_item.raw()))
 
 
 def _journal_row(entry: Entry) -> JournalRow:

@@ -35,12 +35,12 @@ import sys
 import threading
 import time
 import unicodedata
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from enum import Enum, IntEnum
 from pathlib import Path
-from typing import Any, Callable, NoReturn, TextIO, TypeVar, Union, cast
+from typing import Any, NamedTuple, NoReturn, TextIO, TypeVar, cast
 from xml.etree.ElementTree import Element, ParseError, XMLPullParser, fromstring
 
 import requests
@@ -594,7 +594,8 @@ class SageClient(_Client):
 
     def call(self, function: str, *args: object, write: bool = False, listing: bool = False,
              start: int | None = None, size: int | None = None,
-             fields: Sequence[str] | None = None) -> dict:
+             fields: Sequence[str] | None = None,
+             convert: Callable[[dict], Any] | None = None) -> dict:
         """Call one sagex function and return the decoded JSON object: the choke point."""
         params: dict[str, Any] = {"c": function, "encoder": "json"}
         for number, arg in enumerate(args, start=1):
@@ -619,9 +620,10 @@ class SageClient(_Client):
             raise SageError(_transport_error(
                 self.server, exc, what, timeout,
                 "list_timeout" if listing else "timeout")) from None
-        return self._decode(response, what)
+        return self._decode(response, what, convert)
 
-    def _decode(self, response: requests.Response, what: str) -> dict:
+    def _decode(self, response: requests.Response, what: str,
+                convert: Callable[[dict], Any] | None = None) -> dict:
         where = f"SageTV at {self.server.address}"
         if response.status_code in (401, 403):
             raise SageError(f"{where} refused the user name or password (HTTP "
@@ -632,8 +634,11 @@ class SageClient(_Client):
         if response.status_code != 200:
             raise SageError(f"{where} answered HTTP {response.status_code} {what}")
         try:
-            # From the bytes: response.json() would first make a full-size str copy.
-            data = json.loads(response.content)
+            # From the bytes: response.json() would first make a full-size str copy; each
+            # media file is converted as soon as it is parsed, so the raw ones never pile up.
+            hook = None if convert is None else (
+                lambda obj: convert(obj) if "MediaFileID" in obj else obj)
+            data = json.loads(response.content, object_hook=hook)
         except ValueError:
             raise SageError(f"{where} sent a reply {what} that is not JSON "
                             f"({len(response.content)} bytes); is this a sagex server?") from None
@@ -652,12 +657,14 @@ class SageClient(_Client):
             raise SageError(f"{where} reported an error {what}: {first_line}")
         return data
 
-    def media_files(self, fields: Sequence[str]) -> list[Any]:
-        """Every recorded TV and imported video file, with its airing: one request."""
+    def media_files(self, fields: Sequence[str], convert: Callable[[dict], Any] | None = None
+                    ) -> list[Any]:
+        """Every recorded TV and imported video file, with its airing: one request. Each
+        record is handed to ``convert`` as soon as it is parsed."""
         records: list[Any] = []
         while True:
             page = self.call("GetMediaFiles", "TV", listing=True, start=len(records),
-                             size=SAGEX_PAGE_SIZE, fields=fields).get("Result")
+                             size=SAGEX_PAGE_SIZE, fields=fields, convert=convert).get("Result")
             if not isinstance(page, list):
                 raise SageError(f"SageTV at {self.server.address} sent a media file listing "
                                 "without a 'Result' list")
@@ -872,8 +879,7 @@ class PlexClient(_Client):
                        container: dict[str, str]) -> Iterator[Element]:
         with self.request(path, what, headers=headers, stream=True) as response:
             decode = _reply_decoder(response.headers.get("Content-Type", ""))
-            parser: XMLPullParser[Element] = XMLPullParser(events=("start", "end"))
-            stack: list[Element] = []
+            parser: XMLPullParser[Element] = XMLPullParser(events=("end",))
             empty = True  # plexapi reads an empty (or blank) reply as no container at all
             try:
                 for chunk in response.iter_content(PLEX_STREAM_CHUNK):
@@ -882,11 +888,11 @@ class PlexClient(_Client):
                         continue
                     empty = False
                     parser.feed(text)
-                    yield from _listing_children(parser, stack, container)
+                    yield from _listing_videos(parser, container)
                 if not empty:
                     parser.feed(decode(b"", True))
                     parser.close()
-                    yield from _listing_children(parser, stack, container)
+                    yield from _listing_videos(parser, container)
             except ParseError:
                 raise PlexError(f"{self.where} sent a reply {what} that is not valid "
                                 "XML") from None
@@ -955,23 +961,19 @@ class PlexClient(_Client):
                      write=True)
 
 
-def _listing_children(parser: XMLPullParser[Element], stack: list[Element],
-                      container: dict[str, str]) -> Iterator[Element]:
-    """The Video children of the container as the parser completes them; each is dropped
-    from the tree once handed on, so a listing never sits in memory whole."""
+def _listing_videos(parser: XMLPullParser[Element], container: dict[str, str]
+                    ) -> Iterator[Element]:
+    """The Video elements of a listing as the parser completes them, each emptied once
+    handed on (so a listing never sits in memory whole); the container's own attributes
+    go into ``container`` when it ends."""
     for event_and_element in parser.read_events():
-        # Only start and end events were asked for: each comes with its element.
-        event, element = cast("tuple[str, Element]", event_and_element)
-        if event == "start":
-            if not stack:
-                container.update(element.attrib)
-            stack.append(element)
-            continue
-        stack.pop()
-        if len(stack) == 1:
-            stack[0].remove(element)
-            if element.tag == "Video":
-                yield element
+        # Only end events were asked for: each comes with its element.
+        _, element = cast("tuple[str, Element]", event_and_element)
+        if element.tag == "Video":
+            yield element
+            element.clear()
+        elif element.tag == "MediaContainer":
+            container.update(element.attrib)
 
 
 ###############################################################################
@@ -985,7 +987,7 @@ class Kind(Enum):
     WATCHED = "watched"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Status:
     """What a side's raw data means: not watched, in progress at a position, or watched."""
 
@@ -1034,7 +1036,7 @@ def format_hms(ms: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Bounds:
     """Where progress starts and where "watched" starts on one item, the same for both
     sides (positions are file offsets on both)."""
@@ -1065,7 +1067,7 @@ def classify(watched: bool, position_ms: int, bounds: Bounds, *, is_sage: bool) 
     return WATCHED if watched else NOT_WATCHED
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Airing:
     """What SageTV knows of a recording's broadcast, for its own idea of "watched"."""
 
@@ -1127,8 +1129,7 @@ def item_bounds(airing: Airing | None, segments: Sequence[tuple[int, int]], dura
     limits = [(NO_END_MS, "no length known")]
     if duration_ms > 0:
         limits += [(int(DONE_FRACTION * duration_ms), "95 %"),
-                   (int(played_fraction * duration_ms),
-                    f"Plex's played threshold of {played_fraction:.0%}")]
+                   (int(played_fraction * duration_ms), "Plex's played threshold")]
     if airing is not None and segments:
         record_start = max(airing.start_ms, airing.file_start_ms) + SAGE_MIN_RECORD_MS
         start_ms = max(start_ms, position_from_sage_time(record_start, segments))
@@ -1201,8 +1202,48 @@ def _field(record: dict, key: str, kind: type, where: str) -> Any:
     return value
 
 
+def _ints(*values: object) -> bool:
+    return all(type(v) is int for v in values)
+
+
 def sage_item_from_json(record: object) -> SageItem:
     """One media file of the listing (SageError naming it when it cannot be read)."""
+    fields = cast(dict, record)  # anything else fails the lookups below
+    try:  # the common case, in one go: every field there and of its type
+        airing_json = fields["Airing"]
+        show = airing_json["Show"]
+        paths = fields["SegmentFiles"]
+        values = (fields["MediaFileID"], airing_json["AiringID"], fields["FileStartTime"],
+                  fields["FileDuration"], fields["NumberOfSegments"],
+                  airing_json["AiringStartTime"], airing_json["AiringEndTime"],
+                  show["ShowDuration"],
+                  airing_json["WatchedEndTime"], airing_json["RealWatchedStartTime"],
+                  airing_json["RealWatchedEndTime"])
+        show_id = show["ShowExternalID"]
+    except (KeyError, TypeError, IndexError):
+        return _sage_item_checked(record)
+    if not (_ints(*values) and values[1] and type(show_id) is str and type(paths) is list
+            and paths and all(type(p) is str for p in paths)):
+        return _sage_item_checked(record)
+    (media_file_id, airing_id, file_start, duration, segments, airing_start, airing_end,
+     show_duration, watched_end, real_start, real_end) = values
+    return SageItem(media_file_id, airing_id, tuple(paths), max(1, segments), file_start,
+                    duration, Airing(airing_start, airing_end, show_duration, file_start,
+                                     _is_movie(show, show_id)),
+                    airing_json.get("IsWatched") is True,
+                    airing_json.get("IsWatchedCompletely") is True, watched_end, real_start,
+                    real_end, show_id)
+
+
+def _is_movie(show: dict, show_id: str) -> bool:
+    # IsMovie exists only in newer sagex; an MV external id or the category says the same.
+    category = show.get("ShowCategory")
+    return bool(show.get("IsMovie")) or show_id.startswith("MV") or (
+        isinstance(category, str) and category.split(",")[0].strip().lower() == "movie")
+
+
+def _sage_item_checked(record: object) -> SageItem:
+    """The converter that says what is wrong with a record, field by field."""
     if not isinstance(record, dict):
         raise SageError(f"a media file record is {json.dumps(record)[:40]}, not an object")
     media_file_id = record.get("MediaFileID")
@@ -1217,11 +1258,8 @@ def sage_item_from_json(record: object) -> SageItem:
     if not paths or not all(isinstance(p, str) for p in paths):
         raise SageError(f"{where} has no file names (SegmentFiles)")
     show_id = _field(show, "ShowExternalID", str, where)
-    category = show.get("ShowCategory")
     file_start = _field(record, "FileStartTime", int, where)
-    # IsMovie exists only in newer sagex; an MV external id or the category says the same.
-    is_movie = bool(show.get("IsMovie")) or show_id.startswith("MV") or (
-        isinstance(category, str) and category.split(",")[0].strip().lower() == "movie")
+    is_movie = _is_movie(show, show_id)
     return SageItem(
         media_file_id=media_file_id,
         airing_id=_field(airing_json, "AiringID", int, where),
@@ -1232,8 +1270,8 @@ def sage_item_from_json(record: object) -> SageItem:
         airing=Airing(_field(airing_json, "AiringStartTime", int, where),
                       _field(airing_json, "AiringEndTime", int, where),
                       _field(show, "ShowDuration", int, where), file_start, is_movie),
-        watched=bool(airing_json.get("IsWatched")),
-        watched_completely=bool(airing_json.get("IsWatchedCompletely")),
+        watched=airing_json.get("IsWatched") is True,
+        watched_completely=airing_json.get("IsWatchedCompletely") is True,
         watched_end_ms=_field(airing_json, "WatchedEndTime", int, where),
         real_start_ms=_field(airing_json, "RealWatchedStartTime", int, where),
         real_end_ms=_field(airing_json, "RealWatchedEndTime", int, where),
@@ -1241,12 +1279,12 @@ def sage_item_from_json(record: object) -> SageItem:
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PlexItem:
     """A Plex movie or episode, as the sync needs it (times are the server's own)."""
 
     rating_key: int
-    title: str
+    name: str  # the movie's or the episode's own title
     paths: tuple[str, ...]
     view_count: int
     position_ms: int
@@ -1256,6 +1294,17 @@ class PlexItem:
     show_key: int = 0
     season: int | None = None
     episode: int | None = None
+    year: str = ""
+    is_episode: bool = False
+
+    @property
+    def title(self) -> str:
+        """As the report shows it: "Show - s01e02 - Title" or "Title (1995)"."""
+        if not self.is_episode:
+            return self.name + (f" ({self.year})" if self.year else "")
+        numbers = (f" - s{self.season:02d}e{self.episode:02d}"
+                   if self.season is not None and self.episode is not None else "")
+        return f"{self.show}{numbers} - {self.name}"
 
     @property
     def watched(self) -> bool:
@@ -1266,44 +1315,39 @@ class PlexItem:
                 "lastViewedAt": self.last_viewed_ms // 1000, "duration": self.duration_ms}
 
 
-def _attr_int(attrs: dict[str, str], key: str, where: str, default: int | None = 0
-              ) -> int | None:
+def _attr_int(attrs: dict[str, str], key: str, where: str) -> int:
+    """A number attribute (0 when absent)."""
     value = attrs.get(key)
-    if value is None or value == "" and default is None:
-        return default
-    if not ASCII_ID.match(value):
+    if value is None:
+        return 0
+    if not (value.isdigit() and value.isascii()):
         raise PlexError(f"{where}: {key} is {value!r}, not a number")
     return int(value)
+
+
+def _attr_index(attrs: dict[str, str], key: str, where: str) -> int | None:
+    """A season or episode number: None when absent or empty (an unnumbered special)."""
+    return _attr_int(attrs, key, where) if attrs.get(key) else None
 
 
 def plex_item_from_element(video: Element) -> PlexItem:
     """One movie or episode element (PlexError naming it when it cannot be read)."""
     attrs = video.attrib
     key = attrs.get("ratingKey", "")
-    if not ASCII_ID.match(key):
+    if not (key.isdigit() and key.isascii()):
         raise PlexError(f"a Plex item has no media id (ratingKey {key!r})")
     where = f"Plex media id {key}"
-    season = _attr_int(attrs, "parentIndex", where, None)
-    episode = _attr_int(attrs, "index", where, None)
-    if attrs.get("type") == "episode":
-        title = attrs.get("grandparentTitle") or ""
-        if season is not None and episode is not None:
-            title += f" - s{season:02d}e{episode:02d}"
-        title += f" - {attrs.get('title', '')}"
-    else:
-        title = attrs.get("title", "") + (f" ({attrs['year']})" if attrs.get("year") else "")
+    episode = attrs.get("type") == "episode"
     return PlexItem(
-        rating_key=int(key), title=title,
-        paths=tuple(part.get("file", "") for part in video.iter("Part") if part.get("file")),
-        view_count=_attr_int(attrs, "viewCount", where) or 0,
-        position_ms=_attr_int(attrs, "viewOffset", where) or 0,
-        duration_ms=_attr_int(attrs, "duration", where) or 0,
-        last_viewed_ms=(_attr_int(attrs, "lastViewedAt", where) or 0) * 1000,
+        int(key), attrs.get("title", ""),
+        tuple(file for part in video.iter("Part") if (file := part.get("file"))),
+        _attr_int(attrs, "viewCount", where), _attr_int(attrs, "viewOffset", where),
+        _attr_int(attrs, "duration", where), _attr_int(attrs, "lastViewedAt", where) * 1000,
         show=attrs.get("grandparentTitle", ""),
-        show_key=_attr_int(attrs, "grandparentRatingKey", where) or 0,
-        season=season if attrs.get("type") == "episode" else None,
-        episode=episode if attrs.get("type") == "episode" else None,
-    )
+        show_key=_attr_int(attrs, "grandparentRatingKey", where),
+        season=_attr_index(attrs, "parentIndex", where) if episode else None,
+        episode=_attr_index(attrs, "index", where) if episode else None,
+        year=attrs.get("year", ""), is_episode=episode)
 
 
 def file_name(path: str) -> str:
@@ -1323,28 +1367,31 @@ class SageIndex:
     records that could not be read, with the reason."""
 
     def __init__(self, records: Iterable[object]) -> None:
+        """From the listing's records, raw or already converted (convert_media_file)."""
         self.items: dict[int, SageItem] = {}
         self.by_name: dict[str, list[SageItem]] = collections.defaultdict(list)
         self.unreadable: dict[str, str] = {}
         self.unreadable_count = 0
         self._by_show: dict[str, list[SageItem]] | None = None  # made when first needed
         for record in records:
-            try:
-                item = sage_item_from_json(record)
-            except SageError as exc:
-                self._unreadable(record, str(exc))
+            item = record if isinstance(record, (SageItem, Unreadable)) \
+                else convert_media_file(record)
+            if isinstance(item, Unreadable):
+                self._unreadable(item)
                 continue
             self.items[item.media_file_id] = item
-            for name in {file_name(p) for p in item.paths}:
-                self.by_name[name].append(item)
+            by_name = self.by_name
+            for path in item.paths:
+                name = file_name(path)
+                names = by_name[name]
+                if item not in names:
+                    names.append(item)
 
-    def _unreadable(self, record: object, reason: str) -> None:
+    def _unreadable(self, record: Unreadable) -> None:
         self.unreadable_count += 1
-        log.warning("SageTV record skipped: %s", reason)
-        paths = record.get("SegmentFiles") if isinstance(record, dict) else None
-        for path in paths if isinstance(paths, list) else ():
-            if isinstance(path, str):
-                self.unreadable[file_name(path)] = reason
+        log.warning("SageTV record skipped: %s", record.reason)
+        for name in record.names:
+            self.unreadable[name] = record.reason
 
     def __len__(self) -> int:
         return len(self.items)
@@ -1387,13 +1434,31 @@ class SageIndex:
                                            else o for o in self._by_show[item.show_id]]
 
 
+class Unreadable(NamedTuple):
+    """A record that could not be read: why, and the file names it gave, if any."""
+
+    reason: str
+    names: tuple[str, ...]
+
+
+def convert_media_file(record: object) -> SageItem | Unreadable:
+    """A listing record as an item, or why it cannot be one (the listing goes on)."""
+    try:
+        return sage_item_from_json(record)
+    except SageError as exc:
+        paths = record.get("SegmentFiles") if isinstance(record, dict) else None
+        names = tuple(file_name(p) for p in (paths if isinstance(paths, list) else ())
+                      if isinstance(p, str))
+        return Unreadable(str(exc), names)
+
+
 def covered_segments(item: SageItem, plex_item: PlexItem) -> tuple[tuple[int, int], ...]:
     """The segments a Plex item plays: those whose files it has (all of a stacked item)."""
     assert item.segments is not None, "segment times are read before positions are used"
     if item.segment_count <= 1:
         return item.segments
     wanted = {file_name(p) for p in plex_item.paths}
-    chosen = tuple(seg for path, seg in zip(item.paths, item.segments)
+    chosen = tuple(seg for path, seg in zip(item.paths, item.segments, strict=False)
                    if file_name(path) in wanted)
     return chosen or item.segments
 
@@ -1413,7 +1478,7 @@ class Verdict(Enum):
     SETTLED = "differs, left as is"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Decision:
     """What each side should show (None: leave it as it is), and why."""
 
@@ -1427,7 +1492,7 @@ def _both(verdict: Verdict, result: Status | None, rule: str) -> Decision:
     return Decision(verdict, result, result, rule)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Base:
     """Both sides' states at the end of the last sync that wrote, and the decision a
     failed write left pending (taken on the states in ``pending_on``)."""
@@ -1552,9 +1617,9 @@ class SageSetPosition:
         return f"{clear}set SageTV position to {format_hms(self.position_ms)}"
 
 
-PlexWrite = Union[PlexMarkWatched, PlexMarkUnwatched, PlexSetPosition]
-SageWrite = Union[SageMarkWatched, SageClearWatched, SageSetPosition]
-Write = Union[PlexWrite, SageWrite]
+PlexWrite = PlexMarkWatched | PlexMarkUnwatched | PlexSetPosition
+SageWrite = SageMarkWatched | SageClearWatched | SageSetPosition
+Write = PlexWrite | SageWrite
 
 
 def plex_write(current: Status, result: Status) -> tuple[PlexWrite | None, str]:
@@ -1894,7 +1959,7 @@ class Outcome(Enum):
     FAILED = "failed"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Entry:
     """One Plex item: what it matched in SageTV, both sides' states, the decision, and
     what became of its writes."""
@@ -2044,7 +2109,7 @@ class SyncRun:
         A read that fails ends the run here, before any write."""
         background = ThreadPoolExecutor(1, thread_name_prefix="sage-listing")
         try:
-            listing = background.submit(self.sage.media_files, SAGE_FIELDS)
+            listing = background.submit(self.sage.media_files, SAGE_FIELDS, convert_media_file)
             items, unreadable = self.read_plex()
             played_fraction, played_from = self.plex.played_threshold()
             with _no_cyclic_gc():
@@ -2300,7 +2365,7 @@ class SyncRun:
                 futures = [pool.submit(self.run_task, task, False, bar)
                            for task in tasks.values()]
                 self._wait(futures)
-                for future, task in zip(futures, tasks.values()):
+                for future, task in zip(futures, tasks.values(), strict=True):
                     _settle(future, task)
         bar.close()
 
@@ -2435,8 +2500,9 @@ class SyncRun:
         found: dict[int, SageItem | SyncError] = {}
         if len(ids) > SAGE_REREAD_LISTING_ABOVE:
             try:
-                records = [r for r in self.sage.media_files(SAGE_FIELDS)
-                           if isinstance(r, dict) and r.get("MediaFileID") in ids]
+                records = [r for r in self.sage.media_files(
+                    SAGE_FIELDS, lambda r: r if r.get("MediaFileID") in ids else None)
+                    if r is not None]
             except SyncError as exc:
                 return dict.fromkeys(ids, exc)
         else:
@@ -3185,7 +3251,7 @@ def why_text(entry: Entry, played_from: str) -> str:
     lines += [
         f"  SageTV raw:  media file {entry.sage.media_file_id}, airing {entry.sage.airing_id}: "
         f"{json.dumps(entry.sage.raw())}",
-        f"  bounds:      {entry.bounds} (Plex threshold from {played_from})",
+        f"  bounds:      {entry.bounds} (Plex's played threshold: {played_from})",
         f"  states:      SageTV {entry.sage_status}, Plex {entry.plex_status}",
         "  base:        " + (f"SageTV {entry.base.sage}, Plex {entry.base.plex}"
                              if entry.base else "none yet (first sync: the newer side wins)"),
@@ -3229,7 +3295,8 @@ def run_sync(opts: Options, config: Config, console: Console, stop: threading.Ev
         run.check(facts)
         run.plan(facts)
         if opts.why:
-            console.out.write("\n".join(why_text(e, facts.played_from) for e in facts.entries)
+            threshold = f"{facts.played_fraction:.0%} from {facts.played_from}"
+            console.out.write("\n".join(why_text(e, threshold) for e in facts.entries)
                               + "\n")
             return ExitCode.OK
         if opts.sagedata:
@@ -3275,7 +3342,7 @@ def run_check(config: Config, console: Console) -> ExitCode:
     failed = False
     with SageClient(config.sage) as sage, PlexClient(config.plex) as plex:
         try:
-            count = len(sage.media_files(("MediaFileID",)))
+            count = len(sage.media_files(("MediaFileID",), lambda record: None))
             out.write(f"SageTV at {config.sage.address}: {count} media files; clock "
                       f"{_offset_words(sage.measured_offset_ms)}\n")
         except SageError as exc:

@@ -25,9 +25,8 @@ import posixpath
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable
 from urllib.parse import unquote
 
 from tests.fakes.fake_http import Request, Response
@@ -867,7 +866,7 @@ class FakePlex:
                             ("year", m.year)])
         n = len(m.files)
         parts = []
-        for i, (path, size, pid) in enumerate(zip(m.files, m.sizes, m.part_ids)):
+        for i, (path, size, pid) in enumerate(zip(m.files, m.sizes, m.part_ids, strict=True)):
             ext = _extension(path)
             # GUESS: a stacked item's duration is split evenly over its parts
             pdur = m.duration // n + (m.duration % n if i == n - 1 else 0)

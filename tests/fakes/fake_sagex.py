@@ -31,8 +31,9 @@ import json
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from tests.fakes.fake_http import FakeServer, Request, Response
 
@@ -918,7 +919,7 @@ class FakeSage:
             word = "few" if len(args) < required else "many"
             raise _runtime(f"Too {word} args; Your Arg Count: {len(args)}; "
                            f"Required Arg Count: {required}", _FRAMES_HELPER + _FRAMES_FACTORY)
-        typed = [self._typed(arg, kind) for arg, kind in zip(args, function.args)]
+        typed = [self._typed(arg, kind) for arg, kind in zip(args, function.args, strict=False)]
         return function.impl(typed)
 
     def _typed(self, text: str | None, kind: str) -> Any:

@@ -203,7 +203,7 @@ class World:
             media = self.sage.add_media_file(
                 title=show or title,
                 segments=[(f"{self.sage_root}\\{sub}{name}", start, end)
-                          for name, (start, end) in zip(names, seg_times)],
+                          for name, (start, end) in zip(names, seg_times, strict=True)],
                 airing_start_ms=airing_start, airing_end_ms=airing_end,
                 schedule_start_ms=airing_start - pad_start_ms,
                 schedule_end_ms=airing_end + pad_end_ms,

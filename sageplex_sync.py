@@ -2818,8 +2818,15 @@ class Report:
         lines += ["", self.total_line()]
         return "\n".join(lines)
 
+    #: Every key of the JSON summary, present (0 when none) so that scripts can rely on it.
+    JSON_COUNTS = ("videos", "in_sync", "plex_out_of_sync", "sage_out_of_sync",
+                   "both_out_of_sync", "settled", "not_in_sage", "ambiguous", "unreadable",
+                   "unchanged", "updated", "simulated", "skipped", "failed")
+
     def json_summary(self) -> dict[str, Any]:
-        return {"summary": dict(self.counts()), "exit_code": int(self.exit_code())}
+        counts = self.counts()
+        return {"summary": {key: counts[key] for key in self.JSON_COUNTS},
+                "exit_code": int(self.exit_code())}
 
     def exit_code(self) -> ExitCode:
         if self.interrupted:
@@ -3278,6 +3285,14 @@ def run_rounds(opts: Options, config: Config, console: Console, stop: threading.
     return ExitCode.INTERRUPTED if code is not ExitCode.FAILED else code
 
 
+class _PrivateLogHandler(logging.handlers.RotatingFileHandler):
+    """A rotating log whose files, the new one after a rotation too, are created 0600."""
+
+    def _open(self) -> Any:
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        return open(fd, "a", encoding=self.encoding, errors=self.errors)  # noqa: SIM115
+
+
 @contextlib.contextmanager
 def logging_to(verbose: bool, err: TextIO, secrets: Secrets) -> Iterator[Path | None]:
     """The run's log handlers (a 0600 file in the user's state folder, stderr with -v),
@@ -3289,8 +3304,8 @@ def logging_to(verbose: bool, err: TextIO, secrets: Secrets) -> Iterator[Path | 
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists():
             path.touch(mode=0o600)
-        handlers.append(logging.handlers.RotatingFileHandler(
-            path, maxBytes=5 * 1024 * 1024, backupCount=5, encoding="utf-8"))
+        handlers.append(_PrivateLogHandler(path, maxBytes=5 * 1024 * 1024, backupCount=5,
+                                           encoding="utf-8"))
     except OSError as exc:
         err.write(f"{PROG}: warning: cannot write the log file {path} ({exc.strerror}); "
                   "set SAGEPLEX_LOG to a writable file\n")
@@ -3343,7 +3358,7 @@ def _dispatch(args: argparse.Namespace, opts: Options, console: Console,
               stop: threading.Event) -> ExitCode:
     config = load_config(find_config(args.config), console.secrets)
     log.info("config %s: %r %r", config.path, config.sage, config.plex)
-    for warning in config.warnings:
+    for warning in () if args.check else config.warnings:  # --check prints them itself
         console.err.write(f"{PROG}: warning: {warning}\n")
     if args.check:
         return run_check(config, console)

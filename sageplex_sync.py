@@ -250,7 +250,8 @@ KNOWN_KEYS = {
     "plex": ("host", "port", "token", "timeout", "write_workers"),
 }
 #: The example file's values, which a user must replace.
-PLACEHOLDERS = {("sagex", "password"): "changeme", ("plex", "token"): "YOUR-PLEX-TOKEN"}
+PLACEHOLDERS = {("sagex", "user"): "enter_username", ("sagex", "password"): "enter_password",
+                ("plex", "token"): "enter_plex_token"}
 
 
 def plex_data_dirs(platform: str = sys.platform) -> list[Path]:
@@ -2658,19 +2659,27 @@ class Applier:
         """Do the entry's writes and set its outcome; failures stay with the item."""
         done: list[str] = []
         for write in self.entry.writes:
+            slots = self.run._sage_slots if _is_sage(write) else self.run._plex_slots
             try:
-                if isinstance(write, (SageMarkWatched, SageClearWatched, SageSetPosition)):
-                    with self.run._sage_slots:
-                        note = self.sage_write(write)
-                else:
-                    with self.run._plex_slots:
-                        note = self.plex_write(write)
+                with slots:
+                    if not done and self.run.stop.is_set():
+                        # Stopped while waiting for a free slot: nothing of it was written.
+                        self.entry.outcome = Outcome.SKIPPED
+                        self.entry.detail = "interrupted before writing"
+                        self.entry.keep_base = True
+                        return
+                    note = self.one_write(write)
             except SyncError as exc:
                 self.entry.outcome = Outcome.FAILED
                 self.entry.detail = "; ".join(done + [f"{write}: {exc}"])
                 return
             done.append(str(write) + (f" ({note})" if note else ""))
         self.entry.outcome, self.entry.detail = Outcome.UPDATED, "; ".join(done)
+
+    def one_write(self, write: Write) -> str:
+        if isinstance(write, (SageMarkWatched, SageClearWatched, SageSetPosition)):
+            return self.sage_write(write)
+        return self.plex_write(write)
 
     def plex_write(self, write: PlexWrite) -> str:
         key = self.entry.plex.rating_key
@@ -2978,8 +2987,15 @@ class Report:
         lines += ["", self.total_line()]
         return "\n".join(lines)
 
+    #: Every key of the JSON summary, present (0 when none) so that scripts can rely on it.
+    JSON_COUNTS = ("videos", "in_sync", "plex_out_of_sync", "sage_out_of_sync",
+                   "both_out_of_sync", "settled", "not_in_sage", "ambiguous", "unreadable",
+                   "unchanged", "updated", "simulated", "skipped", "failed")
+
     def json_summary(self) -> dict[str, Any]:
-        return {"summary": dict(self.counts()), "exit_code": int(self.exit_code())}
+        counts = self.counts()
+        return {"summary": {key: counts[key] for key in self.JSON_COUNTS},
+                "exit_code": int(self.exit_code())}
 
     def exit_code(self) -> ExitCode:
         if self.interrupted:
@@ -3446,14 +3462,20 @@ def run_rounds(opts: Options, config: Config, console: Console, stop: threading.
     return ExitCode.INTERRUPTED if code is not ExitCode.FAILED else code
 
 
+class _PrivateLogHandler(logging.handlers.RotatingFileHandler):
+    """A rotating log whose files, the new one after a rotation too, are created 0600."""
+
+    def _open(self) -> Any:
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        return open(fd, "a", encoding=self.encoding, errors=self.errors)  # noqa: SIM115
+
+
 def _log_file(path: Path, err: TextIO) -> list[logging.Handler]:
-    """The rotating log file (5 MB, as the original), made readable by the user alone."""
+    """The rotating log file (5 MB, as the original), readable by the user alone."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        if not path.exists():
-            path.touch(mode=0o600)
-        return [logging.handlers.RotatingFileHandler(
-            path, maxBytes=5 * 1024 * 1024, backupCount=5, encoding="utf-8")]
+        return [_PrivateLogHandler(path, maxBytes=5 * 1024 * 1024, backupCount=5,
+                                   encoding="utf-8")]
     except OSError as exc:
         err.write(f"{PROG}: warning: cannot write the log file {path} ({exc.strerror}); "
                   "set SAGEPLEX_LOG to a writable file\n")
@@ -3516,7 +3538,7 @@ def _dispatch(args: argparse.Namespace, opts: Options, console: Console,
               stop: threading.Event) -> ExitCode:
     config = load_config(find_config(args.config), console.secrets)
     log.info("config %s: %r %r", config.path, config.sage, config.plex)
-    for warning in config.warnings:
+    for warning in () if args.check else config.warnings:  # --check prints them itself
         console.err.write(f"{PROG}: warning: {warning}\n")
     if args.check:
         return run_check(config, console)

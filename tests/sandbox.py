@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import sys
 import tempfile
 import time
@@ -104,7 +105,22 @@ def main(argv: list[str] | None = None) -> int:
     if not runs and not options.serve:
         runs = [["all"]]
 
-    folder = Path(tempfile.mkdtemp(prefix="sageplex-sandbox-"))
+    # SIGTERM ends the sandbox like Ctrl-C, so that its temporary folder goes too
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        with tempfile.TemporaryDirectory(prefix="sageplex-sandbox-") as name:
+            return _sandbox(Path(name), runs, options.serve)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _sandbox(folder: Path, runs: list[list[str]], serve: bool) -> int:
+    """Serve the demo world, do the runs (and serve on, with --serve); the caller removes
+    ``folder`` (the config, the sync state and the log) afterwards."""
     os.environ["SAGEPLEX_LOG"] = str(folder / "sageplex_sync.log")
     os.environ.setdefault("PLEXAPI_CONFIG_PATH", str(folder / "no-plexapi-config.ini"))
     import sageplex_sync
@@ -113,25 +129,40 @@ def main(argv: list[str] | None = None) -> int:
     with world.running() as servers:
         config = servers.write_config(folder / "sageplex_cfg.json")
         os.environ["SAGEPLEX_CFG"] = str(config)
+        sections = world.plex.sections
+        seen = ", ".join(f"{location} ({section.title})" for section in sections.values()
+                         for location in section.locations)
         print(f"sandbox: fake SageTV at {servers.sage.base_url}, fake Plex at "
               f"{servers.plex.base_url}, {len(world.items)} recordings\n"
+              f"sandbox: the fake Plex sees the folders {seen}\n"
               f"sandbox: config {config}\n", file=sys.stderr)
         code = 0
         for args in runs:
             print(f"$ sageplex_sync.py {shlex.join(args)}", file=sys.stderr)
             code = sageplex_sync.main(args)
             print(file=sys.stderr)
-        if options.serve:
-            tool = Path(sageplex_sync.__file__).resolve()
-            print(f"sandbox: serving until Ctrl-C. In another shell:\n"
-                  f"  export SAGEPLEX_CFG={config}\n"
-                  f"  python {tool} -l\n  python {tool} all\n  python {tool} all -s",
-                  file=sys.stderr)
-            try:
-                while True:
-                    time.sleep(3600)
-            except KeyboardInterrupt:
-                print("\nsandbox: stopped", file=sys.stderr)
+        tool = Path(sageplex_sync.__file__).resolve()
+        if not serve:
+            print("sandbox: done; its servers stop and its temporary folder is removed. Try next:\n"
+                  '  python -m tests.sandbox --run "all -s" --run all   sync, then report '
+                  "again\n"
+                  "  python -m tests.sandbox --serve                     keep the fakes up "
+                  "and get a config path to point the tool at", file=sys.stderr)
+            return code
+        folders = " ".join(location for section in sections.values()
+                           for location in section.locations)
+        print(f"sandbox: serving until Ctrl-C. Point the tool at the sandbox, in another "
+              f"shell:\n"
+              f"  export SAGEPLEX_CFG={config}\n"
+              f"  python {tool} -l\n  python {tool} all\n  python {tool} all -s\n"
+              f"  python {tool} --check\n"
+              f"  python {tool} --addtv \"Sandbox TV\" ...   (the fake Plex sees: {folders})",
+              file=sys.stderr)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print("\nsandbox: stopped (its temporary folder is removed)", file=sys.stderr)
         return code
 
 

@@ -1127,18 +1127,19 @@ def item_bounds(airing: Airing | None, segments: Sequence[tuple[int, int]], dura
     95 %, Plex's played threshold and where SageTV would call it watched.
     """
     start_ms = ignore_ms
-    limits = [(NO_END_MS, "no length known")]
+    done_ms, done_by = NO_END_MS, "no length known"
     if duration_ms > 0:
-        limits += [(int(DONE_FRACTION * duration_ms), "95 %"),
-                   (int(played_fraction * duration_ms), "Plex's played threshold")]
+        done_ms, done_by = int(DONE_FRACTION * duration_ms), "95 %"
+        if int(played_fraction * duration_ms) < done_ms:
+            done_ms, done_by = int(played_fraction * duration_ms), "Plex's played threshold"
     if airing is not None and segments:
         record_start = max(airing.start_ms, airing.file_start_ms) + SAGE_MIN_RECORD_MS
         start_ms = max(start_ms, position_from_sage_time(record_start, segments))
         done_time = sage_done_time(airing)
         if done_time <= segments[-1][1]:
-            limits.append((position_from_sage_time(done_time, segments),
-                           "where SageTV calls it watched"))
-    done_ms, done_by = min(limits)
+            sage_done = position_from_sage_time(done_time, segments)
+            if sage_done < done_ms:
+                done_ms, done_by = sage_done, "where SageTV calls it watched"
     return Bounds(start_ms, max(done_ms, 1), duration_ms, done_by)
 
 
@@ -1489,7 +1490,12 @@ class Decision:
     rule: str = ""
 
 
+_IN_SYNC = Decision(Verdict.IN_SYNC, None, None, "in sync")
+
+
 def _both(verdict: Verdict, result: Status | None, rule: str) -> Decision:
+    if result is None and verdict is Verdict.IN_SYNC:
+        return _IN_SYNC  # most items: one shared answer
     return Decision(verdict, result, result, rule)
 
 
@@ -2259,6 +2265,10 @@ class SyncRun:
         """Plex items holding the same segments are decided together; items holding
         other segments of the recording one after the other, each against SageTV's state
         as the previous one's writes will leave it."""
+        if len(group) == 1:  # most recordings: one Plex item
+            decision, viewed_at = self.decide_members(group)
+            self.plan_entry(group[0], decision, viewed_at)
+            return
         spans: dict[tuple[tuple[int, int], ...], list[Entry]] = {}
         for entry in sorted(group, key=lambda e: e.segments[0] if e.segments else (0, 0)):
             spans.setdefault(entry.segments, []).append(entry)
@@ -2308,7 +2318,12 @@ class SyncRun:
     def plan_entry(self, entry: Entry, decision: Decision, viewed_at_ms: int,
                    sage_too: bool = True) -> None:
         assert entry.sage is not None
-        entry.decision = replace(decision, verdict=_member_verdict(entry, decision))
+        verdict = _member_verdict(entry, decision)
+        entry.decision = decision if verdict is decision.verdict else \
+            replace(decision, verdict=verdict)
+        if decision.to_sage is None and decision.to_plex is None:
+            entry.writes, entry.blocked = (), ""
+            return  # nothing to write (most items)
         writes: list[Write] = []
         if decision.to_sage is not None and sage_too:
             write = sage_write(entry.sage, entry.segments, entry.sage_status, decision.to_sage,

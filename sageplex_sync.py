@@ -2298,8 +2298,11 @@ class SyncRun:
         if override is not None:
             expected_sage, expected_plex, decision = override
             if (first.sage_status, first.plex_status) != (expected_sage, expected_plex):
-                return Decision(Verdict.SETTLED, None, None,
-                                f"changed since then ({decision.rule})"), 0
+                for member in members:  # the user's own change is kept, and left to a sync
+                    member.outcome, member.keep_base = Outcome.SKIPPED, True
+                    member.detail = (f"changed since (it was SageTV {expected_sage}, Plex "
+                                     f"{expected_plex})")
+                return Decision(Verdict.SETTLED, None, None, decision.rule), 0
             return decision, 0
         if self.opts.position_ms is not None:
             return decide_position(first.sage_status, first.plex_status,

@@ -205,7 +205,7 @@ def js_lookup(base_url: str, name: str) -> dict:
 
 
 def test_the_original_tools_js_service_scans_every_file_when_enabled() -> None:
-    """plex:GetMediaFileForName (sagex-api.md §5), opt-in: the first media file whose
+    """plex:GetMediaFileForName (the sagex reference §5), opt-in: the first media file whose
     relative path is the name or one of whose segment paths contains it, in full."""
     from tests.fakes.fake_sagex import FakeSage, add_example_library, serve_sage
 

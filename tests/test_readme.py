@@ -1,5 +1,6 @@
 """The README's promises stay true: its two first-screen commands, the command list
-against --help, CI running exactly the README's test command, and a clean lint."""
+against --help, CI running exactly the README's test command, and clean lint and types
+(ruff with complexity at most 10 per function, and mypy)."""
 
 from __future__ import annotations
 
@@ -69,4 +70,11 @@ def test_code_is_ruff_clean() -> None:
     ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
     paths = [p for p in ("sageplex_sync.py", "tests", "bench") if (ROOT / p).exists()]
     result = subprocess.run([ruff, "check", *paths], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_module_is_mypy_clean() -> None:
+    """The type gate CI runs: mypy on the module, with the settings in pyproject.toml."""
+    result = subprocess.run([sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True,
+                            text=True)
     assert result.returncode == 0, result.stdout + result.stderr

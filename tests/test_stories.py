@@ -1,5 +1,5 @@
 """User stories: the tool run several times, with the user acting on either server between
-the runs, against the fakes over real HTTP (shared/design/sync-rules.md, version 2).
+the runs, against the fakes over real HTTP (docs/rules.md).
 
 Every story checks the servers after each run, and that a run after which the user did
 nothing writes nothing and moves nothing. Each sync keeps its sync state in the test's own

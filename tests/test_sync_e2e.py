@@ -3,7 +3,7 @@
 Every test declares its items in a World, serves it (``start()``), runs
 ``sageplex_sync.main`` in-process and asserts on what the two fake servers hold
 afterwards and on their request logs: never on the tool's internals.
-Row numbers refer to the decision table of shared/design/sync-rules.md §3.
+Row numbers refer to the decision table of docs/rules.md (the first-sync table).
 """
 
 from __future__ import annotations

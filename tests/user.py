@@ -1,5 +1,5 @@
 """Acting as the user on each server, between two runs of the tool, and reading each side's
-state the way the sync rules classify it (shared/design/sync-rules.md §1.2, §1.3).
+state the way the sync rules classify it (docs/rules.md: bounds and states).
 
 On Plex the user's actions go through real HTTP (``/:/scrobble``, ``/:/unscrobble``,
 ``/:/timeline``) so the fake applies its own semantics (its clock stamps ``lastViewedAt``,

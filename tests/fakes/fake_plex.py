@@ -1,9 +1,9 @@
 """A fake Plex Media Server that the unmodified ``plexapi`` library cannot tell from a
-real one for the calls sageplex_sync makes (see shared/reference/plex-api.md, §8).
+real one for the calls sageplex_sync makes (see the Plex API as plexapi uses it, §8).
 
 ``FakePlex`` is an *app* for ``tests.fakes.fake_http.FakeServer``: it answers real HTTP on
 127.0.0.1 with the XML a PMS sends, keeps watch state per user (token), and applies the
-watch-state semantics of plex-api.md §4.1 to ``/:/scrobble``, ``/:/unscrobble``,
+watch-state semantics of the Plex reference §4.1 to ``/:/scrobble``, ``/:/unscrobble``,
 ``/:/progress`` and ``/:/timeline``, and serves the server's preferences (``/:/prefs``,
 with the played threshold those writes use). The library admin calls of §5 (``library.add``,
 ``section.update``, ``section.delete``) work too, including the ``/services/browse``
@@ -249,7 +249,7 @@ class FakePlex:
         self.min_progress_ms = min_progress_ms
         self.played_threshold = played_threshold
         self.progress_past_threshold = progress_past_threshold
-        # plex-api.md §9.3: whether a scrobble removes the resume offset is only believed
+        # the Plex reference §9.3: whether a scrobble removes the resume offset is only believed
         self.scrobble_clears_offset = scrobble_clears_offset
         self.omit_total_size = omit_total_size
         self.tokens: dict[str, str] = {token: OWNER, **(extra_tokens or {})}
@@ -502,7 +502,7 @@ class FakePlex:
             f'</MediaContainer>')
 
     def _do_prefs(self, request: Request, user: str) -> Response:
-        """The server's settings (plex-api.md §4.1): the played threshold the watch-state
+        """The server's settings (the Plex reference §4.1): the played threshold the watch-state
         writes apply, and a few others of the real list."""
         self._owner_only(user)  # GUESS: server settings are the owner's, like other admin
         threshold = round(self.played_threshold * 100)

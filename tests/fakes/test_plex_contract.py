@@ -1,6 +1,6 @@
 """Contract tests: the REAL plexapi library against tests/fake_plex.py over loopback HTTP.
 
-Each test proves one behaviour shared/reference/plex-api.md documents for a real PMS, so
+Each test proves one behaviour the Plex API as plexapi uses it documents for a real PMS, so
 tests of sageplex_sync that run against the fake exercise what they would meet in real life.
 """
 
@@ -102,7 +102,7 @@ def server(app: FakePlex, lib: Library) -> Iterator[FakeServer]:
 
 @pytest.fixture
 def plex(server: FakeServer, monkeypatch: pytest.MonkeyPatch) -> PlexServer:
-    # one request per item otherwise, for attributes that are None (plex-api.md §3.4)
+    # one request per item otherwise, for attributes that are None (the Plex reference §3.4)
     monkeypatch.setenv("PLEXAPI_PLEXAPI_AUTORELOAD", "false")
     monkeypatch.setattr(plexapi.base, "X_PLEX_CONTAINER_SIZE", 100)  # the documented default
     plex = PlexServer(server.base_url, TOKEN, timeout=5)
@@ -320,7 +320,7 @@ def test_show_seasons_and_episodes_in_order(plex: PlexServer, lib: Library) -> N
 
 
 # --------------------------------------------------------------------------------------
-# watch state (plex-api.md §4.1)
+# watch state (the Plex reference §4.1)
 # --------------------------------------------------------------------------------------
 def test_mark_played_twice_counts_two_and_clears_offset(plex: PlexServer, lib: Library,
                                                         app: FakePlex, clock: Clock) -> None:
@@ -446,7 +446,7 @@ def test_concurrent_scrobbles_are_all_counted(server: FakeServer, lib: Library,
 
 
 # --------------------------------------------------------------------------------------
-# library admin (plex-api.md §5)
+# library admin (the Plex reference §5)
 # --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind, agent, scanner", [
     ("movie", "tv.plex.agents.movie", "Plex Movie"),

@@ -1,8 +1,8 @@
-"""Contract tests: the fake sagex server answers raw HTTP the way sagex-api.md documents.
+"""Contract tests: the fake sagex server answers raw HTTP the way the sagex reference documents.
 
 Everything goes over real HTTP with plain ``requests`` calls, so these tests also pin what a
 client sees on the wire: status codes, content types, reply shapes, error bodies, paging and
-SageTV's watched semantics (§ numbers refer to /work/shared/reference/sagex-api.md).
+SageTV's watched semantics (§ numbers refer to the sagex reference (SageTV and sagex sources)).
 """
 
 from __future__ import annotations

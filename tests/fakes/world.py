@@ -177,7 +177,7 @@ class World:
         airing_end = airing_start + duration_ms
         label = f"{show}-{title}" if show else title
         base = file_name or f"{_safe(label)}-{airing_id}"
-        # File timeline: padding before/after the airing, or a late start (sagex-api.md §7.1)
+        # File timeline: padding before/after the airing, or a late start (the sagex reference §7.1)
         file_start = airing_start - pad_start_ms + late_start_ms + (5 if is_tv else 0)
         file_end = airing_end + pad_end_ms
         if not is_tv:

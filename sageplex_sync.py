@@ -1126,7 +1126,11 @@ def item_bounds(airing: Airing | None, segments: Sequence[tuple[int, int]], dura
     start, so never in the start padding). "Watched" starts at the earliest of the seed's
     95 %, Plex's played threshold and where SageTV would call it watched.
     """
-    start_ms = ignore_ms
+    # SageTV stores nothing within 5 s of where a record starts, and Plex nothing at or
+    # under a minute: with the default -x a minute means what Plex means by it.
+    start_ms = max(ignore_ms, SAGE_MIN_RECORD_MS)
+    if ignore_ms >= PLEX_MIN_PROGRESS_MS:
+        start_ms = max(start_ms, PLEX_MIN_PROGRESS_MS + 1)
     done_ms, done_by = NO_END_MS, "no length known"
     if duration_ms > 0:
         done_ms, done_by = int(DONE_FRACTION * duration_ms), "95 %"
@@ -3222,10 +3226,14 @@ def prepare_replay(opts: Options, state: StateStore | None
         if state is None or state.db is None:
             raise SyncError("there is no sync to undo: the sync state file has no runs yet")
         runs = [r for r in state.runs() if r[3] > 0]
-        wanted = int(opts.undo) if opts.undo else (runs[-1][0] if runs else 0)
+        if not runs and not opts.undo:
+            raise SyncError(f"there is no sync to undo: {state.path} holds no sync that wrote "
+                            "anything")
+        wanted = int(opts.undo) if opts.undo else runs[-1][0]
         rows = [r for r in state.journal(wanted) if r.outcome == Outcome.UPDATED.value]
         if not rows:
-            raise SyncError(f"run {wanted or '(none)'} changed nothing that can be undone")
+            raise SyncError(f"run {wanted} changed nothing that can be undone; the runs that "
+                            "wrote are shown by -v")
         for row in rows:
             after_sage = row.sage_after or row.sage_before
             after_plex = row.plex_after or row.plex_before

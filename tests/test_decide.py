@@ -359,13 +359,14 @@ def plex_state(position: int, bounds: Bounds, watched: bool = False) -> Status:
 def test_bounds_of_a_30_minute_episode_without_padding() -> None:
     bounds = bounds_of(EPISODE_AIRING)
     assert spec_sage_done(30 * MIN, 0, False) == 25 * MIN
-    assert (bounds.start_ms, bounds.done_ms, bounds.duration_ms) == (MIN, 25 * MIN, 30 * MIN)
+    assert (bounds.start_ms, bounds.done_ms, bounds.duration_ms) == (MIN + 1, 25 * MIN, 30 * MIN)
     assert sage_done_time(EPISODE_AIRING) == T + 25 * MIN
     assert bounds.done_by == "where SageTV calls it watched"
     assert plex_state(25 * MIN - 1, bounds) == progress(25 * MIN - 1)
     assert plex_state(25 * MIN, bounds) is WATCHED
     assert plex_state(MIN - 1, bounds) is NOT_WATCHED
-    assert plex_state(MIN, bounds) == progress(MIN)
+    assert plex_state(MIN, bounds) is NOT_WATCHED  # Plex cannot store a minute or less
+    assert plex_state(MIN + 1, bounds) == progress(MIN + 1)
 
 
 def test_bounds_of_a_padded_hour_are_measured_from_the_airing() -> None:
@@ -418,7 +419,7 @@ def test_a_late_start_is_measured_from_the_file() -> None:
     airing = Airing(T - 10 * MIN, T + 50 * MIN, 0, T, False)
     assert sage_done_time(airing) == T + 55 * MIN  # past the file: SageTV never calls it
     bounds = bounds_of(airing, ((T, T + 50 * MIN),))
-    assert (bounds.start_ms, bounds.done_ms) == (MIN, 45 * MIN)  # Plex's 90 %
+    assert (bounds.start_ms, bounds.done_ms) == (MIN + 1, 45 * MIN)  # Plex's 90 %
     # Five minutes late into a 60-minute airing with 10 minutes of end padding.
     airing = Airing(T - 5 * MIN, T + 55 * MIN, 0, T, False)
     bounds = bounds_of(airing, ((T, T + 65 * MIN),))
@@ -463,14 +464,14 @@ def test_plex_played_threshold_on_a_long_item_where_95_percent_binds() -> None:
 
 def test_an_item_of_no_known_length_is_never_finished_by_position() -> None:
     bounds = item_bounds(None, (), 0, 0.9, 60 * SEC)
-    assert (bounds.start_ms, bounds.done_ms) == (60 * SEC, NO_END_MS)
+    assert (bounds.start_ms, bounds.done_ms) == (60 * SEC + 1, NO_END_MS)
     assert plex_state(10 * HOUR, bounds) == progress(10 * HOUR)
     assert plex_state(30 * SEC, bounds) is NOT_WATCHED
     assert plex_state(0, bounds, watched=True) is WATCHED
     # SageTV knows neither the file's nor the airing's length either.
     unknown = Airing(0, 0, 0, T, False)
     bounds = item_bounds(unknown, ((T, T),), 0, 0.9, 60 * SEC)
-    assert (bounds.start_ms, bounds.done_ms) == (60 * SEC, NO_END_MS)
+    assert (bounds.start_ms, bounds.done_ms) == (60 * SEC + 1, NO_END_MS)
 
 
 @pytest.mark.parametrize("airing, segments", [
@@ -499,7 +500,7 @@ def split_item(watched: bool = False, end: int = 0) -> SageItem:
 
 def test_an_item_of_the_first_segment_sees_sagetv_past_it_as_watched() -> None:
     bounds = bounds_of(SPLIT_AIRING, (SEG1,))
-    assert (bounds.start_ms, bounds.done_ms, bounds.duration_ms) == (MIN, 27 * MIN, 30 * MIN)
+    assert (bounds.start_ms, bounds.done_ms, bounds.duration_ms) == (MIN + 1, 27 * MIN, 30 * MIN)
     assert sage_status(split_item(end=T + 10 * MIN), (SEG1,), bounds) == P10
     assert sage_status(split_item(end=T + 30 * MIN + 30 * SEC), (SEG1,), bounds) is WATCHED
     assert sage_status(split_item(end=T + 40 * MIN), (SEG1,), bounds) is WATCHED
@@ -621,7 +622,9 @@ def test_bounds_of_a_single_file_follow_the_formula(layout: Layout) -> None:
                                       airing.show_duration_ms, airing.is_movie)
     done = min(0.95 * duration, layout.played * duration,
                sage_done if sage_done <= layout.all_segments[0][1] - T else NO_END_MS)
-    assert layout.bounds.start_ms == max(layout.ignore, lead + 5 * SEC)
+    # a minute means what Plex means by it: more than 60 000 ms
+    plex_minute = MIN + 1 if layout.ignore >= MIN else 0
+    assert layout.bounds.start_ms == max(layout.ignore, lead + 5 * SEC, plex_minute)
     assert abs(layout.bounds.done_ms - max(done, 1)) <= 1
 
 

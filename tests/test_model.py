@@ -7,7 +7,8 @@ After every sync:
   SageTV's shared show flag makes a recording watched that Plex is not (a difference SageTV
   would not take);
 - a second sync writes nothing;
-- each item shows what the three-way merge of docs/rules.md (the sync state) gives: a side the user changed
+- each item shows what the three-way merge of the sync state (docs/rules.md) gives: a side
+  the user changed
   since the last sync wins; when the user changed both, the newer wins and NONE never wins;
 - nothing watched or resumed is lost that the user did not remove.
 

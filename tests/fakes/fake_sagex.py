@@ -1,7 +1,7 @@
 """A protocol-faithful fake of the SageTV sagex HTTP API (``/sagex/api``), served over real
 HTTP by ``fake_http.FakeServer``.
 
-Every behaviour follows the sagex reference (SageTV and sagex sources) (cited as §n below), which was
+Every behaviour follows the sagex reference (cited as §n below), which was
 written from the sagex and SageTV sources; where this file had to guess, the comment says so.
 What it models:
 

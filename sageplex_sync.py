@@ -1096,6 +1096,9 @@ def sage_done_time(airing: Airing) -> int:
 def position_from_sage_time(time_ms: int, segments: Sequence[tuple[int, int]]) -> int:
     """A SageTV airing-timeline time as an offset into the given segments played one
     after the other; a time in a gap (or before them) rounds forward."""
+    if len(segments) == 1:  # most recordings
+        start, end = segments[0]
+        return 0 if time_ms < start else min(time_ms, end) - start
     offset = 0
     for start, end in segments:
         if time_ms < start:
@@ -1321,19 +1324,9 @@ class PlexItem:
                 "lastViewedAt": self.last_viewed_ms // 1000, "duration": self.duration_ms}
 
 
-def _attr_int(attrs: dict[str, str], key: str, where: str) -> int:
-    """A number attribute (0 when absent)."""
-    value = attrs.get(key)
-    if value is None:
-        return 0
-    if not (value.isdigit() and value.isascii()):
-        raise PlexError(f"{where}: {key} is {value!r}, not a number")
-    return int(value)
-
-
-def _attr_index(attrs: dict[str, str], key: str, where: str) -> int | None:
-    """A season or episode number: None when absent or empty (an unnumbered special)."""
-    return _attr_int(attrs, key, where) if attrs.get(key) else None
+#: The number attributes of a movie or episode element.
+_PLEX_NUMBERS = ("viewCount", "viewOffset", "duration", "lastViewedAt", "grandparentRatingKey",
+                 "parentIndex", "index")
 
 
 def plex_item_from_element(video: Element) -> PlexItem:
@@ -1342,17 +1335,23 @@ def plex_item_from_element(video: Element) -> PlexItem:
     key = attrs.get("ratingKey", "")
     if not (key.isdigit() and key.isascii()):
         raise PlexError(f"a Plex item has no media id (ratingKey {key!r})")
-    where = f"Plex media id {key}"
+    texts = [attrs.get(name) or "" for name in _PLEX_NUMBERS]
+    joined = "".join(texts)
+    if joined and not (joined.isdigit() and joined.isascii()):  # one check for all of them
+        bad = next(n for n, t in zip(_PLEX_NUMBERS, texts, strict=True)
+                   if t and not (t.isdigit() and t.isascii()))
+        raise PlexError(f"Plex media id {key}: {bad} is {attrs[bad]!r}, not a number")
+    view_count, offset, duration, viewed_at, show_key, season, index = (
+        int(t) if t else 0 for t in texts)
     episode = attrs.get("type") == "episode"
     return PlexItem(
         int(key), attrs.get("title", ""),
         tuple(file for part in video.iter("Part") if (file := part.get("file"))),
-        _attr_int(attrs, "viewCount", where), _attr_int(attrs, "viewOffset", where),
-        _attr_int(attrs, "duration", where), _attr_int(attrs, "lastViewedAt", where) * 1000,
-        show=attrs.get("grandparentTitle", ""),
-        show_key=_attr_int(attrs, "grandparentRatingKey", where),
-        season=_attr_index(attrs, "parentIndex", where) if episode else None,
-        episode=_attr_index(attrs, "index", where) if episode else None,
+        view_count, offset, duration, viewed_at * 1000,
+        show=attrs.get("grandparentTitle", ""), show_key=show_key,
+        # an empty or missing number is an unnumbered special
+        season=season if episode and texts[5] else None,
+        episode=index if episode and texts[6] else None,
         year=attrs.get("year", ""), is_episode=episode)
 
 
@@ -1887,8 +1886,9 @@ class StateStore:
         return rows
 
     # -- writing ---------------------------------------------------------------------------
-    def record_run(self, kind: str, argv: Sequence[str], bases: dict[int, BaseRecord],
-                   journal: Sequence[JournalRow]) -> int:
+    def record_run(self, kind: str, argv: Sequence[str],
+                   bases: Iterable[tuple[int, BaseRecord]], journal: Sequence[JournalRow]
+                   ) -> int:
         """One run's journal and the new bases, in one transaction."""
         try:
             with self.transaction() as db:
@@ -1896,11 +1896,11 @@ class StateStore:
                     "INSERT INTO runs (started_at, kind, argv, writes) VALUES (?, ?, ?, ?)",
                     (time.strftime("%Y-%m-%d %H:%M:%S"), kind, json.dumps(list(argv)),
                      len(journal))).lastrowid
-                db.executemany("INSERT OR REPLACE INTO base VALUES (?,?,?,?,?,?,?,?,?,?,?)", [
+                db.executemany("INSERT OR REPLACE INTO base VALUES (?,?,?,?,?,?,?,?,?,?,?)", (
                     (key, r.media_file_id, r.file_name, r.base.sage.to_text(),
                      r.base.plex.to_text(), r.sage_raw, r.plex_raw,
                      *_pending_columns(r.base), r.run_id or run_id)
-                    for key, r in bases.items()])
+                    for key, r in bases))
                 db.executemany("INSERT INTO journal VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", [
                     (run_id, j.rating_key, j.media_file_id, j.title, j.rule, j.writes,
                      j.sage_before.to_text(), j.plex_before.to_text(),
@@ -2468,19 +2468,13 @@ class SyncRun:
         Plex writes, then record the new base and the journal in one transaction."""
         written = [e for e in facts.entries if e.outcome in (Outcome.UPDATED, Outcome.FAILED)]
         self.reread(written, facts)
-        bases: dict[int, BaseRecord] = {}
-        journal: list[JournalRow] = []
-        for entry in facts.entries:
-            if not entry.matched:
-                continue
-            record = _base_record(entry)
-            if record is not None:
-                bases[entry.plex.rating_key] = record
-            if entry in written:
-                journal.append(_journal_row(entry))
         if self.state is None:
             return 0
-        return self.state.record_run(self.opts.kind, self.opts.argv, bases, journal)
+        # The bases are made as they are stored: a big library's never sit in memory whole.
+        bases = ((entry.plex.rating_key, record) for entry in facts.entries
+                 if entry.matched and (record := _base_record(entry)) is not None)
+        return self.state.record_run(self.opts.kind, self.opts.argv, bases,
+                                     [_journal_row(entry) for entry in written])
 
     def reread(self, written: list[Entry], facts: Facts) -> None:
         """Read back the written items (and the recordings sharing a written show flag);
@@ -2941,16 +2935,18 @@ class Report:
     interrupted: bool = False
 
     def counts(self) -> dict[str, int]:
-        found: collections.Counter[str] = collections.Counter()
+        found: collections.Counter[object] = collections.Counter()
         for entry in self.entries:
-            found["videos"] += 1
-            if not entry.matched:
+            if entry.bounds is None:  # not matched
                 found["ambiguous" if entry.candidates > 1 else
                       "unreadable" if entry.unreadable else "not_in_sage"] += 1
                 continue
-            found[entry.verdict.name.lower()] += 1
-            found[entry.outcome.name.lower()] += 1
-        return found
+            found[entry.decision.verdict] += 1
+            found[entry.outcome] += 1
+        named: collections.Counter[str] = collections.Counter(videos=len(self.entries))
+        for key, count in found.items():
+            named[key.name.lower() if isinstance(key, Enum) else str(key)] += count
+        return named
 
     def total_line(self) -> str:
         counts = self.counts()
@@ -2968,8 +2964,10 @@ class Report:
         return "Total: " + ", ".join(parts) + "."
 
     def headings(self) -> list[tuple[str, list[Entry]]]:
+        notable = [e for e in self.entries if self.shows(e, all_items=False)]
+
         def where(test: Callable[[Entry], bool]) -> list[Entry]:
-            return [e for e in self.entries if test(e)]
+            return [e for e in notable if test(e)]
 
         def updated(side: str) -> Callable[[Entry], bool]:
             return lambda e: e.outcome is Outcome.UPDATED and any(

@@ -24,6 +24,7 @@ import contextlib
 import difflib
 import email.utils
 import gc
+import io
 import json
 import logging
 import logging.handlers
@@ -2012,26 +2013,46 @@ class Entry:
 
 
 class Console:
-    """The run's streams and terminal, injected: nothing reads sys.stdin behind its back."""
+    """The run's streams and terminal, injected: nothing reads sys.stdin behind its back.
+    Questions go to stdin when it is a terminal, else to the controlling terminal (so -p
+    works with stdin in a pipe), else they are answered no, and said so."""
 
     def __init__(self, out: TextIO, err: TextIO, stdin: TextIO | None, secrets: Secrets,
-                 progress: bool = False) -> None:
+                 progress: bool = False,
+                 terminal: Callable[[], TextIO | None] = lambda: None) -> None:
         self.out, self.err, self.stdin, self.secrets = out, err, stdin, secrets
         self.progress = progress
+        self._open_terminal = terminal
+        self._terminal: TextIO | None = None
+        self._looked = False
+
+    def _asking_on(self) -> TextIO | None:
+        if self.stdin is not None and _isatty(self.stdin):
+            return self.stdin
+        if not self._looked:
+            self._looked = True
+            self._terminal = self._open_terminal()
+        return self._terminal
 
     @property
     def can_ask(self) -> bool:
-        return self.stdin is not None and _isatty(self.stdin)
+        return self._asking_on() is not None
 
     def ask(self, question: str) -> bool:
         """Ask on the terminal; with no terminal the answer is no, and we say so."""
-        if not self.can_ask:
+        terminal = self._asking_on()
+        if terminal is None:
             self.err.write(f"{question} [y/N] no (no terminal to ask on)\n")
             return False
-        assert self.stdin is not None
-        self.err.write(f"{question} [y/N] ")
-        self.err.flush()
-        return self.stdin.readline().strip().lower() in ("y", "yes")
+        prompt = self.err if terminal is self.stdin else terminal
+        prompt.write(f"{question} [y/N] ")
+        prompt.flush()
+        return terminal.readline().strip().lower() in ("y", "yes")
+
+    def close(self) -> None:
+        if self._terminal is not None:
+            self._terminal.close()
+            self._terminal = None
 
     def bar(self, total: int | None, what: str) -> Any:
         """A progress bar on stderr (a terminal only), or one that shows nothing."""
@@ -2048,6 +2069,18 @@ class _NoBar:
 
     def close(self) -> None:
         pass
+
+
+def _controlling_terminal() -> TextIO | None:
+    """The terminal the user runs the tool from, even with stdin in a pipe (or None)."""
+    try:
+        fd = os.open("CON" if sys.platform.startswith("win") else "/dev/tty", os.O_RDWR)
+    except OSError:
+        return None
+    # A terminal is read and written but not seekable: one buffer each way.
+    pair = io.BufferedRWPair(io.FileIO(fd, "r", closefd=False), io.FileIO(fd, "w"))
+    return io.TextIOWrapper(cast(io.BufferedRandom, pair), encoding="utf-8",
+                            write_through=True)
 
 
 def _isatty(stream: object) -> bool:
@@ -2480,10 +2513,21 @@ class SyncRun:
         """Read back the written items (and the recordings sharing a written show flag);
         an item that cannot be read back has failed."""
         sage_ids: set[int] = set()
-        for entry in written:
-            if entry.sage is not None and any(_is_sage(w) for w in entry.writes):
+        read_back: set[int] = set()
+        sage_written = [e for e in written
+                        if e.sage is not None and any(_is_sage(w) for w in e.writes)]
+        writers = collections.Counter(e.sage.media_file_id for e in sage_written
+                                      if e.sage is not None)
+        for entry in sage_written:
+            assert entry.sage is not None
+            siblings = facts.index.siblings(entry.sage)
+            sage_ids.update(s.media_file_id for s in siblings)
+            if siblings or entry.sage_after_item is None or \
+                    writers[entry.sage.media_file_id] > 1:
                 sage_ids.add(entry.sage.media_file_id)
-                sage_ids.update(s.media_file_id for s in facts.index.siblings(entry.sage))
+            else:  # its own read-back after the write is final: nothing else wrote to it
+                facts.index.replace(entry.sage_after_item)
+                read_back.add(entry.sage.media_file_id)
         for media_file_id, item_or_error in self.read_sage_again(sage_ids).items():
             if isinstance(item_or_error, SyncError):
                 sage_ids.discard(media_file_id)
@@ -2508,7 +2552,8 @@ class SyncRun:
             plex_now[item.rating_key] = item
         for entry in facts.entries:
             if entry.sage is not None and entry.bounds is not None and (
-                    entry.sage.media_file_id in sage_ids or entry.plex.rating_key in plex_now):
+                    entry.sage.media_file_id in sage_ids or entry.sage.media_file_id in read_back
+                    or entry.plex.rating_key in plex_now):
                 self.read_after(entry, facts, plex_now.get(entry.plex.rating_key))
 
     def read_sage_again(self, ids: set[int]) -> dict[int, SageItem | SyncError]:
@@ -2728,6 +2773,7 @@ class Applier:
             raise SageError(f"SageTV no longer has media file {entry.sage.media_file_id}")
         fresh = sage_item_from_json(record)
         fresh.segments = entry.sage.segments
+        entry.sage_after_item = fresh  # the last read-back is what the write left
         return fresh, sage_status(fresh, entry.segments, entry.bounds)
 
     def _expect(self, intended: Status, error: str, call: str, restore: bool = False) -> str:
@@ -3579,6 +3625,9 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None,
     """Run the command line; the one place exceptions become messages and exit codes."""
     out = out or sys.stdout
     err = err or sys.stderr
+    # The controlling terminal is a question's last resort only for the process's own
+    # stdin: a caller that injects stdin decides what can be asked.
+    terminal = _controlling_terminal if stdin is None else (lambda: None)
     stdin = stdin if stdin is not None else sys.stdin
     secrets = Secrets()
     try:
@@ -3591,7 +3640,7 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None,
         err.write(f"{PROG}: error: {exc}\n")
         return exc.exit_code
     progress = _isatty(err) and not args.no_progress and not args.verbose
-    console = Console(out, err, stdin, secrets, progress)
+    console = Console(out, err, stdin, secrets, progress, terminal)
     stop = threading.Event()
     with logging_to(args.verbose, err, secrets), stopping_on_signals(stop):
         log.info("***** sageplex_sync %s %s *****", __version__, list(opts.argv))
@@ -3616,6 +3665,7 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None,
             err.write(f"{PROG}: internal error: {message} (details in the log)\n")
             return ExitCode.FAILED
         finally:
+            console.close()
             with contextlib.suppress(BrokenPipeError, ValueError):
                 out.flush()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +76,8 @@ class Env:
         so that tests can read any item's line."""
         out, err = io.StringIO(), io.StringIO()
         args = list(argv) + (["--all-items"] if every_item and _takes_all_items(argv) else [])
-        code = sageplex_sync.main(args, out=out, err=err)
+        # stdin given explicitly: a test never asks on the developer's own terminal
+        code = sageplex_sync.main(args, out=out, err=err, stdin=sys.stdin)
         log = self.log_path.read_text(encoding="utf-8") if self.log_path.exists() else ""
         return Result(int(code), out.getvalue(), err.getvalue(), log)
 

@@ -796,3 +796,45 @@ def test_sandbox_cleans_up_on_sigterm() -> None:
             proc.kill()
             proc.wait()
     assert not config.parent.exists()
+
+
+# -- -p asks on the terminal even with stdin in a pipe ------------------------------------------
+
+def test_prompt_reads_the_answer_from_the_terminal_when_stdin_is_a_pipe(world: World,
+                                                                         start) -> None:
+    """``sageplex-sync all -s -p < file``: the questions go to the controlling terminal."""
+    item = world.movie("Heat", sage=watched(ago=DAY), plex=none())
+    env = start()
+    master, slave = os.openpty()
+
+    def own_terminal() -> None:  # in the child: a session whose terminal is the pty
+        os.setsid()
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen([sys.executable, str(TOOL), "all", "-s", "-p"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, preexec_fn=own_terminal, pass_fds=(slave,),
+                            env={**os.environ, "SAGEPLEX_CFG": str(env.config_path)})
+    os.close(slave)
+    assert proc.stdin is not None
+    proc.stdin.close()  # stdin is an empty pipe: the answer must come from the terminal
+    proc.stdin = None  # (communicate() below must not flush it again)
+    seen = b""
+    while b"[y/N]" not in seen:
+        ready, _, _ = select.select([master], [], [], 30)
+        assert ready, f"no question on the terminal: {seen!r}"
+        try:
+            seen += os.read(master, 4096)
+        except OSError:  # EIO: the tool ended without asking
+            proc.wait(60)
+            assert proc.stdout is not None and proc.stderr is not None
+            raise AssertionError(f"no question on the terminal: {seen!r}\n"
+                                 f"{proc.stdout.read()!r}\n{proc.stderr.read()!r}") from None
+    os.write(master, b"y\n")
+    out, err = proc.communicate(timeout=60)
+    os.close(master)
+
+    assert proc.returncode == 0, err.decode()
+    assert b"mark watched on Plex" in seen  # the question named the write
+    assert world.plex_item(item).view_count == 1
+    assert "[updated]" in out.decode()

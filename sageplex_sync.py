@@ -9,7 +9,8 @@ The module reads top to bottom, each section using only those above it: constant
 errors; configuration; the HTTP plumbing both clients share; the SageTV client; the Plex
 client; watch states and the bounds of an item; items and their normalisation;
 matching; the decision (pure functions); the sync state (SQLite); the run (read, check,
-plan, guard, write, remember); the report; and the command line, last and thin.
+plan, guard, write, remember); the applier (the only code that writes); the report; the
+commands (sync, --check, library commands, --interval); and the command line, last.
 ``main(argv) -> int`` is the only place that turns exceptions into messages and exit
 codes, so the rest can be used as a library.
 """
@@ -2707,6 +2708,11 @@ def _journal_row(entry: Entry) -> JournalRow:
                       entry.outcome.value, entry.detail)
 
 
+###############################################################################
+# The applier: the only code that writes, one item at a time ##################
+###############################################################################
+
+
 class Applier:
     """The only code that writes, one item at a time. Every SageTV write is read back,
     because sagex answers the same `{}` whether a write worked or did nothing."""
@@ -3078,188 +3084,8 @@ class Report:
 
 
 ###############################################################################
-# The command line: arguments, the run's set-up and tear-down, exit codes #####
+# The commands: a sync or report, --check, the library commands, --interval ###
 ###############################################################################
-
-EPILOG = f"""\
-Compare or synchronize watch status and resume position of the specified Plex library
-sections with SageTV. Individual Plex media (movie, episode, season or show) can be
-given with -m. Without -s nothing is written.
-
-examples:
-  {PROG} -l                      list the Plex library sections
-  {PROG} all                     report every section, write nothing
-  {PROG} all -s                  sync every section
-  {PROG} "TV Shows" 2 -s -n      show what a sync of two sections would do
-  {PROG} -m 1234 -s              sync one movie, episode, season or show
-  {PROG} -m 1234 -s --position 0:42:10
-  {PROG} --why 1234              explain the decision for one item
-  {PROG} --undo                  put back what the last sync changed
-config: sageplex_cfg.json, found through -c, $SAGEPLEX_CFG (a file or folder), the Plex
-Media Server data folder, or the current folder. Sync state: --state, else
-{STATE_FILE_NAME} next to the config. Log: $SAGEPLEX_LOG, else the user's state folder.
-exit codes: 0 all writes done, 1 a write or the run failed (or the guard refused),
-2 usage error, 130 interrupted.
-"""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line (main prints it), not a usage block."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(message if "--help" in message else f"{message} (see --help)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog=PROG, usage=f"{PROG} [options] [id [id ...]]",
-        description="SageTV and Plex watch status synchronization.", epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("id", nargs="*", help="Plex library ID/name/all (media ids with -m)")
-    actions = parser.add_mutually_exclusive_group()
-    actions.add_argument("-l", "--list", action="store_true", help="list Plex library sections")
-    actions.add_argument("-s", "--sync", action="store_true",
-                         help="sync watch status (without it: report only, write nothing)")
-    parser.add_argument("-m", "--media", action="store_true",
-                        help="ID is a media-id (movie, episode, season or show), not a section")
-    parser.add_argument("--sagedata", action="store_true",
-                        help="print SageTV's data for the media ids as JSON (needs -m)")
-    parser.add_argument("--position", metavar="POSITION",
-                        help="set explicit resume position h:m:s on Plex and SageTV "
-                             "(needs -m, and -s or -n)")
-    parser.add_argument("-x", dest="ignore", metavar="IGNORE", type=int,
-                        default=DEFAULT_IGNORE_S,
-                        help=f"ignore positions within the first IGNORE seconds "
-                             f"(default {DEFAULT_IGNORE_S})")
-    parser.add_argument("-p", dest="prompt", action="store_true",
-                        help="confirm each sync update")
-    parser.add_argument("-n", dest="simulate", action="store_true",
-                        help="do nothing, simulate the sync")
-    actions.add_argument("--addtv", nargs="+", metavar=("NAME", "PATH"),
-                         help="add a Plex library for SageTV shows")
-    actions.add_argument("--addmovie", nargs="+", metavar=("NAME", "PATH"),
-                         help="add a Plex library for SageTV movies")
-    actions.add_argument("--delsec", metavar="ID", help="delete a Plex library section "
-                         "(asks first)")
-    actions.add_argument("--refresh", metavar="ID", help="refresh a Plex library section "
-                         "(or all)")
-    actions.add_argument("--check", action="store_true",
-                         help="check the config and reach both servers, then exit")
-    actions.add_argument("--why", metavar="MEDIA-ID",
-                         help="explain the decision for one Plex media id, write nothing")
-    actions.add_argument("--undo", nargs="?", const="", metavar="RUN",
-                         help="put back what the last sync (or run RUN) changed")
-    actions.add_argument("--apply", metavar="FILE", help="carry out a plan saved with --plan")
-    parser.add_argument("--plan", metavar="FILE",
-                        help="save what the sync would do as JSON, write nothing")
-    parser.add_argument("--state", metavar="PATH",
-                        help=f"sync state file (default: {STATE_FILE_NAME} next to the config)")
-    parser.add_argument("-y", "--yes", action="store_true",
-                        help="answer yes to --delsec's question and to the guard")
-    parser.add_argument("--json", action="store_true",
-                        help="one JSON object per item and a summary object on stdout")
-    parser.add_argument("--all-items", action="store_true",
-                        help="list in-sync items too (the default lists what needs attention)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--interval", metavar="MINUTES", type=float,
-                        help="sync, sleep MINUTES, repeat until stopped (needs -s)")
-    parser.add_argument("-c", "--config", metavar="PATH",
-                        help="config file or folder (default: $SAGEPLEX_CFG, else the Plex "
-                             "Media Server data folder, else the current folder)")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="also show debug detail on stderr, and every item")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    return parser
-
-
-def parse_position(text: str) -> int:
-    """'h:m:s', 'm:s' or 's' as ms; minutes and seconds under 60 after a larger unit."""
-    fields = text.strip().split(":")
-    if not 1 <= len(fields) <= 3 or not all(ASCII_ID.match(f) for f in fields):
-        raise ValueError(text)
-    values = [int(f) for f in fields]
-    if any(v >= 60 for v in values[1:]):
-        raise ValueError(text)
-    seconds = 0
-    for value in values:
-        seconds = seconds * 60 + value
-    return seconds * 1000
-
-
-def _admin(args: argparse.Namespace) -> bool:
-    return bool(args.list or args.addtv or args.addmovie or args.delsec or args.refresh
-                or args.check)
-
-
-#: Rules that make no sense together, checked before any server is asked (exit 2).
-_CONFLICTS: list[tuple[Callable[[argparse.Namespace], bool], str]] = [
-    (lambda a: bool(a.list and a.id), "-l lists the sections and takes no ids; drop the ids"),
-    (lambda a: bool(_admin(a) and a.id and not a.list),
-     "--addtv/--addmovie/--delsec/--refresh/--check take no other ids"),
-    (lambda a: bool(a.addtv and len(a.addtv) < 2), "--addtv needs a NAME and at least one PATH"),
-    (lambda a: bool(a.addmovie and len(a.addmovie) < 2),
-     "--addmovie needs a NAME and at least one PATH"),
-    (lambda a: bool(a.yes and _admin(a) and not a.delsec), "-y only answers --delsec's question "
-     "and the guard of a sync"),
-    (lambda a: bool(_admin(a) and (a.media or a.sagedata or a.position or a.prompt
-                                   or a.simulate)),
-     "-m, --sagedata, --position, -p and -n go with a sync or report, not with -l, --check "
-     "or the library commands"),
-    (lambda a: bool(a.sagedata and not a.media), "--sagedata needs -m and media ids"),
-    (lambda a: bool(a.sagedata and (a.sync or a.position or a.simulate)),
-     "--sagedata only shows SageTV's data; drop -s / -n / --position"),
-    (lambda a: a.position is not None and not (a.media and (a.sync or a.simulate)),
-     "--position needs -m (media ids) and -s (or -n to simulate)"),
-    (lambda a: bool(a.prompt and not a.sync), "-p confirms sync writes; add -s"),
-    (lambda a: bool(a.media and not a.id), "-m needs one or more media ids"),
-    (lambda a: bool((a.why or a.undo is not None or a.apply) and (a.id or a.media)),
-     "--why, --undo and --apply take no other ids"),
-    (lambda a: bool(a.plan and (a.undo is not None or a.apply or a.why)),
-     "--plan saves a sync's plan; it does not go with --undo, --apply or --why"),
-    (lambda a: a.interval is not None and not (a.sync and a.interval > 0),
-     "--interval needs -s and a number of minutes above 0"),
-    (lambda a: bool(a.json and (_admin(a) or a.why or a.sagedata)),
-     "--json goes with a sync or report"),
-    (lambda a: not (_admin(a) or a.id or a.why or a.undo is not None or a.apply),
-     "nothing to do: give a section (id, name or all), -m media ids, -l, --check, "
-     "--undo, --why or a library command; see --help"),
-]
-
-
-def validate_args(args: argparse.Namespace) -> Options:
-    """The command line, checked, as the run's options (UsageError: exit 2)."""
-    for broken, message in _CONFLICTS:
-        if broken(args):
-            raise UsageError(f"{message} (see --help)")
-    if args.ignore < 0:
-        raise UsageError(f"-x must be 0 or more seconds, not {args.ignore} (see --help)")
-    ids = list(args.id)
-    if args.why is not None:
-        ids = [args.why]
-    if (args.media or args.why is not None) and not all(ASCII_ID.match(i) for i in ids):
-        bad = next(i for i in ids if not ASCII_ID.match(i))
-        raise UsageError(f"media ids are numbers (see the first column of a report), not {bad!r}")
-    if args.undo and not ASCII_ID.match(args.undo):
-        raise UsageError(f"--undo takes a run number (shown by -v), not {args.undo!r}")
-    position_ms = None
-    if args.position is not None:
-        try:
-            position_ms = parse_position(args.position)
-        except ValueError:
-            raise UsageError(f"--position takes h:m:s (like 1:02:30, 42:10 or 90), "
-                             f"not {args.position!r}") from None
-    return Options(
-        targets=tuple(ids), media=bool(args.media or args.why is not None),
-        sync=bool(args.sync or args.simulate or args.plan), simulate=bool(args.simulate),
-        prompt=args.prompt, yes=args.yes, ignore_ms=args.ignore * 1000,
-        position_ms=position_ms, position_text=args.position or "", sagedata=args.sagedata,
-        why=args.why is not None, undo=args.undo,
-        plan_file=Path(args.plan) if args.plan else None,
-        apply_file=Path(args.apply) if args.apply else None,
-        state_path=Path(os.path.expanduser(args.state)) if args.state else None)
-
-
-# -- the run's pieces ---------------------------------------------------------------------
 
 
 def prepare_replay(opts: Options, state: StateStore | None
@@ -3531,6 +3357,189 @@ def run_rounds(opts: Options, config: Config, console: Console, stop: threading.
         if stop.wait(minutes * 60):
             break
     return ExitCode.INTERRUPTED if code is not ExitCode.FAILED else code
+
+
+###############################################################################
+# The command line: arguments, set-up and tear-down of a run, exit codes ######
+###############################################################################
+
+
+EPILOG = f"""\
+Compare or synchronize watch status and resume position of the specified Plex library
+sections with SageTV. Individual Plex media (movie, episode, season or show) can be
+given with -m. Without -s nothing is written.
+
+examples:
+  {PROG} -l                      list the Plex library sections
+  {PROG} all                     report every section, write nothing
+  {PROG} all -s                  sync every section
+  {PROG} "TV Shows" 2 -s -n      show what a sync of two sections would do
+  {PROG} -m 1234 -s              sync one movie, episode, season or show
+  {PROG} -m 1234 -s --position 0:42:10
+  {PROG} --why 1234              explain the decision for one item
+  {PROG} --undo                  put back what the last sync changed
+config: sageplex_cfg.json, found through -c, $SAGEPLEX_CFG (a file or folder), the Plex
+Media Server data folder, or the current folder. Sync state: --state, else
+{STATE_FILE_NAME} next to the config. Log: $SAGEPLEX_LOG, else the user's state folder.
+exit codes: 0 all writes done, 1 a write or the run failed (or the guard refused),
+2 usage error, 130 interrupted.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (main prints it), not a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message if "--help" in message else f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG, usage=f"{PROG} [options] [id [id ...]]",
+        description="SageTV and Plex watch status synchronization.", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("id", nargs="*", help="Plex library ID/name/all (media ids with -m)")
+    actions = parser.add_mutually_exclusive_group()
+    actions.add_argument("-l", "--list", action="store_true", help="list Plex library sections")
+    actions.add_argument("-s", "--sync", action="store_true",
+                         help="sync watch status (without it: report only, write nothing)")
+    parser.add_argument("-m", "--media", action="store_true",
+                        help="ID is a media-id (movie, episode, season or show), not a section")
+    parser.add_argument("--sagedata", action="store_true",
+                        help="print SageTV's data for the media ids as JSON (needs -m)")
+    parser.add_argument("--position", metavar="POSITION",
+                        help="set explicit resume position h:m:s on Plex and SageTV "
+                             "(needs -m, and -s or -n)")
+    parser.add_argument("-x", dest="ignore", metavar="IGNORE", type=int,
+                        default=DEFAULT_IGNORE_S,
+                        help=f"ignore positions within the first IGNORE seconds "
+                             f"(default {DEFAULT_IGNORE_S})")
+    parser.add_argument("-p", dest="prompt", action="store_true",
+                        help="confirm each sync update")
+    parser.add_argument("-n", dest="simulate", action="store_true",
+                        help="do nothing, simulate the sync")
+    actions.add_argument("--addtv", nargs="+", metavar=("NAME", "PATH"),
+                         help="add a Plex library for SageTV shows")
+    actions.add_argument("--addmovie", nargs="+", metavar=("NAME", "PATH"),
+                         help="add a Plex library for SageTV movies")
+    actions.add_argument("--delsec", metavar="ID", help="delete a Plex library section "
+                         "(asks first)")
+    actions.add_argument("--refresh", metavar="ID", help="refresh a Plex library section "
+                         "(or all)")
+    actions.add_argument("--check", action="store_true",
+                         help="check the config and reach both servers, then exit")
+    actions.add_argument("--why", metavar="MEDIA-ID",
+                         help="explain the decision for one Plex media id, write nothing")
+    actions.add_argument("--undo", nargs="?", const="", metavar="RUN",
+                         help="put back what the last sync (or run RUN) changed")
+    actions.add_argument("--apply", metavar="FILE", help="carry out a plan saved with --plan")
+    parser.add_argument("--plan", metavar="FILE",
+                        help="save what the sync would do as JSON, write nothing")
+    parser.add_argument("--state", metavar="PATH",
+                        help=f"sync state file (default: {STATE_FILE_NAME} next to the config)")
+    parser.add_argument("-y", "--yes", action="store_true",
+                        help="answer yes to --delsec's question and to the guard")
+    parser.add_argument("--json", action="store_true",
+                        help="one JSON object per item and a summary object on stdout")
+    parser.add_argument("--all-items", action="store_true",
+                        help="list in-sync items too (the default lists what needs attention)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--interval", metavar="MINUTES", type=float,
+                        help="sync, sleep MINUTES, repeat until stopped (needs -s)")
+    parser.add_argument("-c", "--config", metavar="PATH",
+                        help="config file or folder (default: $SAGEPLEX_CFG, else the Plex "
+                             "Media Server data folder, else the current folder)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show debug detail on stderr, and every item")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def parse_position(text: str) -> int:
+    """'h:m:s', 'm:s' or 's' as ms; minutes and seconds under 60 after a larger unit."""
+    fields = text.strip().split(":")
+    if not 1 <= len(fields) <= 3 or not all(ASCII_ID.match(f) for f in fields):
+        raise ValueError(text)
+    values = [int(f) for f in fields]
+    if any(v >= 60 for v in values[1:]):
+        raise ValueError(text)
+    seconds = 0
+    for value in values:
+        seconds = seconds * 60 + value
+    return seconds * 1000
+
+
+def _admin(args: argparse.Namespace) -> bool:
+    return bool(args.list or args.addtv or args.addmovie or args.delsec or args.refresh
+                or args.check)
+
+
+#: Rules that make no sense together, checked before any server is asked (exit 2).
+_CONFLICTS: list[tuple[Callable[[argparse.Namespace], bool], str]] = [
+    (lambda a: bool(a.list and a.id), "-l lists the sections and takes no ids; drop the ids"),
+    (lambda a: bool(_admin(a) and a.id and not a.list),
+     "--addtv/--addmovie/--delsec/--refresh/--check take no other ids"),
+    (lambda a: bool(a.addtv and len(a.addtv) < 2), "--addtv needs a NAME and at least one PATH"),
+    (lambda a: bool(a.addmovie and len(a.addmovie) < 2),
+     "--addmovie needs a NAME and at least one PATH"),
+    (lambda a: bool(a.yes and _admin(a) and not a.delsec), "-y only answers --delsec's question "
+     "and the guard of a sync"),
+    (lambda a: bool(_admin(a) and (a.media or a.sagedata or a.position or a.prompt
+                                   or a.simulate)),
+     "-m, --sagedata, --position, -p and -n go with a sync or report, not with -l, --check "
+     "or the library commands"),
+    (lambda a: bool(a.sagedata and not a.media), "--sagedata needs -m and media ids"),
+    (lambda a: bool(a.sagedata and (a.sync or a.position or a.simulate)),
+     "--sagedata only shows SageTV's data; drop -s / -n / --position"),
+    (lambda a: a.position is not None and not (a.media and (a.sync or a.simulate)),
+     "--position needs -m (media ids) and -s (or -n to simulate)"),
+    (lambda a: bool(a.prompt and not a.sync), "-p confirms sync writes; add -s"),
+    (lambda a: bool(a.media and not a.id), "-m needs one or more media ids"),
+    (lambda a: bool((a.why or a.undo is not None or a.apply) and (a.id or a.media)),
+     "--why, --undo and --apply take no other ids"),
+    (lambda a: bool(a.plan and (a.undo is not None or a.apply or a.why)),
+     "--plan saves a sync's plan; it does not go with --undo, --apply or --why"),
+    (lambda a: a.interval is not None and not (a.sync and a.interval > 0),
+     "--interval needs -s and a number of minutes above 0"),
+    (lambda a: bool(a.json and (_admin(a) or a.why or a.sagedata)),
+     "--json goes with a sync or report"),
+    (lambda a: not (_admin(a) or a.id or a.why or a.undo is not None or a.apply),
+     "nothing to do: give a section (id, name or all), -m media ids, -l, --check, "
+     "--undo, --why or a library command; see --help"),
+]
+
+
+def validate_args(args: argparse.Namespace) -> Options:
+    """The command line, checked, as the run's options (UsageError: exit 2)."""
+    for broken, message in _CONFLICTS:
+        if broken(args):
+            raise UsageError(f"{message} (see --help)")
+    if args.ignore < 0:
+        raise UsageError(f"-x must be 0 or more seconds, not {args.ignore} (see --help)")
+    ids = list(args.id)
+    if args.why is not None:
+        ids = [args.why]
+    if (args.media or args.why is not None) and not all(ASCII_ID.match(i) for i in ids):
+        bad = next(i for i in ids if not ASCII_ID.match(i))
+        raise UsageError(f"media ids are numbers (see the first column of a report), not {bad!r}")
+    if args.undo and not ASCII_ID.match(args.undo):
+        raise UsageError(f"--undo takes a run number (shown by -v), not {args.undo!r}")
+    position_ms = None
+    if args.position is not None:
+        try:
+            position_ms = parse_position(args.position)
+        except ValueError:
+            raise UsageError(f"--position takes h:m:s (like 1:02:30, 42:10 or 90), "
+                             f"not {args.position!r}") from None
+    return Options(
+        targets=tuple(ids), media=bool(args.media or args.why is not None),
+        sync=bool(args.sync or args.simulate or args.plan), simulate=bool(args.simulate),
+        prompt=args.prompt, yes=args.yes, ignore_ms=args.ignore * 1000,
+        position_ms=position_ms, position_text=args.position or "", sagedata=args.sagedata,
+        why=args.why is not None, undo=args.undo,
+        plan_file=Path(args.plan) if args.plan else None,
+        apply_file=Path(args.apply) if args.apply else None,
+        state_path=Path(os.path.expanduser(args.state)) if args.state else None)
 
 
 class _PrivateLogHandler(logging.handlers.RotatingFileHandler):

@@ -731,6 +731,7 @@ class PlexClient(_Client):
     def __init__(self, server: ServerConfig, local_ms: Callable[[], int] = _local_ms) -> None:
         super().__init__(server, local_ms)
         self._plex: Any = None
+        self._headers: Callable[..., dict[str, str]] = dict
         self.where = f"Plex at {server.address}"
 
     @contextlib.contextmanager
@@ -768,12 +769,10 @@ class PlexClient(_Client):
             with self._plexapi_errors("when connecting"):
                 server = PlexServer(self.server.base_url, self.server.token or None,
                                     session=self._reads, timeout=self.server.timeout_s)
-            # A plexapi config.ini with show_secrets would put the token into every URL.
-            server._showSecrets = False
             if server.machineIdentifier is None and server.version is None:
                 raise PlexError(f"{self.where} sent an empty reply when connecting; "
                                 "is this a Plex Media Server?")
-            self._plex = server
+            self._plex, self._headers = server, _plexapi_internals(server)
         return self._plex
 
     def request(self, path: str, what: str, *, method: str = "get", write: bool = False,
@@ -782,8 +781,7 @@ class PlexClient(_Client):
         through the session that never repeats a request that reached the server."""
         plex = self.plex
         session = self._writes if write else self._reads
-        # plexapi's own headers (client identity, token): its one private method we use.
-        all_headers = plex._headers(**(headers or {}))
+        all_headers = self._headers(**(headers or {}))
         log.debug("%s %s", method.upper(), path)
 
         def send() -> requests.Response:
@@ -963,6 +961,14 @@ class PlexClient(_Client):
     def refresh_section(self, key: int) -> None:
         self.request(f"/library/sections/{key}/refresh", f"to refresh section {key}",
                      write=True)
+
+
+def _plexapi_internals(server: Any) -> Callable[..., dict[str, str]]:
+    """The one place that touches plexapi's private attributes: its request headers
+    (client identity and token), and show_secrets off, which a plexapi config.ini could
+    turn on to put the token into every URL."""
+    server._showSecrets = False
+    return cast(Callable[..., dict[str, str]], server._headers)
 
 
 def _listing_videos(parser: XMLPullParser[Element], container: dict[str, str]
@@ -1304,6 +1310,7 @@ class PlexItem:
     last_viewed_ms: int
     show: str = ""
     show_key: int = 0
+    season_key: int = 0
     season: int | None = None
     episode: int | None = None
     year: str = ""
@@ -1329,7 +1336,7 @@ class PlexItem:
 
 #: The number attributes of a movie or episode element.
 _PLEX_NUMBERS = ("viewCount", "viewOffset", "duration", "lastViewedAt", "grandparentRatingKey",
-                 "parentIndex", "index")
+                 "parentIndex", "index", "parentRatingKey")
 
 
 def plex_item_from_element(video: Element) -> PlexItem:
@@ -1344,7 +1351,7 @@ def plex_item_from_element(video: Element) -> PlexItem:
         bad = next(n for n, t in zip(_PLEX_NUMBERS, texts, strict=True)
                    if t and not (t.isdigit() and t.isascii()))
         raise PlexError(f"Plex media id {key}: {bad} is {attrs[bad]!r}, not a number")
-    view_count, offset, duration, viewed_at, show_key, season, index = (
+    view_count, offset, duration, viewed_at, show_key, season, index, season_key = (
         int(t) if t else 0 for t in texts)
     episode = attrs.get("type") == "episode"
     return PlexItem(
@@ -1352,6 +1359,7 @@ def plex_item_from_element(video: Element) -> PlexItem:
         tuple(file for part in video.iter("Part") if (file := part.get("file"))),
         view_count, offset, duration, viewed_at * 1000,
         show=attrs.get("grandparentTitle", ""), show_key=show_key,
+        season_key=season_key if episode else 0,
         # an empty or missing number is an unnumbered special
         season=season if episode and texts[5] else None,
         episode=index if episode and texts[6] else None,
@@ -2950,6 +2958,13 @@ def entry_reason(entry: Entry) -> str:
     return decision.rule if entry.verdict is not Verdict.IN_SYNC else ""
 
 
+def season_heading(plex: PlexItem) -> str:
+    """Above a season's episodes: the ids that -m takes for the whole show or season."""
+    season = f"season {plex.season}" if plex.season is not None else "season"
+    return f"== {plex.show}, {season} (-m {plex.show_key} for the show, " \
+        f"{plex.season_key} for the season)"
+
+
 def item_line(entry: Entry) -> str:
     head = f"{entry.plex.rating_key:>7}  {entry.plex.title}  [{entry_label(entry)}]"
     if not entry.matched:
@@ -2967,7 +2982,8 @@ def entry_json(entry: Entry) -> dict[str, Any]:
     plex = entry.plex
     return {
         "media_id": plex.rating_key, "title": plex.title, "show": plex.show or None,
-        "season": plex.season, "episode": plex.episode,
+        "show_id": plex.show_key or None, "season": plex.season,
+        "season_id": plex.season_key or None, "episode": plex.episode,
         "media_file_id": entry.sage.media_file_id if entry.sage is not None else None,
         "sage": _side_json(entry.sage_status, entry.sage_last_ms) if entry.matched else None,
         "plex": _side_json(entry.plex_status, entry.plex_last_ms) if entry.matched else None,
@@ -3234,10 +3250,15 @@ def run_sync(opts: Options, config: Config, console: Console, stop: threading.Ev
 
 def _print_report(report: Report, console: Console, all_items: bool, as_json: bool) -> None:
     lines = []
+    heading: tuple[int, int] = (0, 0)
     for entry in report.entries:
         if as_json:
             lines.append(json.dumps(entry_json(entry), ensure_ascii=False))
         elif report.shows(entry, all_items):
+            plex = entry.plex
+            if plex.is_episode and (plex.show_key, plex.season_key) != heading:
+                heading = (plex.show_key, plex.season_key)
+                lines.append(season_heading(plex))
             lines.append(item_line(entry))
     if as_json:
         lines.append(json.dumps(report.json_summary()))

@@ -31,8 +31,8 @@ from tests.fakes.world import DAY, MIN, SEC, World, at, none, watched
 TOOL = Path(sageplex_sync.__file__).resolve()
 ROOT = TOOL.parent
 
-ITEM_KEYS = {"media_id", "title", "show", "season", "episode", "media_file_id", "sage", "plex",
-             "verdict", "rule", "action", "outcome", "detail"}
+ITEM_KEYS = {"media_id", "title", "show", "show_id", "season", "season_id", "episode",
+             "media_file_id", "sage", "plex", "verdict", "rule", "action", "outcome", "detail"}
 SIDE_KEYS = {"state", "position_ms", "last_watched"}
 
 

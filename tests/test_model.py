@@ -38,7 +38,19 @@ from hypothesis.stateful import (
 )
 
 from tests.conftest import Env
-from tests.fakes.world import DAY, HOUR, MIN, SEC, Item, World, at, none, watched
+from tests.fakes.world import (
+    DAY,
+    HOUR,
+    MIN,
+    PLEX_SWITCH_IDS,
+    PLEX_SWITCHES,
+    SEC,
+    Item,
+    World,
+    at,
+    none,
+    watched,
+)
 from tests.user import NONE, WATCHED, State, User, bounds, plex_state, progress, sage_state
 
 SHARED_FLAG = "EP0000555001"
@@ -232,15 +244,7 @@ class SyncModel(RuleBasedStateMachine):
         assert self.env.sage.errors == [] and self.env.plex.errors == []
 
 
-#: What Plex does with a write the references are unsure of: a position past the played
-#: threshold (played, stored, ignored) and whether a scrobble clears the offset.
-PLEX_SWITCHES = [{"progress_past_threshold": past, "scrobble_clears_offset": clears}
-                 for past in ("played", "offset", "ignore") for clears in (True, False)]
-
-
-@pytest.mark.parametrize("plex_options", PLEX_SWITCHES,
-                         ids=[f"{o['progress_past_threshold']}-clears-{o['scrobble_clears_offset']}"
-                              for o in PLEX_SWITCHES])
+@pytest.mark.parametrize("plex_options", PLEX_SWITCHES, ids=PLEX_SWITCH_IDS)
 def test_random_user_actions_and_syncs(monkeypatch: pytest.MonkeyPatch,
                                        plex_options: dict) -> None:
     for name in ("SAGEPLEX_CFG", "SAGEPLEX_LOG"):  # put back after the examples

@@ -20,7 +20,18 @@ import pytest
 
 import sageplex_sync
 from tests.conftest import Env, Result, assert_no_secrets
-from tests.fakes.world import DAY, HOUR, MIN, SEC, World, at, none, watched
+from tests.fakes.world import (
+    DAY,
+    HOUR,
+    MIN,
+    PLEX_SWITCH_IDS,
+    PLEX_SWITCHES,
+    SEC,
+    World,
+    at,
+    none,
+    watched,
+)
 from tests.user import WATCHED, User, bounds, plex_state, progress, sage_state
 
 TOLERANCE_MS = 2_000
@@ -30,17 +41,10 @@ def near(actual: int, expected: int) -> bool:
     return abs(actual - expected) < TOLERANCE_MS
 
 
-#: What Plex does with a write the references are unsure of: a position past the played
-#: threshold (played, stored, ignored) and whether a scrobble clears the offset. Every
-#: story must come out right under each.
-PLEX_SWITCHES = [{"progress_past_threshold": past, "scrobble_clears_offset": clears}
-                 for past in ("played", "offset", "ignore") for clears in (True, False)]
-
-
-@pytest.fixture(params=PLEX_SWITCHES,
-                ids=[f"{o['progress_past_threshold']}-clears-{o['scrobble_clears_offset']}"
-                     for o in PLEX_SWITCHES])
+@pytest.fixture(params=PLEX_SWITCHES, ids=PLEX_SWITCH_IDS)
 def world(request: pytest.FixtureRequest) -> World:
+    """Every story under every setting of what Plex does with a write the references leave
+    open: each must come out right under each."""
     return World(plex_options=request.param)
 
 

@@ -325,3 +325,12 @@ class Servers:
     def write_config(self, path: Path, **overrides: object) -> Path:
         path.write_text(json.dumps(self.config(**overrides), indent=2), encoding="utf-8")
         return path
+
+
+#: What a Plex server does with a write the references leave open: a position past the
+#: played threshold (played, stored, ignored) and whether a scrobble clears the resume point.
+#: End-to-end tests run under each (``plex_options`` of World).
+PLEX_SWITCHES = [{"progress_past_threshold": past, "scrobble_clears_offset": clears}
+                 for past in ("played", "offset", "ignore") for clears in (True, False)]
+PLEX_SWITCH_IDS = [f"{o['progress_past_threshold']}-clears-{o['scrobble_clears_offset']}"
+                   for o in PLEX_SWITCHES]

@@ -2135,7 +2135,6 @@ class Facts:
     index: SageIndex
     played_fraction: float
     played_from: str
-    unreadable_plex: int = 0
 
 
 class SyncRun:
@@ -2173,7 +2172,7 @@ class SyncRun:
         self.index = index
         log.info("SageTV lists %d media files; Plex %d items", len(index), len(items))
         entries = [Entry(item) for item in items] + unreadable
-        facts = Facts(entries, index, played_fraction, played_from, len(unreadable))
+        facts = Facts(entries, index, played_fraction, played_from)
         bases = self.state.bases() if self.state is not None else {}
         for entry in entries:
             if not entry.unreadable:

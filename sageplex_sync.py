@@ -2304,7 +2304,11 @@ class SyncRun:
             if entry.matched:
                 assert entry.sage is not None
                 recordings[entry.sage.media_file_id].append(entry)
+        plain = not self.overrides and self.opts.position_ms is None
         for group in recordings.values():
+            if plain and len(group) == 1 and _settled(group[0]):
+                group[0].decision = _IN_SYNC  # most items: nothing to decide
+                continue
             self.plan_recording(group, facts)
 
     def plan_recording(self, group: list[Entry], facts: Facts) -> None:
@@ -2644,6 +2648,13 @@ def _unreadable_entry(element: Element, reason: str) -> Entry:
     stub = PlexItem(int(key) if ASCII_ID.match(key) else 0, element.get("title") or "?", (),
                     0, 0, 0, 0)
     return Entry(stub, unreadable=reason)
+
+
+def _settled(entry: Entry) -> bool:
+    """Both sides show the same and no failed write waits: whatever changed, the merge
+    can only find them in sync (the same answer, without asking it)."""
+    return entry.sage_status == entry.plex_status and (
+        entry.base is None or entry.base.pending is None)
 
 
 def _member_verdict(entry: Entry, decision: Decision) -> Verdict:

@@ -1358,12 +1358,13 @@ def plex_item_from_element(video: Element) -> PlexItem:
         int(key), attrs.get("title", ""),
         tuple(file for part in video.iter("Part") if (file := part.get("file"))),
         view_count, offset, duration, viewed_at * 1000,
-        show=attrs.get("grandparentTitle", ""), show_key=show_key,
+        # one string per show and year, however many episodes share it
+        show=sys.intern(attrs.get("grandparentTitle", "")), show_key=show_key,
         season_key=season_key if episode else 0,
         # an empty or missing number is an unnumbered special
         season=season if episode and texts[5] else None,
         episode=index if episode and texts[6] else None,
-        year=attrs.get("year", ""), is_episode=episode)
+        year=sys.intern(attrs.get("year", "")), is_episode=episode)
 
 
 def file_name(path: str) -> str:
@@ -2002,7 +2003,7 @@ class Entry:
     blocked: str = ""
     outcome: Outcome = Outcome.UNCHANGED
     detail: str = ""
-    notes: list[str] = field(default_factory=list)
+    notes: tuple[str, ...] = ()
     sage_after: Status | None = None
     plex_after: Status | None = None
     #: The decision was not carried out and the old base stays (interrupted, declined).
@@ -2485,8 +2486,8 @@ class SyncRun:
                 or self.opts.position_ms is not None:
             return True
         others = ", ".join(str(i) for i in wrote_sage if i != fresh.media_file_id)
-        entry.notes.append(f"decided again: SageTV's write to media file {others or 'it'} "
-                           f"changed it to {now} (a shared show flag)")
+        entry.notes += (f"decided again: SageTV's write to media file {others or 'it'} "
+                        f"changed it to {now} (a shared show flag)",)
         entry.sage, entry.sage_status = fresh, now
         entry.sage_last_ms = fresh.real_end_ms - self.clock_offsets()[0] \
             if fresh.real_end_ms > 0 else 0
@@ -2619,7 +2620,7 @@ class SyncRun:
             return
         note = _plex_took_it_its_way(write, entry.plex, plex_item)
         if note:
-            entry.notes.append(note)
+            entry.notes += (note,)
             return
         entry.outcome = Outcome.FAILED
         entry.detail += f"; Plex accepted the write but the item is {entry.plex_after}"

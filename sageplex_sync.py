@@ -2474,14 +2474,11 @@ class SyncRun:
         or to one sharing its show flag may have changed this item. If it did, the item is
         decided again on a fresh read, taking what SageTV now shows as the server's truth
         (not as the user's activity). False when the item cannot be read."""
-        assert entry.sage is not None and entry.bounds is not None
-        record = self.sage.media_file(entry.sage.media_file_id, SAGE_FIELDS)
-        if record is None:
-            entry.outcome, entry.detail = Outcome.FAILED, "SageTV no longer has this file"
+        try:
+            fresh, now = read_sage_now(self.sage, entry)
+        except SyncError as exc:
+            entry.outcome, entry.detail = Outcome.FAILED, f"reading it before the write: {exc}"
             return False
-        fresh = sage_item_from_json(record)
-        fresh.segments = entry.sage.segments
-        now = sage_status(fresh, entry.segments, entry.bounds)
         if now == (entry.sage_expected or entry.sage_status) or self.overrides \
                 or self.opts.position_ms is not None:
             return True
@@ -2635,6 +2632,17 @@ def _plex_took_it_its_way(write: PlexWrite, before: PlexItem, after: PlexItem) -
     if isinstance(write, PlexSetPosition) and after.watched and not after.position_ms:
         return "Plex counted the position as played"
     return ""
+
+
+def read_sage_now(sage: SageClient, entry: Entry) -> tuple[SageItem, Status]:
+    """The entry's SageTV media file read again, and its state seen from the Plex item."""
+    assert entry.sage is not None and entry.bounds is not None
+    record = sage.media_file(entry.sage.media_file_id, SAGE_FIELDS)
+    if record is None:
+        raise SageError(f"SageTV no longer has media file {entry.sage.media_file_id}")
+    fresh = sage_item_from_json(record)
+    fresh.segments = entry.sage.segments
+    return fresh, sage_status(fresh, entry.segments, entry.bounds)
 
 
 def _fail_unread(written: list[Entry], exc: SyncError, *, sage: bool) -> None:
@@ -2792,15 +2800,9 @@ class Applier:
         return self.set_position(write)
 
     def _now(self) -> tuple[SageItem, Status]:
-        entry = self.entry
-        assert entry.sage is not None and entry.bounds is not None
-        record = self.sage.media_file(entry.sage.media_file_id, SAGE_FIELDS)
-        if record is None:
-            raise SageError(f"SageTV no longer has media file {entry.sage.media_file_id}")
-        fresh = sage_item_from_json(record)
-        fresh.segments = entry.sage.segments
-        entry.sage_after_item = fresh  # the last read-back is what the write left
-        return fresh, sage_status(fresh, entry.segments, entry.bounds)
+        fresh, now = read_sage_now(self.sage, self.entry)
+        self.entry.sage_after_item = fresh  # the last read-back is what the write left
+        return fresh, now
 
     def _expect(self, intended: Status, error: str, call: str, restore: bool = False) -> str:
         fresh, now = self._now()

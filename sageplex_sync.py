@@ -1992,7 +1992,10 @@ class Entry:
     candidates: int = 0
     unreadable: str = ""
     segments: tuple[tuple[int, int], ...] = ()
-    bounds: Bounds | None = None
+    #: (Plex's played fraction, -x) once matched. The bounds are worked out from them
+    #: when first asked for: most items have no position on either side and need none.
+    bounds_rule: tuple[float, int] | None = None
+    _bounds: Bounds | None = None
     sage_status: Status = NOT_WATCHED
     plex_status: Status = NOT_WATCHED
     sage_last_ms: int = 0  # local clock
@@ -2016,7 +2019,17 @@ class Entry:
 
     @property
     def matched(self) -> bool:
-        return self.sage is not None and self.bounds is not None
+        return self.sage is not None and self.bounds_rule is not None
+
+    @property
+    def bounds(self) -> Bounds | None:
+        """Where progress starts and "watched" begins for this item (None: not matched)."""
+        if self._bounds is None and self.sage is not None and self.bounds_rule is not None:
+            played_fraction, ignore_ms = self.bounds_rule
+            duration = self.plex.duration_ms or sum(end - start for start, end in self.segments)
+            self._bounds = item_bounds(self.sage.airing, self.segments, duration,
+                                       played_fraction, ignore_ms)
+        return self._bounds
 
     @property
     def verdict(self) -> Verdict:
@@ -2166,8 +2179,7 @@ class SyncRun:
             listing = background.submit(self.sage.media_files, SAGE_FIELDS, convert_media_file)
             items, unreadable = self.read_plex()
             played_fraction, played_from = self.plex.played_threshold()
-            with _no_cyclic_gc():
-                index = SageIndex(listing.result())
+            index = SageIndex(listing.result())
         finally:
             background.shutdown(wait=False, cancel_futures=True)
         self.index = index
@@ -2259,15 +2271,19 @@ class SyncRun:
             or bool(self.overrides)
 
     def measure(self, entry: Entry, item: SageItem, played_fraction: float) -> None:
-        segments = (covered_segments(item, entry.plex) if item.segments is not None else
-                    ((item.file_start_ms, item.file_start_ms + item.file_duration_ms),))
-        entry.segments = segments
-        duration = entry.plex.duration_ms or sum(end - start for start, end in segments)
-        entry.bounds = item_bounds(item.airing, segments, duration, played_fraction,
-                                   self.opts.ignore_ms)
-        entry.sage_status = sage_status(item, segments, entry.bounds)
+        entry.segments = (covered_segments(item, entry.plex) if item.segments is not None else
+                          ((item.file_start_ms, item.file_start_ms + item.file_duration_ms),))
+        entry.bounds_rule, entry._bounds = (played_fraction, self.opts.ignore_ms), None
         plex = entry.plex
-        entry.plex_status = classify(plex.watched, plex.position_ms, entry.bounds, is_sage=False)
+        if plex.position_ms == 0 and (item.watched or item.watched_end_ms == 0):
+            # No position on either side: whatever the bounds, each side is what its flag says
+            entry.sage_status = WATCHED if item.watched else NOT_WATCHED
+            entry.plex_status = WATCHED if plex.watched else NOT_WATCHED
+        else:
+            bounds = entry.bounds
+            assert bounds is not None
+            entry.sage_status = sage_status(item, entry.segments, bounds)
+            entry.plex_status = classify(plex.watched, plex.position_ms, bounds, is_sage=False)
         sage_offset, plex_offset = self.clock_offsets()
         entry.sage_last_ms = item.real_end_ms - sage_offset if item.real_end_ms > 0 else 0
         entry.plex_last_ms = plex.last_viewed_ms - plex_offset if plex.last_viewed_ms > 0 else 0
@@ -2898,14 +2914,28 @@ def _attempt(call: Callable[[], None]) -> str:
 
 
 @contextlib.contextmanager
-def _no_cyclic_gc() -> Iterator[None]:
-    """The cyclic garbage collector paused while a listing becomes a hundred thousand
-    long-lived objects and no garbage cycles (it would scan them over and over)."""
+def _collector_paused() -> Iterator[Callable[[], None]]:
+    """The cyclic garbage collector paused while a run reads and plans: that builds a
+    hundred thousand long-lived objects and no garbage cycles, and each collection would
+    scan them all again (a third of a 100,000-item check). The block calls the function
+    it is given once the plan is made: the collector runs again for the writes, with
+    what was read set aside (frozen) so that it is not scanned either."""
     enabled = gc.isenabled()
+    frozen = False
+
+    def planned() -> None:
+        nonlocal frozen
+        if enabled and not frozen:
+            frozen = True
+            gc.freeze()
+            gc.enable()
+
     gc.disable()
     try:
-        yield
+        yield planned
     finally:
+        if frozen:
+            gc.unfreeze()
         if enabled:
             gc.enable()
 
@@ -3016,16 +3046,28 @@ class Report:
     unreadable_sage: int = 0
     interrupted: bool = False
 
+    def __post_init__(self) -> None:
+        self._notable: list[Entry] | None = None
+
+    def notable(self) -> list[Entry]:
+        """The items the default report lists: all but those in sync and left unchanged."""
+        if self._notable is None:
+            self._notable = [e for e in self.entries if self.shows(e, all_items=False)]
+        return self._notable
+
     def counts(self) -> dict[str, int]:
         found: collections.Counter[object] = collections.Counter()
-        for entry in self.entries:
-            if entry.bounds is None:  # not matched
+        notable = self.notable()
+        for entry in notable:
+            if not entry.matched:
                 found["ambiguous" if entry.candidates > 1 else
                       "unreadable" if entry.unreadable else "not_in_sage"] += 1
                 continue
             found[entry.decision.verdict] += 1
             found[entry.outcome] += 1
         named: collections.Counter[str] = collections.Counter(videos=len(self.entries))
+        quiet = len(self.entries) - len(notable)  # in sync and unchanged, not looked at again
+        named.update(in_sync=quiet, unchanged=quiet)
         for key, count in found.items():
             named[key.name.lower() if isinstance(key, Enum) else str(key)] += count
         return named
@@ -3046,7 +3088,7 @@ class Report:
         return "Total: " + ", ".join(parts) + "."
 
     def headings(self) -> list[tuple[str, list[Entry]]]:
-        notable = [e for e in self.entries if self.shows(e, all_items=False)]
+        notable = self.notable()
 
         def where(test: Callable[[Entry], bool]) -> list[Entry]:
             return [e for e in notable if test(e)]
@@ -3103,7 +3145,7 @@ class Report:
         if self.interrupted:
             return ExitCode.INTERRUPTED
         broken = any(e.outcome is Outcome.FAILED or (e.unreadable and not e.matched)
-                     for e in self.entries)
+                     for e in self.notable())
         return ExitCode.FAILED if broken or self.unreadable_sage else ExitCode.OK
 
     def shows(self, entry: Entry, all_items: bool) -> bool:
@@ -3227,7 +3269,8 @@ def run_sync(opts: Options, config: Config, console: Console, stop: threading.Ev
     state_path = opts.state_path or default_state_path(config.path)
     log.info("sync state: %s", state_path)
     with SageClient(config.sage) as sage, PlexClient(config.plex) as plex, \
-            StateStore(state_path, write=opts.writes) as state:
+            StateStore(state_path, write=opts.writes) as state, \
+            _collector_paused() as planned:
         overrides: dict[int, tuple[Status, Status, Decision]] = {}
         if opts.undo is not None or opts.apply_file is not None:
             opts, overrides = prepare_replay(opts, state)
@@ -3236,6 +3279,7 @@ def run_sync(opts: Options, config: Config, console: Console, stop: threading.Ev
         _say_clocks(sage, plex)
         run.check(facts)
         run.plan(facts)
+        planned()
         if opts.why:
             threshold = f"{facts.played_fraction:.0%} from {facts.played_from}"
             console.out.write("\n".join(why_text(e, threshold) for e in facts.entries)
@@ -3264,10 +3308,10 @@ def run_sync(opts: Options, config: Config, console: Console, stop: threading.Ev
 def _print_report(report: Report, console: Console, all_items: bool, as_json: bool) -> None:
     lines = []
     heading: tuple[int, int] = (0, 0)
-    for entry in report.entries:
+    for entry in report.entries if as_json or all_items else report.notable():
         if as_json:
             lines.append(json.dumps(entry_json(entry), ensure_ascii=False))
-        elif report.shows(entry, all_items):
+        else:
             plex = entry.plex
             if plex.is_episode and (plex.show_key, plex.season_key) != heading:
                 heading = (plex.show_key, plex.season_key)

@@ -43,7 +43,8 @@ from dataclasses import dataclass, field, replace
 from enum import Enum, IntEnum
 from pathlib import Path
 from typing import Any, NamedTuple, NoReturn, TextIO, TypeVar, cast
-from xml.etree.ElementTree import Element, ParseError, XMLPullParser, fromstring
+from xml.etree.ElementTree import Element, ParseError, fromstring
+from xml.parsers import expat
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -833,7 +834,7 @@ class PlexClient(_Client):
                     return int(value) / 100, "the server's setting"
         return DEFAULT_PLEX_PLAYED_PERCENT / 100, "Plex's default (no setting found)"
 
-    def section_videos(self, section: PlexSection) -> Iterator[Element]:
+    def section_videos(self, section: PlexSection) -> Iterator[VideoRecord]:
         """Every movie or episode of a section, each as soon as it has arrived."""
         path = f"/library/sections/{section.key}/all?type={VIDEO_SECTION_TYPES[section.type]}"
         what = f"to the listing of section {section.key}"
@@ -857,7 +858,7 @@ class PlexClient(_Client):
                             section.key)
 
     def _streamed_videos(self, path: str, what: str, headers: dict[str, str],
-                         container: dict[str, str]) -> Iterator[Element]:
+                         container: dict[str, str]) -> Iterator[VideoRecord]:
         """The Video children of one listing page, parsed while the reply streams in; a
         reply cut off half-way is asked for again, skipping the videos handed on."""
         done = 0
@@ -878,10 +879,10 @@ class PlexClient(_Client):
                 time.sleep(RETRY_BACKOFF_S * 2 ** attempt)
 
     def _parse_listing(self, path: str, what: str, headers: dict[str, str],
-                       container: dict[str, str]) -> Iterator[Element]:
+                       container: dict[str, str]) -> Iterator[VideoRecord]:
         with self.request(path, what, headers=headers, stream=True) as response:
             decode = _reply_decoder(response.headers.get("Content-Type", ""))
-            parser: XMLPullParser[Element] = XMLPullParser(events=("end",))
+            parser = _ListingParser(container)
             empty = True  # plexapi reads an empty (or blank) reply as no container at all
             try:
                 for chunk in response.iter_content(PLEX_STREAM_CHUNK):
@@ -889,13 +890,10 @@ class PlexClient(_Client):
                     if empty and not text.strip():
                         continue
                     empty = False
-                    parser.feed(text)
-                    yield from _listing_videos(parser, container)
+                    yield from parser.feed(text)
                 if not empty:
-                    parser.feed(decode(b"", True))
-                    parser.close()
-                    yield from _listing_videos(parser, container)
-            except ParseError:
+                    yield from parser.feed(decode(b"", True), final=True)
+            except expat.ExpatError:
                 raise PlexError(f"{self.where} sent a reply {what} that is not valid "
                                 "XML") from None
             except requests.exceptions.ChunkedEncodingError:
@@ -971,19 +969,48 @@ def _plexapi_internals(server: Any) -> Callable[..., dict[str, str]]:
     return cast(Callable[..., dict[str, str]], server._headers)
 
 
-def _listing_videos(parser: XMLPullParser[Element], container: dict[str, str]
-                    ) -> Iterator[Element]:
-    """The Video elements of a listing as the parser completes them, each emptied once
-    handed on (so a listing never sits in memory whole); the container's own attributes
-    go into ``container`` when it ends."""
-    for event_and_element in parser.read_events():
-        # Only end events were asked for: each comes with its element.
-        _, element = cast("tuple[str, Element]", event_and_element)
-        if element.tag == "Video":
-            yield element
-            element.clear()
-        elif element.tag == "MediaContainer":
-            container.update(element.attrib)
+#: A movie or episode of a listing: its element's attributes and its parts' files.
+VideoRecord = tuple[dict[str, str], list[str]]
+
+
+class _ListingParser:
+    """A listing's Video elements as records, parsed with expat as the reply streams in:
+    no element objects, and no video kept once handed on (a listing never sits in memory
+    whole). The container's own attributes go into ``container``."""
+
+    def __init__(self, container: dict[str, str]) -> None:
+        self.container = container
+        self._videos: list[VideoRecord] = []
+        self._files: list[str] = []
+        self._parser = expat.ParserCreate()
+        self._parser.StartElementHandler = self._start
+
+    def _start(self, tag: str, attrs: dict[str, str]) -> None:
+        if tag == "Part":
+            file = attrs.get("file")
+            if file:
+                self._files.append(file)
+        elif tag == "Video":
+            self._files = []
+            self._videos.append((attrs, self._files))
+        elif tag == "MediaContainer":
+            self.container.update(attrs)
+
+    def feed(self, text: str, final: bool = False) -> list[VideoRecord]:
+        """The videos this piece of the reply completes: all but the last one begun, whose
+        parts may still be on their way (all of them at the end)."""
+        self._parser.Parse(text, final)
+        videos = self._videos
+        if final:
+            self._videos = []
+            return videos
+        self._videos = videos[-1:]
+        return videos[:-1]
+
+
+def video_record(video: Element) -> VideoRecord:
+    """A movie or episode element (from a metadata or children reply) as a record."""
+    return video.attrib, [file for part in video.iter("Part") if (file := part.get("file"))]
 
 
 ###############################################################################
@@ -1077,7 +1104,7 @@ def classify(watched: bool, position_ms: int, bounds: Bounds, *, is_sage: bool) 
     return WATCHED if watched else NOT_WATCHED
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen, which would make it twice as slow to build
 class Airing:
     """What SageTV knows of a recording's broadcast, for its own idea of "watched"."""
 
@@ -1220,8 +1247,11 @@ def _field(record: dict, key: str, kind: type, where: str) -> Any:
     return value
 
 
+_INT = {int}
+
+
 def _ints(*values: object) -> bool:
-    return all(type(v) is int for v in values)
+    return {*map(type, values)} == _INT  # bool is not int here
 
 
 def sage_item_from_json(record: object) -> SageItem:
@@ -1297,9 +1327,10 @@ def _sage_item_checked(record: object) -> SageItem:
     )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: that makes each of a hundred thousand 3x slower to build
 class PlexItem:
-    """A Plex movie or episode, as the sync needs it (times are the server's own)."""
+    """A Plex movie or episode, as the sync needs it (times are the server's own); never
+    changed once made."""
 
     rating_key: int
     name: str  # the movie's or the episode's own title
@@ -1341,7 +1372,12 @@ _PLEX_NUMBERS = ("viewCount", "viewOffset", "duration", "lastViewedAt", "grandpa
 
 def plex_item_from_element(video: Element) -> PlexItem:
     """One movie or episode element (PlexError naming it when it cannot be read)."""
-    attrs = video.attrib
+    return plex_item_from_record(video_record(video))
+
+
+def plex_item_from_record(record: VideoRecord) -> PlexItem:
+    """One movie or episode of a listing (PlexError naming it when it cannot be read)."""
+    attrs, files = record
     key = attrs.get("ratingKey", "")
     if not (key.isdigit() and key.isascii()):
         raise PlexError(f"a Plex item has no media id (ratingKey {key!r})")
@@ -1355,8 +1391,7 @@ def plex_item_from_element(video: Element) -> PlexItem:
         int(t) if t else 0 for t in texts)
     episode = attrs.get("type") == "episode"
     return PlexItem(
-        int(key), attrs.get("title", ""),
-        tuple(file for part in video.iter("Part") if (file := part.get("file"))),
+        int(key), attrs.get("title", ""), tuple(files),
         view_count, offset, duration, viewed_at * 1000,
         # one string per show and year, however many episodes share it
         show=sys.intern(attrs.get("grandparentTitle", "")), show_key=show_key,
@@ -1415,6 +1450,8 @@ class SageIndex:
 
     def match(self, plex_item: PlexItem) -> list[SageItem]:
         """The SageTV files the Plex item's parts name: none, one, or (ambiguous) more."""
+        if len(plex_item.paths) == 1:  # most items; a name's list holds each file once
+            return list(self.by_name.get(file_name(plex_item.paths[0]), ()))
         found: dict[int, SageItem] = {}
         for name in {file_name(p) for p in plex_item.paths}:
             for item in self.by_name.get(name, ()):
@@ -2197,20 +2234,20 @@ class SyncRun:
         items: dict[int, PlexItem] = {}
         unreadable: list[Entry] = []
         bar = self.console.bar(None, "reading Plex")
-        for element in self.plex_elements():
+        for record in self.plex_videos():
             try:
-                item = plex_item_from_element(element)
+                item = plex_item_from_record(record)
             except PlexError as exc:
-                unreadable.append(_unreadable_entry(element, f"unreadable from Plex: {exc}"))
+                unreadable.append(_unreadable_entry(record[0], f"unreadable from Plex: {exc}"))
                 continue
             items.setdefault(item.rating_key, item)
             bar.update()
         bar.close()
         return list(items.values()), unreadable
 
-    def plex_elements(self) -> Iterator[Element]:
+    def plex_videos(self) -> Iterator[VideoRecord]:
         if self.opts.media:
-            yield from self.media_elements([int(t) for t in self.opts.targets])
+            yield from map(video_record, self.media_elements([int(t) for t in self.opts.targets]))
             return
         sections = resolve_sections(list(self.opts.targets), self.plex.sections())
         if not sections:
@@ -2668,9 +2705,9 @@ def _fail_unread(written: list[Entry], exc: SyncError, *, sage: bool) -> None:
             entry.detail += f"; reading it back failed: {exc}"
 
 
-def _unreadable_entry(element: Element, reason: str) -> Entry:
-    key = element.get("ratingKey") or ""
-    stub = PlexItem(int(key) if ASCII_ID.match(key) else 0, element.get("title") or "?", (),
+def _unreadable_entry(attrs: dict[str, str], reason: str) -> Entry:
+    key = attrs.get("ratingKey") or ""
+    stub = PlexItem(int(key) if ASCII_ID.match(key) else 0, attrs.get("title") or "?", (),
                     0, 0, 0, 0)
     return Entry(stub, unreadable=reason)
 

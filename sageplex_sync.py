@@ -2626,7 +2626,7 @@ class SyncRun:
                 continue
             plex_now[item.rating_key] = item
         for entry in facts.entries:
-            if entry.sage is not None and entry.bounds is not None and (
+            if entry.matched and entry.sage is not None and (
                     entry.sage.media_file_id in sage_ids or entry.sage.media_file_id in read_back
                     or entry.plex.rating_key in plex_now):
                 self.read_after(entry, facts, plex_now.get(entry.plex.rating_key))

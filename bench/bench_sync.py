@@ -65,7 +65,7 @@ SPLIT_EVERY = 500  # a recording restarted mid-way: two files, stacked as one Pl
 TARGET_LEAN_RATIO = 1.2  # check / lean floor, at these sizes:
 TARGET_LEAN_SIZES = (50_000, 100_000)
 TARGET_RSS_MB = {50_000: 200, 100_000: 300}  # peak RSS (check and sync) below this
-TARGET_WORKERS_SPEEDUP = 1.5  # first sync at 20 ms a write: best worker count vs 4
+TARGET_WORKERS_SPEEDUP = 1.5  # first sync at 20 ms a write: the default worker count vs 4
 TARGET_SPEEDUP = 50  # vs the original's per-item look-ups at 10,000 items (informative)
 FIRST_SYNC_WORKERS = (4, 8, 16)
 
@@ -859,15 +859,23 @@ def summary(results: list[SizeResult], first: FirstSync | None, slow: SlowListin
         say(f"  peak RSS at {size:,} items < {limit} MB: {r.rss_mb:.0f} MB (check "
             f"{r.check.rss_mb:.0f}, sync {r.sync.rss_mb:.0f}) {verdict(r.rss_mb < limit)}")
     if first is None:
-        say(f"  first sync, best write workers >= {TARGET_WORKERS_SPEEDUP}x the 4-worker sync: "
+        say(f"  first sync, default write workers >= {TARGET_WORKERS_SPEEDUP}x the 4-worker sync: "
             "not measured")
     else:
-        best = first.fastest
+        # judged on what a user gets: the default sagex.write_workers (the fastest measured
+        # when the default was not among those compared)
+        import sageplex_sync
+
+        default = sageplex_sync.DEFAULT_SAGE_WRITE_WORKERS
+        judged = default if default in first.runs else first.fastest
         base = first.best(4).wall_s if 4 in first.runs else float("nan")
-        ratio = base / first.best(best).wall_s
+        ratio = base / first.best(judged).wall_s
+        fastest = first.fastest
         say(f"  first sync of {first.size:,} items at {first.latency.sage_write_ms:g} ms a "
-            f"SageTV write, best write workers ({best}) >= {TARGET_WORKERS_SPEEDUP}x the "
-            f"4-worker sync: {ratio:.2f}x ({base:.2f} s -> {first.best(best).wall_s:.2f} s) "
+            f"SageTV write, {'default' if judged == default else 'fastest'} write workers "
+            f"({judged}) >= {TARGET_WORKERS_SPEEDUP}x the 4-worker sync: {ratio:.2f}x "
+            f"({base:.2f} s -> {first.best(judged).wall_s:.2f} s; fastest measured: "
+            f"{fastest}, {base / first.best(fastest).wall_s:.2f}x) "
             f"{verdict(ratio >= TARGET_WORKERS_SPEEDUP)}")
     if slow is not None:
         say(f"  slow listing ({slow.size:,} items, {slow.delay_s:g} s a listing): check "

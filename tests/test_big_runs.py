@@ -52,6 +52,8 @@ def test_every_video_is_listed_once_whatever_the_chunks(world: World, start: Any
     assert r.code == 0, r.err
     assert sorted(listed(r.out)) == sorted(keys)
     assert f"Total: {len(keys)} videos" in r.total
+    # each with its file, even when its Part came in a later chunk than its Video
+    assert "not in SageTV" not in r.total and "out-of-sync" in r.total
     # one listing request per section, whatever the number of items
     assert len(env.plex.requests(function="section_all")) == 2
 

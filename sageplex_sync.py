@@ -2550,7 +2550,7 @@ class SyncRun:
         entry.notes += (f"decided again: SageTV's write to media file {others or 'it'} "
                         f"changed it to {now} (a shared show flag)",)
         entry.sage, entry.sage_status = fresh, now
-        entry.sage_last_ms = fresh.real_end_ms - self.clock_offsets()[0] \
+        entry.sage_last_ms = fresh.real_end_ms - self._offsets[0] \
             if fresh.real_end_ms > 0 else 0
         if entry.base is not None:
             entry.base = replace(entry.base, sage=now, pending=None, pending_on=None,
@@ -3099,7 +3099,7 @@ class Report:
 
     def notable(self) -> list[Entry]:
         """The items the default report lists: all but those in sync and left unchanged."""
-        if self._notable is None:  # shows(e, all_items=False), without a call per item
+        if self._notable is None:  # not matched, or not in sync, or written: inline, for speed
             self._notable = [e for e in self.entries if e.sage is None or e.bounds_rule is None
                              or e.decision.verdict is not Verdict.IN_SYNC
                              or e.outcome is not Outcome.UNCHANGED]
@@ -3197,11 +3197,6 @@ class Report:
         broken = any(e.outcome is Outcome.FAILED or (e.unreadable and not e.matched)
                      for e in self.notable())
         return ExitCode.FAILED if broken or self.unreadable_sage else ExitCode.OK
-
-    def shows(self, entry: Entry, all_items: bool) -> bool:
-        """Whether the default report lists the item: what matters, or everything."""
-        return all_items or not entry.matched or entry.verdict is not Verdict.IN_SYNC \
-            or entry.outcome is not Outcome.UNCHANGED
 
 
 ###############################################################################

@@ -26,6 +26,7 @@ import difflib
 import email.utils
 import gc
 import io
+import itertools
 import json
 import logging
 import logging.handlers
@@ -106,13 +107,13 @@ RETRY_BACKOFF_S = 0.3
 #: Plex serves many at once. ``write_workers`` in each config section changes them.
 DEFAULT_SAGE_WRITE_WORKERS = 8
 DEFAULT_PLEX_WRITE_WORKERS = 8
-#: The guard: a plan that un-watches or moves back more items than this (or this share
-#: of the matched items, whichever is larger) asks first.
-GUARD_MIN_ITEMS = 20
-GUARD_FRACTION = 0.10
+#: The guard (§5): a plan that un-watches or moves back more items than this, whatever the
+#: library's size, asks first (the config's "guard" sets another; 0 turns it off).
+GUARD_ITEMS = 20
 PLEX_LIBRARY = "com.plexapp.plugins.library"
 CONFIG_FILE_NAME = "sageplex_cfg.json"
-STATE_FILE_NAME = "sageplex_state.sqlite"
+STATE_FILE_NAME = "sageplex_state.sqlite"  # before state files were named after the config
+STATE_FILE_SUFFIX = ".state.sqlite"
 LOG_FILE_NAME = "sageplex_sync.log"
 LOG_FORMAT = "%(asctime)s| %(levelname)-8s| %(threadName)s| %(message)s"
 #: Sections sageplex_sync can sync: Plex type name -> listing type number.
@@ -248,6 +249,8 @@ class Config:
     sage: ServerConfig
     plex: ServerConfig
     warnings: tuple[str, ...] = ()
+    #: The guard's limit (§5): un-watches or moves back that ask first; 0 turns it off.
+    guard_items: int = GUARD_ITEMS
 
 
 #: Keys each section knows; others get a "did you mean" warning.
@@ -406,7 +409,12 @@ def parse_config(data: object, path: Path) -> Config:
         timeout_s=float(plex.number("timeout", DEFAULT_TIMEOUT_S)),
         write_workers=int(plex.number("write_workers", DEFAULT_PLEX_WRITE_WORKERS,
                                       integer=True, high=65, unit="writes at a time")))
-    return Config(path, sage_config, plex_config, tuple(sagex.warnings() + plex.warnings()))
+    guard = data.get("guard", GUARD_ITEMS)
+    if not isinstance(guard, int) or isinstance(guard, bool) or guard < 0:
+        raise ConfigError(f"config file {path}: 'guard' must be a whole number of items, 0 or "
+                          f"more (0 turns the guard off), not {guard!r}")
+    return Config(path, sage_config, plex_config, tuple(sagex.warnings() + plex.warnings()),
+                  guard)
 
 
 ###############################################################################
@@ -1465,15 +1473,22 @@ class SageIndex:
         return next((self.unreadable[file_name(p)] for p in plex_item.paths
                      if file_name(p) in self.unreadable), "")
 
+    def group_shows(self) -> None:
+        """Recordings by show, made once before any write starts: the write pool's
+        threads then only read it."""
+        if self._by_show is None:
+            by_show: dict[str, list[SageItem]] = collections.defaultdict(list)
+            for other in self.items.values():
+                if other.show_id:
+                    by_show[other.show_id].append(other)
+            self._by_show = by_show  # published whole
+
     def siblings(self, item: SageItem) -> list[SageItem]:
         """Other recordings of the same show, which share SageTV's show-level watched flag."""
         if not item.show_id:
             return []
-        if self._by_show is None:
-            self._by_show = collections.defaultdict(list)
-            for other in self.items.values():
-                if other.show_id:
-                    self._by_show[other.show_id].append(other)
+        self.group_shows()
+        assert self._by_show is not None
         return [o for o in self._by_show.get(item.show_id, ())
                 if o.media_file_id != item.media_file_id]
 
@@ -1556,8 +1571,9 @@ def _both(verdict: Verdict, result: Status | None, rule: str) -> Decision:
 
 @dataclass(frozen=True, slots=True)
 class Base:
-    """Both sides' states at the end of the last sync that wrote, and the decision a
-    failed write left pending (taken on the states in ``pending_on``)."""
+    """Both sides' states at the end of the last sync that wrote, classified from the raw
+    values it stored under today's bounds (§6.1), and the decision a failed or unfinished
+    write left pending (taken on the states in ``pending_on``)."""
 
     sage: Status
     plex: Status
@@ -1567,6 +1583,17 @@ class Base:
     #: stamp is a new viewing even when the state is the same (watched again).
     sage_last_ms: int = 0
     plex_last_ms: int = 0
+    #: The stamps the pending decision was taken on.
+    pending_sage_ms: int = 0
+    pending_plex_ms: int = 0
+    #: States the tool's own unfinished or restored steps can have left on each side:
+    #: the tool's doing, never the user's (§6.3).
+    own_sage: tuple[Status, ...] = ()
+    own_plex: tuple[Status, ...] = ()
+    #: False when the item had no base before the run that left the decision pending
+    #: (its first sync): then a pending decision that no longer holds goes to the
+    #: two-way table.
+    known: bool = True
 
 
 #: A last-watched stamp must move by more than this to count as a new viewing.
@@ -1598,23 +1625,65 @@ def decide_two_way(sage: Status, plex: Status, sage_last_ms: int, plex_last_ms: 
                  + (" (same time)" if plex_last_ms == sage_last_ms else ""))
 
 
+def changed(now: Status, now_stamp_ms: int, then: Status, then_stamp_ms: int) -> bool:
+    """§6.1: a side changed when its state differs (positions within 2 s are equal) or it
+    was viewed since (a newer stamp, even one that ends in the same state)."""
+    return now != then or now_stamp_ms > then_stamp_ms + RESTAMP_MS
+
+
+def _pending_holds(sage: Status, plex: Status, base: Base, sage_stamp_ms: int,
+                   plex_stamp_ms: int) -> bool:
+    """A pending decision is carried out only if neither side changed since the states it
+    was taken on, the tool's own steps excepted (§6.3, §6.4)."""
+    assert base.pending_on is not None
+    on_sage, on_plex = base.pending_on
+    sage_moved = changed(sage, sage_stamp_ms, on_sage, base.pending_sage_ms) \
+        and sage not in base.own_sage
+    plex_moved = changed(plex, plex_stamp_ms, on_plex, base.pending_plex_ms) \
+        and plex not in base.own_plex
+    return not sage_moved and not plex_moved
+
+
 def decide(sage: Status, plex: Status, sage_last_ms: int, plex_last_ms: int,
            base: Base | None, *, sage_stamp_ms: int = 0, plex_stamp_ms: int = 0
            ) -> Decision:
     """The three-way merge: with a base, the side that changed since the last sync is
     copied to the other, whatever it is (an un-watch or a move back included); when
     neither changed nothing is written even if they differ; when both changed, or there
-    is no base yet, the two-way table decides."""
+    is no base yet, the two-way table decides. A state the tool's own unfinished steps
+    left is not a change."""
     if base is None:
         return decide_two_way(sage, plex, sage_last_ms, plex_last_ms)
-    if base.pending is not None and base.pending_on == (sage, plex):
-        to_sage, to_plex = base.pending
-        verdict = (Verdict.BOTH_OUT_OF_SYNC if to_sage and to_plex else
-                   Verdict.SAGE_OUT_OF_SYNC if to_sage else Verdict.PLEX_OUT_OF_SYNC)
-        return Decision(verdict, to_sage, to_plex, "the last sync's failed write, again")
+    if base.pending is not None and base.pending_on is not None and _pending_holds(
+            sage, plex, base, sage_stamp_ms, plex_stamp_ms):
+        return _pending_decision(sage, plex, base.pending)
+    if not base.known:
+        return decide_two_way(sage, plex, sage_last_ms, plex_last_ms)
+    return _merge(sage, plex, sage_last_ms, plex_last_ms, base, sage_stamp_ms, plex_stamp_ms)
+
+
+def _pending_decision(sage: Status, plex: Status,
+                      pending: tuple[Status | None, Status | None]) -> Decision:
+    """A failed or unfinished write carried out again, less what already took."""
+    to_sage, to_plex = pending
+    to_sage = None if to_sage == sage else to_sage
+    to_plex = None if to_plex == plex else to_plex
+    if to_sage is None and to_plex is None:
+        return _both(Verdict.IN_SYNC, None, "in sync (the last sync's write took)") \
+            if sage == plex else _both(Verdict.SETTLED, None, "the last sync's write took")
+    verdict = (Verdict.BOTH_OUT_OF_SYNC if to_sage and to_plex else
+               Verdict.SAGE_OUT_OF_SYNC if to_sage else Verdict.PLEX_OUT_OF_SYNC)
+    return Decision(verdict, to_sage, to_plex, "the last sync's unfinished write, again")
+
+
+def _merge(sage: Status, plex: Status, sage_last_ms: int, plex_last_ms: int, base: Base,
+           sage_stamp_ms: int, plex_stamp_ms: int) -> Decision:
+    """Three-way against the base (§6): who changed since the last sync wins."""
     # ``*_stamp_ms`` are the servers' own last-watched times, comparable with the base's.
-    sage_changed = sage != base.sage or sage_stamp_ms > base.sage_last_ms + RESTAMP_MS
-    plex_changed = plex != base.plex or plex_stamp_ms > base.plex_last_ms + RESTAMP_MS
+    sage_changed = changed(sage, sage_stamp_ms, base.sage, base.sage_last_ms) \
+        and sage not in base.own_sage
+    plex_changed = changed(plex, plex_stamp_ms, base.plex, base.plex_last_ms) \
+        and plex not in base.own_plex
     if sage_changed and plex_changed:
         two_way = decide_two_way(sage, plex, sage_last_ms, plex_last_ms)
         return replace(two_way, rule=f"both changed since the last sync; {two_way.rule}")
@@ -1716,14 +1785,16 @@ def sage_write(item: SageItem, segments: Sequence[tuple[int, int]], current: Sta
     ``segments``) show ``result``."""
     if current == result:
         return None
-    if result.kind is Kind.NONE:
+    holds_start = item.segments is not None and segments[0] == item.segments[0]
+    if result.kind is Kind.NONE and holds_start:
         return SageClearWatched()
     holds_end = item.segments is not None and segments[-1] == item.segments[-1]
     if result.kind is Kind.WATCHED and holds_end:
         return SageMarkWatched()
-    # Watched from an item without the last segment: SageTV's position at its end.
+    # Watched from an item without the last segment: SageTV's position at its end; not
+    # watched from one without the first: at its start (part 1 stays as it was, §1.4).
     position = (sum(end - start for start, end in segments) if result.kind is Kind.WATCHED
-                else result.position_ms)
+                else result.position_ms if result.kind is Kind.PROGRESS else 0)
     time_ms = sage_time_from_position(position, segments)
     return SageSetPosition(position, time_ms, item.watched or item.watched_end_ms > time_ms,
                            viewed_at_ms)
@@ -1743,7 +1814,7 @@ def moves_back(current: Status, result: Status) -> bool:
 # The sync state: the base of every matched item, the journal, and the lock ###
 ###############################################################################
 
-STATE_SCHEMA = 1
+STATE_SCHEMA = 2
 _STATE_TABLES = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS base (
@@ -1751,34 +1822,88 @@ CREATE TABLE IF NOT EXISTS base (
     sage TEXT, plex TEXT, sage_raw TEXT, plex_raw TEXT,
     pending_sage TEXT, pending_plex TEXT, pending_on TEXT, run_id INTEGER);
 CREATE TABLE IF NOT EXISTS runs (
-    run_id INTEGER PRIMARY KEY, started_at TEXT, kind TEXT, argv TEXT, writes INTEGER);
+    run_id INTEGER PRIMARY KEY, started_at TEXT, kind TEXT, argv TEXT, writes INTEGER,
+    status TEXT DEFAULT 'done', counts TEXT, undone_by INTEGER, undoes INTEGER);
 CREATE TABLE IF NOT EXISTS journal (
     run_id INTEGER, rating_key INTEGER, media_file_id INTEGER, title TEXT, rule TEXT,
     writes TEXT, sage_before TEXT, plex_before TEXT, sage_after TEXT, plex_after TEXT,
-    outcome TEXT, detail TEXT);
+    outcome TEXT, detail TEXT, to_sage TEXT, to_plex TEXT, sage_raw_before TEXT,
+    plex_raw_before TEXT, sage_raw_after TEXT, plex_raw_after TEXT, steps_done INTEGER,
+    own_sage TEXT, own_plex TEXT);
 """
+#: Columns a schema-1 file lacks, added in place so that its bases carry over.
+_STATE_UPGRADE_1 = (
+    "ALTER TABLE runs ADD COLUMN status TEXT DEFAULT 'done'",
+    "ALTER TABLE runs ADD COLUMN counts TEXT",
+    "ALTER TABLE runs ADD COLUMN undone_by INTEGER",
+    "ALTER TABLE runs ADD COLUMN undoes INTEGER",
+    *(f"ALTER TABLE journal ADD COLUMN {column} TEXT" for column in (
+        "to_sage", "to_plex", "sage_raw_before", "plex_raw_before", "sage_raw_after",
+        "plex_raw_after", "own_sage", "own_plex")),
+    "ALTER TABLE journal ADD COLUMN steps_done INTEGER",
+)
+#: Runs kept in the state (their journal with them); the bases are never pruned.
+RUNS_KEPT = 500
 
 
 def default_state_path(config_path: Path) -> Path:
-    """Next to the config when that folder is writable, else the user's state folder."""
+    """Named after the config file (two configs in one folder never share a state), next
+    to it when that folder is writable, else in the user's state folder. A state file of
+    the old fixed name next to sageplex_cfg.json is still used."""
+    name = config_path.stem + STATE_FILE_SUFFIX
     folder = config_path.parent
-    if os.access(folder, os.W_OK):
-        return folder / STATE_FILE_NAME
-    return user_state_dir() / STATE_FILE_NAME
+    if not os.access(folder, os.W_OK):
+        folder = user_state_dir()
+    legacy = folder / STATE_FILE_NAME
+    if config_path.name == CONFIG_FILE_NAME and legacy.exists() \
+            and not (folder / name).exists():
+        return legacy
+    return folder / name
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A decision a failed or unfinished write left: its targets, the raw values it was
+    taken on, and the states the tool's own steps can have left on each side."""
+
+    to_sage: Status | None
+    to_plex: Status | None
+    sage_raw: dict
+    plex_raw: dict
+    own_sage: tuple[Status, ...] = ()
+    own_plex: tuple[Status, ...] = ()
+    #: False when the item had no base before (its first sync failed).
+    known: bool = True
+
+    def to_json(self) -> str:
+        return json.dumps({"sage": self.sage_raw, "plex": self.plex_raw,
+                           "own_sage": [s.to_text() for s in self.own_sage],
+                           "own_plex": [s.to_text() for s in self.own_plex],
+                           "known": self.known})
 
 
 @dataclass(frozen=True)
 class BaseRecord:
+    """One item's base as stored: raw values (classified again under each run's bounds)
+    and the states as classified when stored (for records without raw values)."""
+
     media_file_id: int
     file_name: str
-    base: Base
-    sage_raw: str = "{}"
-    plex_raw: str = "{}"
+    sage: Status
+    plex: Status
+    sage_raw: dict
+    plex_raw: dict
+    pending: Pending | None = None
     run_id: int = 0
+    #: False for an item whose only record is an unfinished first write.
+    known: bool = True
 
 
 @dataclass(frozen=True)
 class JournalRow:
+    """One item of a run's journal: written before the item's first write (outcome
+    "intended"), completed once the item is done."""
+
     run_id: int
     rating_key: int
     media_file_id: int
@@ -1791,22 +1916,67 @@ class JournalRow:
     plex_after: Status | None
     outcome: str
     detail: str
+    to_sage: Status | None = None
+    to_plex: Status | None = None
+    sage_raw_before: dict = field(default_factory=dict)
+    plex_raw_before: dict = field(default_factory=dict)
+    sage_raw_after: dict = field(default_factory=dict)
+    plex_raw_after: dict = field(default_factory=dict)
+    steps_done: int = 0
+    own_sage: tuple[Status, ...] = ()
+    own_plex: tuple[Status, ...] = ()
 
 
-def _damaged(path: Path, exc: Exception) -> StateError:
+@dataclass(frozen=True)
+class RunRecord:
+    run_id: int
+    started_at: str
+    kind: str
+    argv: tuple[str, ...]
+    writes: int
+    status: str
+    counts: dict
+    undone_by: int | None
+    undoes: int | None
+
+
+#: The status of a run that began writing and never finished (failed or killed).
+RUN_STARTED = "started"
+RUN_DONE = "done"
+#: A journal row whose item was never finished: its steps may be half done.
+INTENDED = "intended"
+
+
+def _damaged(path: Path, exc: Exception | str) -> StateError:
     return StateError(f"the sync state file {path} is damaged ({exc}); move it away to start "
                       "afresh (the next sync then works as a first sync), or give --state")
 
 
+def _json_object(text: str | None) -> dict:
+    value = json.loads(text) if text else {}
+    if not isinstance(value, dict):
+        raise ValueError(f"not an object: {text!r}")
+    return value
+
+
+def _statuses(text: str | None) -> tuple[Status, ...]:
+    return tuple(Status.from_text(t) for t in json.loads(text)) if text else ()
+
+
 class StateStore:
     """The SQLite file that makes runs converge. Every change is one transaction (atomic);
-    a run that writes holds an exclusive lock on ``<file>.lock`` for as long as it runs."""
+    a run that writes holds an exclusive lock on ``<file>.lock`` for as long as it
+    writes, and checks first that it can record (§5 step 5)."""
 
     def __init__(self, path: Path, *, write: bool) -> None:
         self.path = path
         self.write = write
         self._lock_file: Any = None
+        self._db_lock = threading.Lock()  # pool threads journal their steps
+        self._unfinished_keys: set[int] = set()  # items of runs that never finished
         self.db: sqlite3.Connection | None = None
+        if path.exists() and path.is_file() and path.stat().st_size == 0:
+            raise _damaged(path, "the file is empty")
         if write:
             self._lock()
         if not path.exists():
@@ -1843,14 +2013,31 @@ class StateStore:
             self.db = sqlite3.connect(uri, uri=True, isolation_level=None,
                                       check_same_thread=False)
             if self.write:
-                with self.transaction() as db:
-                    for statement in _STATE_TABLES.split(";"):
-                        if statement.strip():
-                            db.execute(statement)
-                    db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)",
-                               (str(STATE_SCHEMA),))
+                self._create()
         except sqlite3.DatabaseError as exc:
+            if self.write and not os.access(self.path, os.W_OK) or "readonly" in str(exc):
+                raise StateError(f"cannot write the sync state file {self.path} ({exc}); "
+                                 "give --state a writable place") from None
             raise _damaged(self.path, exc) from None
+
+    def _create(self) -> None:
+        """The tables (or a schema-1 file's upgrade), in a transaction that also proves
+        the file can be written before anything is written to a server."""
+        with self.transaction() as db:
+            old = db.execute("SELECT name FROM sqlite_master WHERE name = 'meta'").fetchone()
+            version = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() \
+                if old else None
+            if version is not None and version[0] == "1":
+                for statement in _STATE_UPGRADE_1:
+                    db.execute(statement)
+                db.execute("UPDATE meta SET value = ? WHERE key = 'schema'",
+                           (str(STATE_SCHEMA),))
+            for statement in _STATE_TABLES.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(STATE_SCHEMA),))
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('opened', ?)",
+                       (time.strftime("%Y-%m-%d %H:%M:%S"),))
 
     def _check(self) -> None:
         assert self.db is not None
@@ -1859,21 +2046,23 @@ class StateStore:
             self.db.execute("SELECT count(*) FROM base").fetchone()
         except sqlite3.DatabaseError as exc:
             raise _damaged(self.path, exc) from None
-        if row is None or row[0] != str(STATE_SCHEMA):
+        if row is None or row[0] not in (str(STATE_SCHEMA), "1"):
             raise StateError(f"the sync state file {self.path} is of another version "
                              f"({row[0] if row else 'none'}); use the sageplex_sync that made "
                              "it, or move it away to start afresh")
+        self.schema = int(row[0])
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         assert self.db is not None
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+        with self._db_lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
 
     def close(self) -> None:
         if self.db is not None:
@@ -1889,6 +2078,22 @@ class StateStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # -- which servers it belongs to (§6.5) --------------------------------------------------
+    def check_servers(self, identity: dict[str, str]) -> None:
+        """Stop before any write when the state was made with other servers; record the
+        identity on the first run that writes."""
+        known = dict(self._rows("SELECT key, value FROM meta WHERE key LIKE 'server.%'"))
+        for key, value in identity.items():
+            stored = known.get(f"server.{key}")
+            if stored is not None and value and stored != value:
+                raise StateError(
+                    f"the sync state file {self.path} belongs to other servers ({key} "
+                    f"{stored}, these are {value}); give --state another file for this pair")
+        if self.write and self.db is not None and len(known) < len(identity):
+            with self.transaction() as db:
+                db.executemany("INSERT OR IGNORE INTO meta VALUES (?, ?)",
+                               [(f"server.{k}", v) for k, v in identity.items() if v])
+
     # -- reading ---------------------------------------------------------------------------
     def _rows(self, query: str, *args: object) -> list[tuple]:
         if self.db is None:
@@ -1903,78 +2108,181 @@ class StateStore:
         for (rating_key, media_file_id, name, sage, plex, sage_raw, plex_raw, pending_sage,
              pending_plex, pending_on, run_id) in self._rows("SELECT * FROM base"):
             try:
-                base = Base(Status.from_text(sage), Status.from_text(plex),
-                            sage_last_ms=int(json.loads(sage_raw or "{}")
-                                             .get("RealWatchedEndTime") or 0),
-                            plex_last_ms=int(json.loads(plex_raw or "{}")
-                                             .get("lastViewedAt") or 0) * 1000)
-                if pending_on:
-                    on_sage, on_plex = pending_on.split("|")
-                    base = replace(base, pending=(_status_or_none(pending_sage),
-                                                  _status_or_none(pending_plex)),
-                                   pending_on=(Status.from_text(on_sage),
-                                               Status.from_text(on_plex)))
-            except (ValueError, AttributeError) as exc:
+                sage_values, plex_values = _json_object(sage_raw), _json_object(plex_raw)
+                pending = _pending_from_columns(pending_sage, pending_plex, pending_on,
+                                                sage_values, plex_values)
+                found[rating_key] = BaseRecord(media_file_id, name, Status.from_text(sage),
+                                               Status.from_text(plex), sage_values,
+                                               plex_values, pending, run_id,
+                                               pending is None or pending.known)
+            except (ValueError, AttributeError, TypeError) as exc:
                 raise _damaged(self.path, exc) from None
-            found[rating_key] = BaseRecord(media_file_id, name, base, sage_raw, plex_raw,
-                                           run_id)
         return found
 
-    def runs(self) -> list[tuple[int, str, str, int]]:
-        return [(int(r[0]), str(r[1]), str(r[2]), int(r[3])) for r in self._rows(
-            "SELECT run_id, started_at, kind, writes FROM runs ORDER BY run_id")]
-
-    def journal(self, run_id: int) -> list[JournalRow]:
-        rows = []
-        for row in self._rows("SELECT * FROM journal WHERE run_id = ?", run_id):
+    def runs(self) -> list[RunRecord]:
+        records = []
+        for row in self._rows("SELECT run_id, started_at, kind, argv, writes, status, counts, "
+                              "undone_by, undoes FROM runs ORDER BY run_id"):
             try:
-                rows.append(JournalRow(
-                    run_id=row[0], rating_key=row[1], media_file_id=row[2], title=row[3],
-                    rule=row[4], writes=row[5], sage_before=Status.from_text(row[6]),
-                    plex_before=Status.from_text(row[7]), sage_after=_status_or_none(row[8]),
-                    plex_after=_status_or_none(row[9]), outcome=row[10], detail=row[11]))
-            except ValueError as exc:
+                records.append(RunRecord(int(row[0]), str(row[1]), str(row[2]),
+                                         tuple(json.loads(row[3] or "[]")), int(row[4] or 0),
+                                         str(row[5] or RUN_DONE), _json_object(row[6]),
+                                         row[7], row[8]))
+            except (ValueError, TypeError) as exc:
                 raise _damaged(self.path, exc) from None
+        return records
+
+    def history(self, limit: int = RUNS_KEPT) -> list[RunRecord]:
+        return self.runs()[-limit:]
+
+    def journal(self, run_id: int | None = None) -> list[JournalRow]:
+        """One run's journal, or (None) the unfinished items of runs that never finished."""
+        query = ("SELECT * FROM journal WHERE run_id = ?" if run_id is not None else
+                 "SELECT * FROM journal WHERE outcome = 'intended' AND run_id IN "
+                 "(SELECT run_id FROM runs WHERE status = 'started')")
+        rows = []
+        for row in self._rows(query + " ORDER BY run_id",
+                              *([run_id] if run_id is not None else [])):
+            try:
+                rows.append(_journal_from_row(row))
+            except (ValueError, TypeError, IndexError) as exc:
+                raise _damaged(self.path, exc) from None
+        if run_id is None:
+            self._unfinished_keys = {row.rating_key for row in rows}
         return rows
 
     # -- writing ---------------------------------------------------------------------------
-    def record_run(self, kind: str, argv: Sequence[str],
-                   bases: Iterable[tuple[int, BaseRecord]], journal: Sequence[JournalRow]
-                   ) -> int:
-        """One run's journal and the new bases, in one transaction."""
+    @contextlib.contextmanager
+    def _writing(self, what: str) -> Iterator[sqlite3.Connection]:
         try:
             with self.transaction() as db:
-                run_id = db.execute(
-                    "INSERT INTO runs (started_at, kind, argv, writes) VALUES (?, ?, ?, ?)",
-                    (time.strftime("%Y-%m-%d %H:%M:%S"), kind, json.dumps(list(argv)),
-                     len(journal))).lastrowid
-                db.executemany("INSERT OR REPLACE INTO base VALUES (?,?,?,?,?,?,?,?,?,?,?)", (
-                    (key, r.media_file_id, r.file_name, r.base.sage.to_text(),
-                     r.base.plex.to_text(), r.sage_raw, r.plex_raw,
-                     *_pending_columns(r.base), r.run_id or run_id)
-                    for key, r in bases))
-                db.executemany("INSERT INTO journal VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", [
-                    (run_id, j.rating_key, j.media_file_id, j.title, j.rule, j.writes,
-                     j.sage_before.to_text(), j.plex_before.to_text(),
-                     j.sage_after.to_text() if j.sage_after else None,
-                     j.plex_after.to_text() if j.plex_after else None, j.outcome, j.detail)
-                    for j in journal])
+                yield db
         except sqlite3.DatabaseError as exc:
-            raise StateError(f"cannot write the sync state file {self.path} ({exc}); nothing "
-                             "in it changed; check the disk and run the sync again") from None
-        return int(run_id or 0)
+            raise StateError(f"cannot write the sync state file {self.path} ({exc}); {what}; "
+                             "check the disk and run the sync again") from None
+
+    def begin_run(self, kind: str, argv: Sequence[str], intended: Sequence[JournalRow]
+                  ) -> int:
+        """The write-ahead journal: the run and every write it intends, before the first
+        (§6.3). A run killed after this leaves an exact record of what it meant to do."""
+        with self._writing("nothing was written to the servers") as db:
+            run_id = int(db.execute(
+                "INSERT INTO runs (started_at, kind, argv, writes, status) "
+                "VALUES (?, ?, ?, ?, ?)", (time.strftime("%Y-%m-%d %H:%M:%S"), kind,
+                                           json.dumps(list(argv)), len(intended),
+                                           RUN_STARTED)).lastrowid or 0)
+            db.executemany(_JOURNAL_INSERT, [_journal_values(replace(j, run_id=run_id))
+                                             for j in intended])
+        return run_id
+
+    def step_done(self, run_id: int, rating_key: int, steps: int) -> None:
+        """One step of an item's writes reached its server."""
+        with self._writing("the journal misses a step") as db:
+            db.execute("UPDATE journal SET steps_done = ? WHERE run_id = ? AND rating_key = ?",
+                       (steps, run_id, rating_key))
+
+    def finish_run(self, run_id: int, kind: str, argv: Sequence[str],
+                   bases: Iterable[tuple[int, BaseRecord]], journal: Sequence[JournalRow],
+                   *, counts: dict | None = None, undoes: int | None = None) -> int:
+        """The run's journal completed and the new bases, in one transaction; runs that
+        never finished are closed (their items are now pending or decided afresh)."""
+        with self._writing("nothing in it changed") as db:
+            if not run_id:
+                run_id = int(db.execute(
+                    "INSERT INTO runs (started_at, kind, argv, writes, status) "
+                    "VALUES (?, ?, ?, ?, ?)", (time.strftime("%Y-%m-%d %H:%M:%S"), kind,
+                                               json.dumps(list(argv)), len(journal),
+                                               RUN_STARTED)).lastrowid or 0)
+            recorded: list[int] = []  # the unfinished items this run records
+
+            def rows() -> Iterator[tuple]:
+                for key, r in bases:
+                    if key in self._unfinished_keys:
+                        recorded.append(key)
+                    yield (key, r.media_file_id, r.file_name, r.sage.to_text(),
+                           r.plex.to_text(), json.dumps(r.sage_raw), json.dumps(r.plex_raw),
+                           *_pending_columns(r.pending), r.run_id or run_id)
+            db.executemany("INSERT OR REPLACE INTO base VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows())
+            db.execute("DELETE FROM journal WHERE run_id = ?", (run_id,))
+            db.executemany(_JOURNAL_INSERT, [_journal_values(replace(j, run_id=run_id))
+                                             for j in journal])
+            # An unfinished item of a killed run is settled once a later run records it.
+            db.executemany("UPDATE journal SET outcome = 'superseded' WHERE outcome = ? AND "
+                           "run_id != ? AND rating_key = ?",
+                           [(INTENDED, run_id, key) for key in recorded])
+            db.execute("UPDATE runs SET status = ?, writes = ?, counts = ?, undoes = ? "
+                       "WHERE run_id = ?", (RUN_DONE, len(journal), json.dumps(counts or {}),
+                                            undoes, run_id))
+            if undoes is not None:
+                db.execute("UPDATE runs SET undone_by = ? WHERE run_id = ?", (run_id, undoes))
+            self._prune(db)
+        return run_id
+
+    @staticmethod
+    def _prune(db: sqlite3.Connection) -> None:
+        """Keep the last RUNS_KEPT runs and their journal: the file never grows without
+        end (the bases, one per item, are never pruned)."""
+        row = db.execute("SELECT run_id FROM runs ORDER BY run_id DESC LIMIT 1 OFFSET ?",
+                         (RUNS_KEPT,)).fetchone()
+        if row is not None:
+            db.execute("DELETE FROM journal WHERE run_id <= ?", (row[0],))
+            db.execute("DELETE FROM runs WHERE run_id <= ?", (row[0],))
+
+
+_JOURNAL_INSERT = "INSERT INTO journal VALUES (" + ",".join("?" * 21) + ")"
+
+
+def _text_or_none(status: Status | None) -> str | None:
+    return status.to_text() if status is not None else None
+
+
+def _journal_values(j: JournalRow) -> tuple:
+    return (j.run_id, j.rating_key, j.media_file_id, j.title, j.rule, j.writes,
+            j.sage_before.to_text(), j.plex_before.to_text(), _text_or_none(j.sage_after),
+            _text_or_none(j.plex_after), j.outcome, j.detail, _text_or_none(j.to_sage),
+            _text_or_none(j.to_plex), json.dumps(j.sage_raw_before),
+            json.dumps(j.plex_raw_before), json.dumps(j.sage_raw_after),
+            json.dumps(j.plex_raw_after), j.steps_done,
+            json.dumps([s.to_text() for s in j.own_sage]),
+            json.dumps([s.to_text() for s in j.own_plex]))
+
+
+def _journal_from_row(row: tuple) -> JournalRow:
+    return JournalRow(
+        run_id=row[0], rating_key=row[1], media_file_id=row[2], title=row[3], rule=row[4],
+        writes=row[5], sage_before=Status.from_text(row[6]),
+        plex_before=Status.from_text(row[7]), sage_after=_status_or_none(row[8]),
+        plex_after=_status_or_none(row[9]), outcome=row[10], detail=row[11],
+        to_sage=_status_or_none(row[12]), to_plex=_status_or_none(row[13]),
+        sage_raw_before=_json_object(row[14]), plex_raw_before=_json_object(row[15]),
+        sage_raw_after=_json_object(row[16]), plex_raw_after=_json_object(row[17]),
+        steps_done=int(row[18] or 0), own_sage=_statuses(row[19]),
+        own_plex=_statuses(row[20]))
 
 
 def _status_or_none(text: str | None) -> Status | None:
     return Status.from_text(text) if text else None
 
 
-def _pending_columns(base: Base) -> tuple[str | None, str | None, str | None]:
-    if base.pending is None or base.pending_on is None:
+def _pending_columns(pending: Pending | None) -> tuple[str | None, str | None, str | None]:
+    if pending is None:
         return None, None, None
-    to_sage, to_plex = base.pending
-    return (to_sage.to_text() if to_sage else None, to_plex.to_text() if to_plex else None,
-            "|".join(s.to_text() for s in base.pending_on))
+    return _text_or_none(pending.to_sage), _text_or_none(pending.to_plex), pending.to_json()
+
+
+def _pending_from_columns(to_sage: str | None, to_plex: str | None, on: str | None,
+                          sage_raw: dict, plex_raw: dict) -> Pending | None:
+    """The pending decision of a base row (a schema-1 row kept only the states)."""
+    if not on:
+        return None
+    if not on.startswith("{"):  # schema 1: "sage|plex" states, no raw values
+        return Pending(_status_or_none(to_sage), _status_or_none(to_plex), sage_raw, plex_raw)
+    data = _json_object(on)
+    return Pending(_status_or_none(to_sage), _status_or_none(to_plex),
+                   dict(data.get("sage") or {}), dict(data.get("plex") or {}),
+                   tuple(Status.from_text(t) for t in data.get("own_sage") or ()),
+                   tuple(Status.from_text(t) for t in data.get("own_plex") or ()),
+                   bool(data.get("known", True)))
 
 
 ###############################################################################
@@ -1982,22 +2290,39 @@ def _pending_columns(base: Base) -> tuple[str | None, str | None, str | None]:
 ###############################################################################
 
 
+class RunKind(Enum):
+    """What a run does, one value (the command line's words, checked)."""
+
+    REPORT = "report"  # read, decide, write nothing
+    SYNC = "sync"  # -s
+    PLAN = "plan"  # --plan FILE: decide and save, write nothing
+    APPLY = "apply"  # --apply FILE
+    UNDO = "undo"  # --undo [RUN]
+    WHY = "why"  # --why MEDIA-ID
+    SAGEDATA = "sagedata"  # --sagedata
+    WATCH = "watch"  # --watch: a full sync, then follow both servers
+
+
+#: The kinds that write to the servers (unless simulated) and so record the base.
+WRITING_KINDS = (RunKind.SYNC, RunKind.APPLY, RunKind.UNDO, RunKind.WATCH)
+
+
 @dataclass(frozen=True)
 class Options:
-    """What one run is asked to do (the command line's words, checked)."""
+    """What one run is asked to do: the command line, checked, as one value. Nothing
+    after the argument checks reads argparse's namespace, and no phase rewrites this."""
 
+    kind: RunKind = RunKind.REPORT
     targets: tuple[str, ...] = ()
     media: bool = False
-    sync: bool = False
+    #: -n: every write printed as it would be done, none done (any writing kind).
     simulate: bool = False
     prompt: bool = False
     yes: bool = False
     ignore_ms: int = DEFAULT_IGNORE_S * 1000
     position_ms: int | None = None
     position_text: str = ""
-    sagedata: bool = False
-    why: bool = False
-    undo: str | None = None  # "" for the last sync
+    undo_run: int | None = None  # None: the last sync not yet undone
     plan_file: Path | None = None
     apply_file: Path | None = None
     state_path: Path | None = None
@@ -2006,12 +2331,12 @@ class Options:
     @property
     def writes(self) -> bool:
         """Whether the run writes to the servers (and so records the base)."""
-        return (self.sync or self.undo is not None or self.apply_file is not None) \
-            and not self.simulate and self.plan_file is None
+        return self.kind in WRITING_KINDS and not self.simulate
 
     @property
-    def kind(self) -> str:
-        return "undo" if self.undo is not None else "apply" if self.apply_file else "sync"
+    def decides_writes(self) -> bool:
+        """Whether the run works out each item's writes (done, simulated or saved)."""
+        return self.kind in WRITING_KINDS or self.kind is RunKind.PLAN
 
 
 class Outcome(Enum):
@@ -2041,6 +2366,8 @@ class Entry:
     sage_last_ms: int = 0  # local clock
     plex_last_ms: int = 0
     base: Base | None = None
+    #: The base as stored (raw values), kept for a failed write's pending record.
+    base_record: BaseRecord | None = None
     decision: Decision = Decision(Verdict.IN_SYNC)
     writes: tuple[Write, ...] = ()
     blocked: str = ""
@@ -2056,6 +2383,8 @@ class Entry:
     #: Both sides as read back after the writes.
     sage_after_item: SageItem | None = None
     plex_after_item: PlexItem | None = None
+    #: How many of its writes reached their server (the journal's record).
+    steps_done: int = 0
 
     @property
     def matched(self) -> bool:
@@ -2091,12 +2420,14 @@ class Console:
         self._looked = False
 
     def _asking_on(self) -> TextIO | None:
+        """A terminal the tool can read in the foreground: a background job reading its
+        terminal would be stopped (SIGTTIN), so there the answer is no."""
         if self.stdin is not None and _isatty(self.stdin):
-            return self.stdin
+            return self.stdin if _in_foreground(self.stdin) else None
         if not self._looked:
             self._looked = True
             self._terminal = self._open_terminal()
-        return self._terminal
+        return self._terminal if _in_foreground(self._terminal) else None
 
     @property
     def can_ask(self) -> bool:
@@ -2147,6 +2478,16 @@ def _controlling_terminal() -> TextIO | None:
                             write_through=True)
 
 
+def _in_foreground(stream: TextIO | None) -> bool:
+    """Whether this process's group owns the terminal (not a shell's background job)."""
+    if stream is None:
+        return False
+    try:
+        return os.tcgetpgrp(stream.fileno()) == os.getpgrp()
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return True  # no job control here (Windows, a test's stream): it can be read
+
+
 def _isatty(stream: object) -> bool:
     try:
         return bool(stream.isatty())  # type: ignore[attr-defined]
@@ -2191,13 +2532,108 @@ class Facts:
     played_from: str
 
 
+@dataclass(frozen=True)
+class Replay:
+    """A decision given from outside (--undo, --apply) and the item as it expects to
+    find it: carried out only if neither side changed since (§6.4)."""
+
+    sage: Status
+    plex: Status
+    sage_stamp_ms: int
+    plex_stamp_ms: int
+    decision: Decision
+    #: States the replayed run's own unfinished steps can have left (a killed run).
+    own_sage: tuple[Status, ...] = ()
+    own_plex: tuple[Status, ...] = ()
+
+    def holds(self, entry: Entry) -> bool:
+        assert entry.sage is not None
+        sage_moved = changed(entry.sage_status, entry.sage.real_end_ms, self.sage,
+                             self.sage_stamp_ms) and entry.sage_status not in self.own_sage
+        plex_moved = changed(entry.plex_status, entry.plex.last_viewed_ms, self.plex,
+                             self.plex_stamp_ms) and entry.plex_status not in self.own_plex
+        return not sage_moved and not plex_moved
+
+
+def raw_sage_status(raw: dict, fallback: Status, entry: Entry) -> Status:
+    """SageTV's state from stored raw values, under this run's bounds (§6.1)."""
+    if "IsWatched" not in raw:
+        return fallback
+    if raw["IsWatched"]:
+        return WATCHED
+    end_ms = int(raw.get("WatchedEndTime") or 0)
+    if end_ms <= 0:
+        return NOT_WATCHED
+    bounds = entry.bounds
+    assert bounds is not None
+    return classify(False, position_from_sage_time(end_ms, entry.segments), bounds,
+                    is_sage=True)
+
+
+def raw_plex_status(raw: dict, fallback: Status, entry: Entry) -> Status:
+    """Plex's state from stored raw values, under this run's bounds (§6.1)."""
+    if "viewCount" not in raw:
+        return fallback
+    watched, offset_ms = int(raw["viewCount"] or 0) > 0, int(raw.get("viewOffset") or 0)
+    if offset_ms == 0:
+        return WATCHED if watched else NOT_WATCHED
+    bounds = entry.bounds
+    assert bounds is not None
+    return classify(watched, offset_ms, bounds, is_sage=False)
+
+
+def _raw_has_position(raw: dict) -> bool:
+    return bool(int(raw.get("viewOffset") or 0)) or (
+        not raw.get("IsWatched") and bool(int(raw.get("WatchedEndTime") or 0)))
+
+
+def base_of(record: BaseRecord, entry: Entry) -> Base:
+    """The item's base as this run sees it: the stored raw values classified with today's
+    bounds, so a changed -x or played threshold is never a change by the user."""
+    sage = raw_sage_status(record.sage_raw, record.sage, entry)
+    plex = raw_plex_status(record.plex_raw, record.plex, entry)
+    base = Base(sage, plex, sage_last_ms=int(record.sage_raw.get("RealWatchedEndTime") or 0),
+                plex_last_ms=int(record.plex_raw.get("lastViewedAt") or 0) * 1000,
+                known=record.known)
+    pending = record.pending
+    if pending is None:
+        return base
+    on_sage = raw_sage_status(pending.sage_raw, sage, entry)
+    on_plex = raw_plex_status(pending.plex_raw, plex, entry)
+    return replace(base, pending=(pending.to_sage, pending.to_plex),
+                   pending_on=(on_sage, on_plex),
+                   pending_sage_ms=int(pending.sage_raw.get("RealWatchedEndTime") or 0),
+                   pending_plex_ms=int(pending.plex_raw.get("lastViewedAt") or 0) * 1000,
+                   own_sage=pending.own_sage, own_plex=pending.own_plex)
+
+
+def with_unfinished(bases: dict[int, BaseRecord], unfinished: Sequence[JournalRow]
+                    ) -> dict[int, BaseRecord]:
+    """The bases with the items of runs that never finished made pending (§6.3): each
+    keeps the base it had before that run (none on a first sync), and the steps that
+    run took are the tool's own doing."""
+    for row in unfinished:
+        old = bases.get(row.rating_key)
+        known = old is not None and old.media_file_id == row.media_file_id and old.known
+        pending = Pending(row.to_sage, row.to_plex, row.sage_raw_before, row.plex_raw_before,
+                          row.own_sage, row.own_plex, known)
+        if old is not None and known:
+            bases[row.rating_key] = replace(old, pending=pending)
+        else:
+            bases[row.rating_key] = BaseRecord(
+                row.media_file_id, "", row.sage_before, row.plex_before, row.sage_raw_before,
+                row.plex_raw_before, pending, known=False)
+    return bases
+
+
 class SyncRun:
     """One run through its phases: read everything, check the arguments against it,
     decide every item (the plan), guard, write, then remember (base and journal)."""
 
     def __init__(self, opts: Options, sage: SageClient, plex: PlexClient,
                  state: StateStore | None, console: Console, stop: threading.Event,
-                 overrides: dict[int, tuple[Status, Status, Decision]] | None = None) -> None:
+                 overrides: dict[int, Replay] | None = None,
+                 guard_items: int = GUARD_ITEMS) -> None:
         self.opts = opts
         self.sage = sage
         self.plex = plex
@@ -2210,6 +2646,16 @@ class SyncRun:
         self._offsets = (0, 0)  # the servers' clock offsets (ms), once read
         self._sage_slots = threading.BoundedSemaphore(sage.server.write_workers)
         self._plex_slots = threading.BoundedSemaphore(plex.server.write_workers)
+        #: The write-ahead journal's run, once begun (0: nothing written yet).
+        self.run_id = 0
+        self.bases: dict[int, BaseRecord] = {}
+        self.guard_items = guard_items
+        #: The run an undo puts back (for the history), once known.
+        self.overrides_run: int | None = None
+        #: The SageTV media files read back after the writes.
+        self.reread_files: set[int] = set()
+        #: Media ids an undo or a plan names that Plex no longer has.
+        self.gone: list[int] = []
 
     # -- 1. read ---------------------------------------------------------------------------
     def read(self) -> Facts:
@@ -2224,15 +2670,39 @@ class SyncRun:
         finally:
             background.shutdown(wait=False, cancel_futures=True)
         self.index = index
+        if self.state is not None:
+            self.state.check_servers(self.identity())
+            self.bases = with_unfinished(self.state.bases(), self.state.journal(None))
+        items += self.twins_outside(items, index)
         log.info("SageTV lists %d media files; Plex %d items", len(index), len(items))
-        entries = [Entry(item) for item in items] + unreadable
+        entries = [Entry(item) for item in items] + unreadable + [
+            _gone_entry(key) for key in self.gone]
         facts = Facts(entries, index, played_fraction, played_from)
-        bases = self.state.bases() if self.state is not None else {}
         self._offsets = self.clock_offsets()  # the replies so far have told them
         for entry in entries:
-            if not entry.unreadable:
-                self.assess(entry, facts, bases)
+            if not entry.unreadable and entry.outcome is Outcome.UNCHANGED:
+                self.assess(entry, facts, self.bases)
         return facts
+
+    def identity(self) -> dict[str, str]:
+        """Which pair of servers this is (§6.5): Plex's machine id, SageTV's address."""
+        return {"plex": str(self.plex.plex.machineIdentifier or ""),
+                "sagetv": self.sage.server.address}
+
+    def twins_outside(self, items: list[PlexItem], index: SageIndex) -> list[PlexItem]:
+        """A -m run decides every Plex item holding a named item's file (§4): the twins
+        known from earlier syncs, read by media id."""
+        if not self.opts.media or not self.bases:
+            return []
+        named = {item.rating_key for item in items}
+        files = {m.media_file_id for item in items for m in index.match(item)}
+        keys = [key for key, record in self.bases.items()
+                if record.media_file_id in files and key not in named]
+        twins = []
+        for element in self.plex.metadata(keys) if keys else ():
+            with contextlib.suppress(PlexError):
+                twins.append(plex_item_from_element(element))
+        return twins
 
     def read_plex(self) -> tuple[list[PlexItem], list[Entry]]:
         """The Plex items to work on, each once, and those that could not be read."""
@@ -2251,6 +2721,10 @@ class SyncRun:
         return list(items.values()), unreadable
 
     def plex_videos(self) -> Iterator[VideoRecord]:
+        if self.overrides:  # --undo, --apply: the items they name, those still there
+            yield from map(video_record, self.media_elements(list(self.overrides),
+                                                             gone_ok=True))
+            return
         if self.opts.media:
             yield from map(video_record, self.media_elements([int(t) for t in self.opts.targets]))
             return
@@ -2261,8 +2735,9 @@ class SyncRun:
             log.info("section %s (%s)", section.key, section.title)
             yield from self.plex.section_videos(section)
 
-    def media_elements(self, rating_keys: list[int]) -> list[Element]:
-        """Movies and episodes by media id; a show or season gives all its episodes."""
+    def media_elements(self, rating_keys: list[int], gone_ok: bool = False) -> list[Element]:
+        """Movies and episodes by media id; a show or season gives all its episodes. An
+        item no longer on Plex is a usage error, or (``gone_ok``) skipped and reported."""
         wanted = list(dict.fromkeys(rating_keys))
         found = {int(e.get("ratingKey") or 0): e for e in self.plex.metadata(wanted)}
         if len(found) < len(wanted):  # a server that refuses the whole list for one id
@@ -2271,6 +2746,9 @@ class SyncRun:
         videos: list[Element] = []
         for key in wanted:
             element = found.get(key)
+            if element is None and gone_ok:
+                self.gone.append(key)
+                continue
             if element is None:
                 raise UsageError(f"Plex has no media id {key}; run with a section name to "
                                  "see the media ids")
@@ -2295,22 +2773,27 @@ class SyncRun:
                 entry.unreadable = facts.index.unreadable_reason(entry.plex)
             return
         item = entry.sage = matches[0]
-        if item.segments is None and self._needs_segments(entry, item):
+        record = bases.get(entry.plex.rating_key)
+        if item.segments is None and self._needs_segments(entry, item, record):
             item.segments = tuple(self.sage.segment_times(item.media_file_id,
                                                           item.segment_count))
         self.measure(entry, item, facts.played_fraction)
-        record = bases.get(entry.plex.rating_key)
-        if record is not None and record.media_file_id == item.media_file_id:
-            entry.base = record.base
+        if record is not None and record.media_file_id == item.media_file_id and (
+                not record.file_name or record.file_name == _entry_file_name(entry)):
+            entry.base, entry.base_record = base_of(record, entry), record
 
-    def _needs_segments(self, entry: Entry, item: SageItem) -> bool:
+    def _needs_segments(self, entry: Entry, item: SageItem, record: BaseRecord | None
+                        ) -> bool:
         """A split recording's times cost two requests a segment: they are read when a
-        position is at stake, or when the item holds only some of the segments."""
+        position is at stake (now or in the base), or when the item holds only some of
+        the segments."""
         stacked = {file_name(p) for p in item.paths} <= {file_name(p) for p in entry.plex.paths}
         positions = (item.watched_end_ms > 0 and not item.watched) or entry.plex.position_ms > 0
         differ = item.watched != entry.plex.watched
-        return not stacked or positions or differ or self.opts.position_ms is not None \
-            or bool(self.overrides)
+        in_base = record is not None and (_raw_has_position(record.sage_raw)
+                                          or _raw_has_position(record.plex_raw))
+        return not stacked or positions or differ or in_base \
+            or self.opts.position_ms is not None or bool(self.overrides)
 
     def measure(self, entry: Entry, item: SageItem, played_fraction: float) -> None:
         entry.segments = (covered_segments(item, entry.plex) if item.segments is not None else
@@ -2368,6 +2851,9 @@ class SyncRun:
                     first[key] = entry
                 else:
                     shared.setdefault(key, [first[key]]).append(entry)
+            elif entry.plex.rating_key in self.overrides and entry.outcome is Outcome.UNCHANGED:
+                entry.outcome, entry.keep_base = Outcome.SKIPPED, True
+                entry.detail = "gone: " + (entry.unreadable or "SageTV no longer has its file")
         plain = not self.overrides and self.opts.position_ms is None
         for key, entry in first.items():
             group = shared.get(key)
@@ -2396,8 +2882,12 @@ class SyncRun:
                     self.measure(entry, item, facts.played_fraction)
             decision, viewed_at = self.decide_members(members)
             for position, entry in enumerate(members):
-                # One SageTV write for the recording: the first of the items holding it.
-                self.plan_entry(entry, decision, viewed_at, sage_too=position == 0)
+                # One SageTV write for the recording: the first of the items holding it;
+                # an undo puts each twin back to its own before-state.
+                own = self.overrides.get(entry.plex.rating_key)
+                member_decision = (own.decision if own is not None
+                                   and decision.verdict is not Verdict.SETTLED else decision)
+                self.plan_entry(entry, member_decision, viewed_at, sage_too=position == 0)
                 if position and any(_is_sage(w) for w in members[0].writes):
                     entry.sage_expected = decision.to_sage
             written = next((w for w in members[0].writes if not isinstance(
@@ -2409,29 +2899,39 @@ class SyncRun:
         """One decision for Plex items that hold the same file: Plex's state is the newest
         of theirs, or, with a base, the one that changed."""
         first = members[0]
-        override = self.overrides.get(first.plex.rating_key)
-        if override is not None:
-            expected_sage, expected_plex, decision = override
-            if (first.sage_status, first.plex_status) != (expected_sage, expected_plex):
-                for member in members:  # the user's own change is kept, and left to a sync
-                    member.outcome, member.keep_base = Outcome.SKIPPED, True
-                    member.detail = (f"changed since (it was SageTV {expected_sage}, Plex "
-                                     f"{expected_plex})")
-                return Decision(Verdict.SETTLED, None, None, decision.rule), 0
-            return decision, 0
+        replays = [(m, self.overrides[m.plex.rating_key]) for m in members
+                   if m.plex.rating_key in self.overrides]
+        if replays:
+            return self.replay_decision(members, replays)
         if self.opts.position_ms is not None:
             return decide_position(first.sage_status, first.plex_status,
                                    self.opts.position_ms), 0
-        changed = [m for m in members if m.base is not None and (
-            m.plex_status != m.base.plex
-            or m.plex.last_viewed_ms > m.base.plex_last_ms + RESTAMP_MS)]
-        leader = max(changed or members, key=lambda m: m.plex_last_ms)
+        # Twins: one with a write still pending leads (a failed write to the second is
+        # retried), else one whose Plex side changed, else the newest.
+        pending = [m for m in members if m.base is not None and m.base.pending is not None]
+        moved = [m for m in members if _plex_changed(m)]
+        leader = max(pending or moved or members, key=lambda m: m.plex_last_ms)
         assert leader.sage is not None
         decision = decide(leader.sage_status, leader.plex_status, leader.sage_last_ms,
                           leader.plex_last_ms, leader.base,
                           sage_stamp_ms=leader.sage.real_end_ms,
                           plex_stamp_ms=leader.plex.last_viewed_ms)
         return decision, leader.plex_last_ms
+
+    def replay_decision(self, members: list[Entry], replays: list[tuple[Entry, Replay]]
+                        ) -> tuple[Decision, int]:
+        """--undo and --apply: the decision given, unless the user changed a side since
+        (§6.4): then the item is skipped and left to the next sync."""
+        moved = [(m, r) for m, r in replays if not r.holds(m)]
+        if not moved:
+            return replays[0][1].decision, 0
+        for member in members:  # the user's own change is kept, and left to a sync
+            member.outcome, member.keep_base = Outcome.SKIPPED, True
+        for member, replay in moved:
+            member.detail = (f"changed since (it was SageTV {replay.sage}, Plex "
+                             f"{replay.plex}; now SageTV {member.sage_status}, Plex "
+                             f"{member.plex_status})")
+        return Decision(Verdict.SETTLED, None, None, replays[0][1].decision.rule), 0
 
     def plan_entry(self, entry: Entry, decision: Decision, viewed_at_ms: int,
                    sage_too: bool = True) -> None:
@@ -2457,8 +2957,8 @@ class SyncRun:
         """A plan that un-watches or moves back many items asks first (or needs -y)."""
         backward = [e for e in facts.entries if e.writes and _moves_back(e)]
         matched = sum(1 for e in facts.entries if e.matched)
-        limit = max(GUARD_MIN_ITEMS, int(GUARD_FRACTION * matched))
-        if len(backward) <= limit or self.opts.yes or not self.opts.writes:
+        limit = self.guard_items
+        if not limit or len(backward) <= limit or self.opts.yes or not self.opts.writes:
             return
         question = (f"This sync would un-watch or move back {len(backward)} items (of "
                     f"{matched}), for example [{backward[0].plex.rating_key}] "
@@ -2489,6 +2989,8 @@ class SyncRun:
             tasks.setdefault(entry.sage.show_id or entry.sage.media_file_id, []).append(entry)
         if not tasks:
             return
+        facts.index.group_shows()  # built whole before the pool starts, then only read
+        self.journal_intent([e for task in tasks.values() for e in task], facts)
         bar = self.console.bar(sum(len(t) for t in tasks.values()), "writing")
         if self.opts.prompt:
             for task in tasks.values():
@@ -2502,6 +3004,29 @@ class SyncRun:
                 for future, task in zip(futures, tasks.values(), strict=True):
                     _settle(future, task)
         bar.close()
+
+    def journal_intent(self, writing: list[Entry], facts: Facts) -> None:
+        """The write-ahead journal (§6.3): every intended write, and the side effects
+        expected on recordings sharing a show flag, recorded before the first write."""
+        if self.state is None:
+            return
+        keys_by_file: dict[int, list[int]] = collections.defaultdict(list)
+        for key, record in self.bases.items():
+            keys_by_file[record.media_file_id].append(key)
+        own_keys = {e.plex.rating_key for e in writing}
+        rows = [_journal_row(e, INTENDED) for e in writing]
+        for entry in writing:
+            if entry.sage is not None and entry.sage.show_id:
+                rows += [row for row in _side_effect_rows(
+                    entry, facts.index.siblings(entry.sage), keys_by_file)
+                    if row.rating_key not in own_keys]
+        self.run_id = self.state.begin_run(self.opts.kind.value, self.opts.argv, rows)
+
+    def step_done(self, entry: Entry) -> None:
+        """One more of the entry's writes reached its server: journalled at once."""
+        entry.steps_done += 1
+        if self.state is not None and self.run_id:
+            self.state.step_done(self.run_id, entry.plex.rating_key, entry.steps_done)
 
     def _wait(self, futures: list[Future]) -> None:
         """Wait for the writes; on Ctrl-C (or SIGTERM) say that those started finish."""
@@ -2519,8 +3044,9 @@ class SyncRun:
             if self.stop.is_set():
                 entry.outcome, entry.detail = Outcome.SKIPPED, "interrupted before writing"
                 entry.keep_base = True
-            elif wrote_sage and not self._fresh(entry, wrote_sage):
-                pass
+            elif wrote_sage and any(_is_sage(w) for w in entry.writes) \
+                    and not self._fresh(entry, wrote_sage):
+                pass  # a write to SageTV decided on a stale read: decided again, or failed
             elif not entry.writes:
                 pass  # decided again on a fresh read: nothing left to do
             elif confirm and not self.confirm(entry):
@@ -2571,7 +3097,7 @@ class SyncRun:
             return False
 
     # -- 6. remember -----------------------------------------------------------------------
-    def remember(self, facts: Facts) -> int:
+    def remember(self, facts: Facts, counts: dict | None = None) -> int:
         """Read back what was written (and the recordings sharing its show flag), check the
         Plex writes, then record the new base and the journal in one transaction."""
         written = [e for e in facts.entries if e.outcome in (Outcome.UPDATED, Outcome.FAILED)]
@@ -2579,10 +3105,29 @@ class SyncRun:
         if self.state is None:
             return 0
         # The bases are made as they are stored: a big library's never sit in memory whole.
-        bases = ((entry.plex.rating_key, record) for entry in facts.entries
-                 if entry.matched and (record := _base_record(entry)) is not None)
-        return self.state.record_run(self.opts.kind, self.opts.argv, bases,
-                                     [_journal_row(entry) for entry in written])
+        bases = itertools.chain(
+            ((entry.plex.rating_key, record) for entry in facts.entries
+             if entry.matched and (record := _base_record(entry)) is not None),
+            self.side_effect_bases(facts))
+        undoes = self.overrides_run if self.opts.kind is RunKind.UNDO else None
+        return self.state.finish_run(self.run_id, self.opts.kind.value, self.opts.argv, bases,
+                                     [_journal_row(entry) for entry in written],
+                                     counts=counts, undoes=undoes)
+
+    def side_effect_bases(self, facts: Facts) -> Iterator[tuple[int, BaseRecord]]:
+        """§6.2: the bases of items outside the run's scope that its writes changed (a
+        recording sharing a written show flag): their SageTV side as read back, their
+        Plex side as it was, so the next sync never takes the change for the user's."""
+        in_run = {e.plex.rating_key for e in facts.entries}
+        for key, record in self.bases.items():
+            if key in in_run or not record.known:
+                continue
+            now = facts.index.items.get(record.media_file_id)
+            if now is None or now.raw() == record.sage_raw or \
+                    record.media_file_id not in self.reread_files:
+                continue
+            sage = WATCHED if now.watched else record.sage if now.watched_end_ms else NOT_WATCHED
+            yield key, replace(record, sage=sage, sage_raw=now.raw(), pending=None)
 
     def reread(self, written: list[Entry], facts: Facts) -> None:
         """Read back the written items (and the recordings sharing a written show flag);
@@ -2603,6 +3148,7 @@ class SyncRun:
             else:  # its own read-back after the write is final: nothing else wrote to it
                 facts.index.replace(entry.sage_after_item)
                 read_back.add(entry.sage.media_file_id)
+        self.reread_files = sage_ids | read_back
         for media_file_id, item_or_error in self.read_sage_again(sage_ids).items():
             if isinstance(item_or_error, SyncError):
                 sage_ids.discard(media_file_id)
@@ -2716,11 +3262,28 @@ def _fail_unread(written: list[Entry], exc: SyncError, *, sage: bool) -> None:
             entry.detail += f"; reading it back failed: {exc}"
 
 
+def _entry_file_name(entry: Entry) -> str:
+    return file_name(entry.plex.paths[0]) if entry.plex.paths else ""
+
+
+def _gone_entry(rating_key: int) -> Entry:
+    stub = PlexItem(rating_key, "?", (), 0, 0, 0, 0)
+    return Entry(stub, outcome=Outcome.SKIPPED, detail="gone: Plex no longer has it")
+
+
 def _unreadable_entry(attrs: dict[str, str], reason: str) -> Entry:
     key = attrs.get("ratingKey") or ""
     stub = PlexItem(int(key) if ASCII_ID.match(key) else 0, attrs.get("title") or "?", (),
                     0, 0, 0, 0)
     return Entry(stub, unreadable=reason)
+
+
+def _plex_changed(entry: Entry) -> bool:
+    """Whether the user changed the item's Plex side since its base (§6.1)."""
+    base = entry.base
+    return base is not None and changed(entry.plex_status, entry.plex.last_viewed_ms,
+                                        base.plex, base.plex_last_ms) \
+        and entry.plex_status not in base.own_plex
 
 
 def _settled(entry: Entry) -> bool:
@@ -2764,39 +3327,94 @@ def _settle(future: Future, task: list[Entry]) -> None:
                 entry.detail = f"internal error: {exc.__class__.__name__}: {exc}"
 
 
+def own_states(entry: Entry) -> tuple[tuple[Status, ...], tuple[Status, ...]]:
+    """The states the entry's writes can leave on each side, step by step: the target,
+    what an un-watch first step leaves, and what a restore puts back (§6.3)."""
+    decision = entry.decision
+    own_sage: tuple[Status, ...] = ()
+    own_plex: tuple[Status, ...] = ()
+    for write in entry.writes:
+        if isinstance(write, SageSetPosition):
+            own_sage += (classify_position(write.position_ms, entry),)
+            if write.clear_first:
+                own_sage += (NOT_WATCHED, entry.sage_status)
+        elif _is_sage(write) and decision.to_sage is not None:
+            own_sage += (decision.to_sage,)
+        elif isinstance(write, PlexMarkUnwatched) and len(entry.writes) > 1:
+            own_plex += (NOT_WATCHED, entry.plex_status)
+        elif decision.to_plex is not None:
+            own_plex += (decision.to_plex,)
+    return own_sage, own_plex
+
+
+def classify_position(position_ms: int, entry: Entry) -> Status:
+    bounds = entry.bounds
+    assert bounds is not None
+    return classify(False, position_ms, bounds, is_sage=True)
+
+
 def _base_record(entry: Entry) -> BaseRecord | None:
     """The entry's new base: what the servers show after the run; a failed item keeps its
-    old base with its decision pending, a skipped one its old base."""
+    old base with its decision pending (taken on the raw values read), a skipped one its
+    old base."""
     assert entry.sage is not None
-    name = file_name(entry.plex.paths[0]) if entry.plex.paths else ""
+    name = _entry_file_name(entry)
     if entry.outcome is Outcome.FAILED:
-        old = entry.base or Base(entry.sage_status, entry.plex_status,
-                                 sage_last_ms=entry.sage.real_end_ms,
-                                 plex_last_ms=entry.plex.last_viewed_ms)
-        decision = entry.decision
-        base = replace(old, pending=(decision.to_sage, decision.to_plex),
-                       pending_on=(entry.sage_status, entry.plex_status))
-        return BaseRecord(entry.sage.media_file_id, name, base,
-                          json.dumps({"RealWatchedEndTime": old.sage_last_ms}),
-                          json.dumps({"lastViewedAt": old.plex_last_ms // 1000}))
+        old = entry.base_record
+        own_sage, own_plex = own_states(entry)
+        pending = Pending(entry.decision.to_sage, entry.decision.to_plex, entry.sage.raw(),
+                          entry.plex.raw(), own_sage, own_plex,
+                          known=old is not None and old.known)
+        if old is None or not old.known:
+            return BaseRecord(entry.sage.media_file_id, name, entry.sage_status,
+                              entry.plex_status, entry.sage.raw(), entry.plex.raw(), pending,
+                              known=False)
+        return replace(old, pending=pending)
     if entry.keep_base:
         return None
     sage = entry.sage_after if entry.sage_after is not None else entry.sage_status
     plex = entry.plex_after if entry.plex_after is not None else entry.plex_status
     sage_item = entry.sage_after_item or entry.sage
     plex_item = entry.plex_after_item or entry.plex
-    return BaseRecord(entry.sage.media_file_id, name,
-                      Base(sage, plex, sage_last_ms=sage_item.real_end_ms,
-                           plex_last_ms=plex_item.last_viewed_ms),
-                      json.dumps(sage_item.raw()), json.dumps(plex_item.raw()))
+    return BaseRecord(entry.sage.media_file_id, name, sage, plex, sage_item.raw(),
+                      plex_item.raw())
 
 
-def _journal_row(entry: Entry) -> JournalRow:
+def _journal_row(entry: Entry, outcome: str = "") -> JournalRow:
+    """The entry's journal row: before the writes (outcome "intended") or after them."""
     assert entry.sage is not None
-    return JournalRow(0, entry.plex.rating_key, entry.sage.media_file_id, entry.plex.title,
-                      entry.decision.rule, "; ".join(str(w) for w in entry.writes),
-                      entry.sage_status, entry.plex_status, entry.sage_after, entry.plex_after,
-                      entry.outcome.value, entry.detail)
+    own_sage, own_plex = own_states(entry)
+    after_sage = entry.sage_after_item
+    after_plex = entry.plex_after_item
+    return JournalRow(
+        0, entry.plex.rating_key, entry.sage.media_file_id, entry.plex.title,
+        entry.decision.rule, "; ".join(str(w) for w in entry.writes), entry.sage_status,
+        entry.plex_status, entry.sage_after, entry.plex_after,
+        outcome or entry.outcome.value, entry.detail, entry.decision.to_sage,
+        entry.decision.to_plex, entry.sage.raw(), entry.plex.raw(),
+        after_sage.raw() if after_sage is not None else {},
+        after_plex.raw() if after_plex is not None else {}, entry.steps_done,
+        own_sage, own_plex)
+
+
+def _side_effect_rows(entry: Entry, siblings: list[SageItem],
+                      keys_by_file: dict[int, list[int]]) -> list[JournalRow]:
+    """The changes an entry's SetWatched or ClearWatched will make to recordings sharing
+    its show flag, journalled with it: if the run dies, they are the tool's doing."""
+    write = next((w for w in entry.writes if isinstance(w, (SageMarkWatched, SageClearWatched))
+                  or (isinstance(w, SageSetPosition) and w.clear_first)), None)
+    if write is None:
+        return []
+    state = WATCHED if isinstance(write, SageMarkWatched) else NOT_WATCHED
+    rows = []
+    for sibling in siblings:
+        for key in keys_by_file.get(sibling.media_file_id, ()):
+            rows.append(JournalRow(
+                0, key, sibling.media_file_id, "", f"side effect of media file "
+                f"{entry.sage.media_file_id if entry.sage else 0}'s {write}", "",
+                NOT_WATCHED, NOT_WATCHED, None, None, INTENDED, "", None, None,
+                sibling.raw(), {}, own_sage=(state,)))
+    return rows
 
 
 ###############################################################################
@@ -2830,10 +3448,29 @@ class Applier:
                     note = self.one_write(write)
             except SyncError as exc:
                 self.entry.outcome = Outcome.FAILED
-                self.entry.detail = "; ".join(done + [f"{write}: {exc}"])
+                restored = self._restore_plex(write, done)
+                self.entry.detail = "; ".join(done + [f"{write}: {exc}"] + restored)
                 return
+            self.run.step_done(self.entry)
             done.append(str(write) + (f" ({note})" if note else ""))
         self.entry.outcome, self.entry.detail = Outcome.UPDATED, "; ".join(done)
+
+    def _restore_plex(self, failed: Write, done: list[str]) -> list[str]:
+        """A Plex write that failed after an un-watch of this item's own: put back the
+        resume point the un-watch cleared (§6.3), so the item is never left with less."""
+        before = self.entry.plex
+        if _is_sage(failed) or not done or not any(
+                isinstance(w, PlexMarkUnwatched) for w in self.entry.writes) \
+                or before.position_ms <= PLEX_MIN_PROGRESS_MS:
+            return []
+        try:
+            with self.run._plex_slots:
+                self.plex.set_position(before.rating_key, before.position_ms,
+                                       before.duration_ms or before.position_ms + 1)
+        except SyncError as exc:
+            return [f"putting back Plex's position {format_hms(before.position_ms)} failed "
+                    f"too: {exc}"]
+        return [f"Plex's position {format_hms(before.position_ms)} put back"]
 
     def one_write(self, write: Write) -> str:
         if isinstance(write, (SageMarkWatched, SageClearWatched, SageSetPosition)):
@@ -3204,65 +3841,101 @@ class Report:
 ###############################################################################
 
 
-def prepare_replay(opts: Options, state: StateStore | None
-                   ) -> tuple[Options, dict[int, tuple[Status, Status, Decision]]]:
-    """--undo and --apply: the items to work on and the decisions to carry out, each with
-    the states it expects to find (an item changed since is skipped)."""
-    overrides: dict[int, tuple[Status, Status, Decision]] = {}
-    if opts.undo is not None:
-        if state is None or state.db is None:
-            raise SyncError("there is no sync to undo: the sync state file has no runs yet")
-        runs = [r for r in state.runs() if r[3] > 0]
-        if not runs and not opts.undo:
-            raise SyncError(f"there is no sync to undo: {state.path} holds no sync that wrote "
-                            "anything")
-        wanted = int(opts.undo) if opts.undo else runs[-1][0]
-        rows = [r for r in state.journal(wanted) if r.outcome == Outcome.UPDATED.value]
-        if not rows:
-            raise SyncError(f"run {wanted} changed nothing that can be undone; the runs that "
-                            "wrote are shown by -v")
-        for row in rows:
-            after_sage = row.sage_after or row.sage_before
-            after_plex = row.plex_after or row.plex_before
-            undo = Decision(Verdict.BOTH_OUT_OF_SYNC, row.sage_before, row.plex_before,
-                            f"undo of run {wanted}")
-            overrides[row.rating_key] = (after_sage, after_plex, undo)
-    else:
-        assert opts.apply_file is not None
-        for item in _read_plan(opts.apply_file):
-            overrides[item[0]] = item[1]
-    targets = tuple(str(k) for k in overrides)
-    return replace(opts, targets=targets, media=True, sync=True), overrides
+@dataclass(frozen=True)
+class ReplayPlan:
+    """What --undo or --apply carries out: per Plex media id, the decision and the item
+    as it expects to find it; the run undone, and the servers a saved plan was made for."""
+
+    items: dict[int, Replay]
+    undoes: int | None = None
+    servers: dict[str, str] = field(default_factory=dict)
 
 
-def _read_plan(path: Path) -> list[tuple[int, tuple[Status, Status, Decision]]]:
+def _stamp(raw: dict, key: str, scale: int = 1) -> int:
+    return int(raw.get(key) or 0) * scale
+
+
+def undo_plan(state: StateStore | None, wanted: int | None) -> ReplayPlan:
+    """--undo [RUN]: every write of that run (finished or not) put back, each item to its
+    own before-state; a bare --undo takes the last sync not yet undone (§6.4)."""
+    runs = state.runs() if state is not None else []
+    if wanted is None:
+        candidates = [r for r in runs if r.writes > 0 and r.kind != RunKind.UNDO.value
+                      and r.undone_by is None]
+        if not candidates:
+            where = state.path if state is not None else "the sync state"
+            raise SyncError(f"there is no sync to undo: {where} holds no sync that wrote "
+                            "anything and is not undone yet (see --history)")
+        wanted = candidates[-1].run_id
+    elif not any(r.run_id == wanted for r in runs):
+        raise SyncError(f"there is no run {wanted} in the sync state; --history lists them")
+    assert state is not None
+    items: dict[int, Replay] = {}
+    for row in state.journal(wanted):
+        if row.outcome != Outcome.UPDATED.value and not row.steps_done:
+            continue
+        sage_raw = row.sage_raw_after or row.sage_raw_before
+        plex_raw = row.plex_raw_after or row.plex_raw_before
+        undo = Decision(Verdict.BOTH_OUT_OF_SYNC,
+                        row.sage_before if row.to_sage is not None else None,
+                        row.plex_before if row.to_plex is not None else None,
+                        f"undo of run {wanted}")
+        items[row.rating_key] = Replay(
+            row.sage_after or row.to_sage or row.sage_before,
+            row.plex_after or row.to_plex or row.plex_before,
+            _stamp(sage_raw, "RealWatchedEndTime"), _stamp(plex_raw, "lastViewedAt", 1000),
+            undo, row.own_sage, row.own_plex)
+    if not items:
+        raise SyncError(f"run {wanted} changed nothing that can be undone; --history lists "
+                        "the runs")
+    return ReplayPlan(items, undoes=wanted)
+
+
+def read_plan(path: Path) -> ReplayPlan:
+    """--apply FILE: the plan --plan saved, with the servers it was made for."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        items = []
+        items = {}
         for item in data["items"]:
             decision = Decision(Verdict.BOTH_OUT_OF_SYNC, _status_or_none(item["to_sage"]),
                                 _status_or_none(item["to_plex"]), f"plan: {item['rule']}")
-            items.append((int(item["media_id"]), (Status.from_text(item["sage"]),
-                                                  Status.from_text(item["plex"]), decision)))
-        return items
+            items[int(item["media_id"])] = Replay(
+                Status.from_text(item["sage"]), Status.from_text(item["plex"]),
+                int(item.get("sage_stamp_ms") or 0), int(item.get("plex_stamp_ms") or 0),
+                decision)
+        servers = data.get("servers") or {}
+        if not isinstance(servers, dict):
+            raise TypeError("servers")
+        return ReplayPlan(items, servers={str(k): str(v) for k, v in servers.items()})
     except OSError as exc:
         raise UsageError(f"cannot read the plan {path} ({exc.strerror}); give the file "
                          "--plan wrote") from None
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise UsageError(f"{path} is not a plan saved by --plan; make one with --plan") from None
 
 
-def save_plan(path: Path, facts: Facts) -> int:
+def check_plan_servers(plan: ReplayPlan, identity: dict[str, str], path: Path) -> None:
+    """A plan is carried out only on the servers it was made for (§6.5)."""
+    for key, value in plan.servers.items():
+        if identity.get(key) and value and identity[key] != value:
+            raise SyncError(f"the plan {path} was made for other servers ({key} {value}, "
+                            f"these are {identity[key]}); nothing was written. Make a plan "
+                            "for these servers with --plan")
+
+
+def save_plan(path: Path, facts: Facts, servers: dict[str, str]) -> int:
     items = [{"media_id": e.plex.rating_key, "title": e.plex.title,
               "sage": e.sage_status.to_text(), "plex": e.plex_status.to_text(),
+              "sage_stamp_ms": e.sage.real_end_ms if e.sage else 0,
+              "plex_stamp_ms": e.plex.last_viewed_ms,
               "to_sage": e.decision.to_sage.to_text() if e.decision.to_sage else None,
               "to_plex": e.decision.to_plex.to_text() if e.decision.to_plex else None,
               "rule": e.decision.rule, "writes": [str(w) for w in e.writes]}
              for e in facts.entries if e.matched and e.writes]
     temporary = path.with_name(path.name + ".tmp")
     try:
-        temporary.write_text(json.dumps({"sageplex_sync_plan": 1, "items": items}, indent=1),
-                             encoding="utf-8")
+        temporary.write_text(json.dumps({"sageplex_sync_plan": 2, "servers": servers,
+                                         "items": items}, indent=1), encoding="utf-8")
         os.replace(temporary, path)  # whole or not at all
     except OSError as exc:
         raise UsageError(f"cannot write the plan {path} ({exc.strerror}); give a writable "
@@ -3308,42 +3981,53 @@ def _say_clocks(sage: SageClient, plex: PlexClient) -> None:
                      "ahead of" if offset > 0 else "behind")
 
 
+def replay_plan(opts: Options, state: StateStore | None) -> ReplayPlan | None:
+    if opts.kind is RunKind.UNDO:
+        return undo_plan(state, opts.undo_run)
+    if opts.kind is RunKind.APPLY:
+        assert opts.apply_file is not None
+        return read_plan(opts.apply_file)
+    return None
+
+
 def run_sync(opts: Options, config: Config, console: Console, stop: threading.Event,
              all_items: bool, as_json: bool) -> ExitCode:
-    """One run from reading to the summary."""
+    """One run from reading to the summary: read, check, plan, guard, write, remember."""
     state_path = opts.state_path or default_state_path(config.path)
     log.info("sync state: %s", state_path)
     with SageClient(config.sage) as sage, PlexClient(config.plex) as plex, \
             StateStore(state_path, write=opts.writes) as state, \
             _collector_paused() as planned:
-        overrides: dict[int, tuple[Status, Status, Decision]] = {}
-        if opts.undo is not None or opts.apply_file is not None:
-            opts, overrides = prepare_replay(opts, state)
-        run = SyncRun(opts, sage, plex, state, console, stop, overrides)
+        replay = replay_plan(opts, state)
+        run = SyncRun(opts, sage, plex, state, console, stop,
+                      replay.items if replay is not None else None, config.guard_items)
+        run.overrides_run = replay.undoes if replay is not None else None
         facts = run.read()
+        if replay is not None and opts.apply_file is not None:
+            check_plan_servers(replay, run.identity(), opts.apply_file)
         _say_clocks(sage, plex)
         run.check(facts)
         run.plan(facts)
         planned()
-        if opts.why:
+        if opts.kind is RunKind.WHY:
             threshold = f"{facts.played_fraction:.0%} from {facts.played_from}"
             console.out.write("\n".join(why_text(e, threshold) for e in facts.entries)
                               + "\n")
             return ExitCode.OK
-        if opts.sagedata:
+        if opts.kind is RunKind.SAGEDATA:
             _print_sagedata(run, facts, console)
             return ExitCode.OK
-        if opts.plan_file is not None:
-            count = save_plan(opts.plan_file, facts)
+        if opts.kind is RunKind.PLAN and opts.plan_file is not None:
+            count = save_plan(opts.plan_file, facts, run.identity())
             console.err.write(f"plan with {count} item(s) saved to {opts.plan_file}\n")
         run.guard(facts)
-        if opts.sync:
+        if opts.decides_writes:
             run.write(facts)
-        if opts.writes:
-            run_id = run.remember(facts)
-            log.info("run %d recorded in %s", run_id, state_path)
         report = Report(facts.entries, wrote=opts.writes, unreadable_sage=facts.index
                         .unreadable_count, interrupted=stop.is_set())
+        if opts.writes:
+            run_id = run.remember(facts, report.counts())
+            log.info("run %d recorded in %s", run_id, state_path)
         _print_report(report, console, all_items, as_json)
         log.info("done: exit %d (%d SageTV and %d Plex requests)", report.exit_code(),
                  sage.request_count, plex.request_count)
@@ -3646,7 +4330,8 @@ def validate_args(args: argparse.Namespace) -> Options:
         bad = next(i for i in ids if not ASCII_ID.match(i))
         raise UsageError(f"media ids are numbers (see the first column of a report), not {bad!r}")
     if args.undo and not ASCII_ID.match(args.undo):
-        raise UsageError(f"--undo takes a run number (shown by -v), not {args.undo!r}")
+        raise UsageError(f"--undo takes a run number (as --history lists them), not "
+                         f"{args.undo!r}")
     position_ms = None
     if args.position is not None:
         try:
@@ -3655,14 +4340,22 @@ def validate_args(args: argparse.Namespace) -> Options:
             raise UsageError(f"--position takes h:m:s (like 1:02:30, 42:10 or 90), "
                              f"not {args.position!r}") from None
     return Options(
-        targets=tuple(ids), media=bool(args.media or args.why is not None),
-        sync=bool(args.sync or args.simulate or args.plan), simulate=bool(args.simulate),
+        kind=_run_kind(args), targets=tuple(ids),
+        media=bool(args.media or args.why is not None), simulate=bool(args.simulate),
         prompt=args.prompt, yes=args.yes, ignore_ms=args.ignore * 1000,
-        position_ms=position_ms, position_text=args.position or "", sagedata=args.sagedata,
-        why=args.why is not None, undo=args.undo,
+        position_ms=position_ms, position_text=args.position or "",
+        undo_run=int(args.undo) if args.undo else None,
         plan_file=Path(args.plan) if args.plan else None,
         apply_file=Path(args.apply) if args.apply else None,
         state_path=Path(os.path.expanduser(args.state)) if args.state else None)
+
+
+def _run_kind(args: argparse.Namespace) -> RunKind:
+    """The run's kind, from the flags that name it (argparse keeps them exclusive)."""
+    named = [(args.why is not None, RunKind.WHY), (args.sagedata, RunKind.SAGEDATA),
+             (args.undo is not None, RunKind.UNDO), (bool(args.apply), RunKind.APPLY),
+             (bool(args.plan), RunKind.PLAN), (bool(args.sync or args.simulate), RunKind.SYNC)]
+    return next((kind for wanted, kind in named if wanted), RunKind.REPORT)
 
 
 class _PrivateLogHandler(logging.handlers.RotatingFileHandler):

@@ -48,7 +48,7 @@ def test_the_state_file_is_next_to_the_config_and_verbose_says_so(world: World, 
     result = env.run("all", "-s", "-v")
 
     assert result.code == 0, result.err
-    state = env.config_path.parent / "sageplex_state.sqlite"
+    state = env.config_path.parent / "sageplex_cfg.state.sqlite"
     assert state.is_file()
     assert f"sync state: {state}" in result.err
     assert runs_in(state) == [(1, "sync", 2)]
@@ -57,7 +57,7 @@ def test_the_state_file_is_next_to_the_config_and_verbose_says_so(world: World, 
 def test_report_only_and_simulated_runs_leave_the_state_alone(world: World, start) -> None:
     two_changes(world)
     env: Env = start()
-    state = env.config_path.parent / "sageplex_state.sqlite"
+    state = env.config_path.parent / "sageplex_cfg.state.sqlite"
 
     assert env.run("all").code == 0
     assert env.run("all", "-n").code == 0
@@ -88,7 +88,7 @@ def test_undo_puts_back_what_the_last_sync_changed_and_the_next_sync_keeps_it(
     assert near(world.sage_position_ms(paused_on_sage), 40 * MIN)
     assert world.sage_watched(in_sync) and world.plex_item(in_sync).view_count == 1
     assert "[updated]" in undo.line_for(finished_on_plex.rating_key)
-    state = env.config_path.parent / "sageplex_state.sqlite"
+    state = env.config_path.parent / "sageplex_cfg.state.sqlite"
     assert [kind for _, kind, _ in runs_in(state)] == ["sync", "undo"]
 
     env.clear_logs()

@@ -633,7 +633,7 @@ def test_simulated_position_writes_nothing(world: World, start) -> None:
     assert "1 simulated" in out.splitlines()[-1]
     assert env.writes() == []
     assert snapshot(world) == before
-    assert not env.config_path.with_name(sageplex_sync.STATE_FILE_NAME).exists()
+    assert not sageplex_sync.default_state_path(env.config_path).exists()
 
 
 @pytest.mark.parametrize("argv", [["all", "-n"], ["all", "-s", "-n"], ["-m", "KEY", "-n"],

@@ -729,17 +729,24 @@ def test_plex_threshold_95_keeps_110_of_120_minutes_a_position(
     quiet(env, state)
 
 
-def test_plex_threshold_100_percent_still_syncs_and_stays_quiet(
+def test_plex_threshold_100_percent_is_used_not_replaced_by_90(
         world: World, start, state: Path) -> None:
-    """A 100 % threshold: the seed's 95 % still bounds 'watched'. SageTV's finished film goes to
-    Plex as a scrobble; Plex's 1:56:00 of 2 h (past 95 %) is watched for SageTV; then quiet."""
+    """Plex's threshold is 100 %: the seed's 95 % still bounds 'watched'. SageTV's finished
+    film goes to Plex as a scrobble; Plex's 1:56:00 of 2 h (past 95 %) is watched for SageTV;
+    Plex's 1:50:00 of a 2-hour episode (92 %, under SageTV's 1:55:00) is a position, which a
+    tool that took 100 % for unreadable (90 %) would turn into SetWatched. Then quiet."""
     world.plex.played_threshold = 1.0
     film = world.movie("Heat", sage=watched(ago=HOUR), plex=none())
     nearly = world.movie("Ronin", year=1998, sage=none(), plex=at(116 * MIN, ago=HOUR))
+    long_one = world.episode("Bones", 3, 7, "Double Episode", duration_ms=120 * MIN,
+                             sage=none(), plex=at(110 * MIN, ago=HOUR))
     env: Env = start()
     ok(sync(env, state))
     assert world.plex_item(film).view_count == 1
     assert world.sage_watched(nearly)
+    assert world.sage_watched(long_one) is False
+    assert near(world.sage_position_ms(long_one), 110 * MIN)
+    assert "SetWatched" not in sage_writes_to(env, long_one)
     quiet(env, state)
 
 

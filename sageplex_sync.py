@@ -1558,6 +1558,9 @@ class Decision:
     to_sage: Status | None = None
     to_plex: Status | None = None
     rule: str = ""
+    #: An undo puts back a Plex item that was never played: a resume point alone on a
+    #: played item would leave its view count (un-scrobble first).
+    plex_unplayed: bool = False
 
 
 _IN_SYNC = Decision(Verdict.IN_SYNC, None, None, "in sync")
@@ -1666,13 +1669,15 @@ def _pending_decision(sage: Status, plex: Status,
                       pending: tuple[Status | None, Status | None]) -> Decision:
     """A failed or unfinished write carried out again, less what already took."""
     to_sage, to_plex = pending
-    to_sage = None if to_sage == sage else to_sage
-    to_plex = None if to_plex == plex else to_plex
-    if to_sage is None and to_plex is None:
-        return _both(Verdict.IN_SYNC, None, "in sync (the last sync's write took)") \
-            if sage == plex else _both(Verdict.SETTLED, None, "the last sync's write took")
-    verdict = (Verdict.BOTH_OUT_OF_SYNC if to_sage and to_plex else
-               Verdict.SAGE_OUT_OF_SYNC if to_sage else Verdict.PLEX_OUT_OF_SYNC)
+    if (to_sage is None or to_sage == sage) and (to_plex is None or to_plex == plex):
+        verdict = Verdict.IN_SYNC if sage == plex else Verdict.SETTLED
+        return Decision(verdict, to_sage, to_plex, "the last sync's write took")
+    # The targets stay whole: a twin that already has them is left as it is, the other
+    # gets them (each Plex item's writes are worked out from its own state).
+    sage_moves = to_sage is not None and to_sage != sage
+    plex_moves = to_plex is not None and to_plex != plex
+    verdict = (Verdict.BOTH_OUT_OF_SYNC if sage_moves and plex_moves else
+               Verdict.SAGE_OUT_OF_SYNC if sage_moves else Verdict.PLEX_OUT_OF_SYNC)
     return Decision(verdict, to_sage, to_plex, "the last sync's unfinished write, again")
 
 
@@ -1767,14 +1772,17 @@ def plex_write(current: Status, result: Status) -> tuple[PlexWrite | None, str]:
     return PlexSetPosition(result.position_ms), ""
 
 
-def plex_writes(write: PlexWrite | None, view_count: int, position_ms: int
-                ) -> tuple[PlexWrite, ...]:
+def plex_writes(write: PlexWrite | None, view_count: int, position_ms: int, *,
+                unplayed_first: bool = False) -> tuple[PlexWrite, ...]:
     """The Plex requests for one write. Marking watched an item never played that holds a
     resume point clears the point first (unscrobble, which costs nothing there): whether a
-    scrobble clears it is not documented, and a point left makes it a rewatch."""
+    scrobble clears it is not documented, and a point left makes it a rewatch. An undo
+    that puts back a never-played resume point un-scrobbles first likewise."""
     if write is None:
         return ()
     if isinstance(write, PlexMarkWatched) and position_ms > 0 and view_count == 0:
+        return PlexMarkUnwatched(), write
+    if isinstance(write, PlexSetPosition) and unplayed_first and view_count > 0:
         return PlexMarkUnwatched(), write
     return (write,)
 
@@ -2725,10 +2733,12 @@ class SyncRun:
             yield from map(video_record, self.media_elements(list(self.overrides),
                                                              gone_ok=True))
             return
-        if self.opts.media:
+        if self.opts.media and self.opts.kind is not RunKind.WHY:
             yield from map(video_record, self.media_elements([int(t) for t in self.opts.targets]))
             return
-        sections = resolve_sections(list(self.opts.targets), self.plex.sections())
+        # --why reads what a full sync reads, so that it decides twins as the sync does.
+        wanted = ["all"] if self.opts.kind is RunKind.WHY else list(self.opts.targets)
+        sections = resolve_sections(wanted, self.plex.sections())
         if not sections:
             self.console.err.write("Plex has no movie or show sections to sync\n")
         for section in sections:
@@ -2949,7 +2959,8 @@ class SyncRun:
             writes += [write] if write is not None else []
         if decision.to_plex is not None:
             plex_change, entry.blocked = plex_write(entry.plex_status, decision.to_plex)
-            writes += plex_writes(plex_change, entry.plex.view_count, entry.plex.position_ms)
+            writes += plex_writes(plex_change, entry.plex.view_count, entry.plex.position_ms,
+                                  unplayed_first=decision.plex_unplayed)
         entry.writes = tuple(writes)
 
     # -- 4. guard --------------------------------------------------------------------------
@@ -3879,12 +3890,14 @@ def undo_plan(state: StateStore | None, wanted: int | None) -> ReplayPlan:
         undo = Decision(Verdict.BOTH_OUT_OF_SYNC,
                         row.sage_before if row.to_sage is not None else None,
                         row.plex_before if row.to_plex is not None else None,
-                        f"undo of run {wanted}")
+                        f"undo of run {wanted}",
+                        plex_unplayed=not int(row.plex_raw_before.get("viewCount") or 0))
         items[row.rating_key] = Replay(
             row.sage_after or row.to_sage or row.sage_before,
             row.plex_after or row.to_plex or row.plex_before,
             _stamp(sage_raw, "RealWatchedEndTime"), _stamp(plex_raw, "lastViewedAt", 1000),
-            undo, row.own_sage, row.own_plex)
+            undo, *(((), ()) if row.outcome == Outcome.UPDATED.value  # finished: as read back
+                    else (row.own_sage, row.own_plex)))
     if not items:
         raise SyncError(f"run {wanted} changed nothing that can be undone; --history lists "
                         "the runs")
@@ -3941,6 +3954,17 @@ def save_plan(path: Path, facts: Facts, servers: dict[str, str]) -> int:
         raise UsageError(f"cannot write the plan {path} ({exc.strerror}); give a writable "
                          "place") from None
     return len(items)
+
+
+def why_entries(facts: Facts, targets: Sequence[str]) -> list[Entry]:
+    """The items --why names: a movie or episode, or every episode of a show or season."""
+    wanted = {int(t) for t in targets}
+    found = [e for e in facts.entries if wanted & {e.plex.rating_key, e.plex.show_key,
+                                                   e.plex.season_key}]
+    if not found:
+        raise UsageError(f"Plex has no movie or episode with media id {targets[0]} in its "
+                         "movie and show sections; run with a section name to see the ids")
+    return found
 
 
 def why_text(entry: Entry, played_from: str) -> str:
@@ -4011,8 +4035,8 @@ def run_sync(opts: Options, config: Config, console: Console, stop: threading.Ev
         planned()
         if opts.kind is RunKind.WHY:
             threshold = f"{facts.played_fraction:.0%} from {facts.played_from}"
-            console.out.write("\n".join(why_text(e, threshold) for e in facts.entries)
-                              + "\n")
+            console.out.write("\n".join(why_text(e, threshold)
+                                        for e in why_entries(facts, opts.targets)) + "\n")
             return ExitCode.OK
         if opts.kind is RunKind.SAGEDATA:
             _print_sagedata(run, facts, console)

@@ -110,6 +110,20 @@ class User:
         self.world.sage.set_watch_record(item.airing_id, start, end, now - (end - start), now)
         self.world.sage.set_show_watched(item.show_external_id, airing["AiringStartTime"])
 
+    def sage_play(self, item: Item, position_ms: int, client: str = "sagetv-client") -> None:
+        """A SageTV client plays the item, now at ``position_ms`` (file-relative); the first
+        call starts the playback (and, as the stock UI does, clears *watched* of a watched
+        item). No watch record is written while it plays (sagex reference §10), except the
+        player's completion check once the viewing counts as complete (§6.3)."""
+        assert item.airing_id is not None
+        self.world.sage.play(item.airing_id, sage_time(item, position_ms), client=client)
+
+    def sage_stop(self, item: Item, position_ms: int) -> None:
+        """The SageTV client stops at ``position_ms``: the watch record is written now
+        (VideoFrame.logFileWatch), with the playback's real start and SageTV's "now"."""
+        assert item.airing_id is not None
+        self.world.sage.stop(item.airing_id, sage_time(item, position_ms))
+
     def sage_unwatch(self, item: Item) -> None:
         """"Mark unwatched" in SageTV's UI: ClearWatched."""
         assert item.airing_id is not None

@@ -876,6 +876,14 @@ class FakePlex:
             return [entry for c in self.notifications if c.get("type") == kind
                     for entry in c.get(key, [])]
 
+    def sessions(self) -> list[dict]:
+        """The live playback sessions (started by a report, not yet stopped), in start
+        order: sessionKey, user, client, ratingKey, state, viewOffset."""
+        with self.lock:
+            return [{"sessionKey": str(x.key), "user": x.user, "client": x.client,
+                     "ratingKey": x.rk, "state": x.state, "viewOffset": x.offset}
+                    for x in sorted(self._sessions.values(), key=lambda x: x.key)]
+
     def _new_session(self, user: str, client: str, rk: int) -> _Session:
         session = _Session(self._next_session, self._next_play_queue_item, client, rk, user)
         self._next_session += 1

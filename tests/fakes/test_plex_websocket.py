@@ -243,6 +243,10 @@ def test_a_new_playback_is_a_new_session_and_two_players_are_two(live: Listening
     live.user.plex_play(live.movie, 21 * MIN, client="living-room")
     assert live.wait(lambda: len(live.messages) >= 4)
     keys = [e["sessionKey"] for e in live.of("playing", "PlaySessionStateNotification")]
+    assert [(x["sessionKey"], x["client"], x["ratingKey"], x["state"])
+            for x in live.world.plex.sessions()] == [
+        (keys[2], PLAYER, item.rating_key, "playing"),
+        (keys[3], "living-room", live.movie.rating_key, "playing")]
     assert keys[0] == keys[1]
     assert len({keys[1], keys[2], keys[3]}) == 3
     living_room = live.of("playing", "PlaySessionStateNotification")[3]
@@ -314,6 +318,7 @@ def test_a_lone_stop_notifies_unless_switched_off(live: Listening) -> None:
     assert live.wait(lambda: len(live.messages) == 1)
     live.world.plex.lone_stop_notifies = False
     live.user.plex_stop(live.movie, 26 * MIN)
+    assert len(live.world.plex.notifications) == 1  # sent before the report is answered
     time.sleep(0.3)
     assert [e["viewOffset"] for e in live.of("playing", "PlaySessionStateNotification")] == [
         25 * MIN]

@@ -18,7 +18,6 @@ import pytest
 from tests.conftest import assert_no_secrets
 from tests.fakes.world import (
     DAY,
-    DEFAULT_NOW_MS,
     HOUR,
     MIN,
     PLEX_SWITCH_IDS,
@@ -161,6 +160,7 @@ def test_plex_position_lands_file_relative_on_sage_with_viewing_start(world: Wor
                                                                       start) -> None:
     """Row 4 in detail: WatchedEndTime - FileStartTime is the Plex position, SageTV stays
     unwatched, and the real-time start is Plex's last view minus the position."""
+    declared_ms = world.clock.ms()  # Plex's clock when the viewing was written down
     item = world.episode("Castle", 1, 2, "Nanny McDead", sage=none(),
                          plex=at(12 * MIN, ago=HOUR))
     env = start()
@@ -171,7 +171,7 @@ def test_plex_position_lands_file_relative_on_sage_with_viewing_start(world: Wor
     media = world.sage.media_file_json(item.media_file_id)
     assert near(airing["WatchedEndTime"] - media["FileStartTime"], 12 * MIN)
     assert airing["IsWatched"] is False
-    assert near(airing["RealWatchedStartTime"], DEFAULT_NOW_MS - HOUR - 12 * MIN)
+    assert near(airing["RealWatchedStartTime"], declared_ms - HOUR - 12 * MIN)
     assert [r.function for r in env.sage_writes()] == ["SetWatchedTimes"]
 
 
@@ -747,11 +747,12 @@ def test_second_sync_writes_nothing(world: World, start) -> None:
 
 
 class TestSandboxWorld:
-    """The sandbox's demo library (tests/sandbox.py), on a frozen clock."""
+    """The sandbox's demo library (tests/sandbox.py), on the real clock as the sandbox
+    serves it."""
 
     @pytest.fixture
     def world(self) -> World:
-        return demo_world(now_ms=DEFAULT_NOW_MS)
+        return demo_world()
 
     def test_sync_then_report_shows_every_matched_item_ok(self, world: World, start) -> None:
         env = start()

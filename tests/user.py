@@ -17,6 +17,7 @@ from tests.fakes.fake_http import FakeServer
 from tests.fakes.world import MIN, PLEX_TOKEN, SEC, Item, World, sage_time
 
 IDENTIFIER = "com.plexapp.plugins.library"
+PLAYER = "sageplex-test-player"  # X-Plex-Client-Identifier of the user's Plex player
 TOLERANCE_MS = 2_000  # two PROGRESS states are equal when closer than this (§1.3)
 
 
@@ -28,19 +29,45 @@ class User:
         self.plex_server = plex_server
 
     # -- Plex, over HTTP -------------------------------------------------------------------
-    def _plex(self, path: str, **params: object) -> None:
+    def _plex(self, path: str, *, client: str | None = None, **params: object) -> None:
         url = f"{self.plex_server.base_url}{path}?{urlencode(params)}"
-        request = urllib.request.Request(url, headers={"X-Plex-Token": PLEX_TOKEN,
-                                                       "Accept": "application/xml"})
+        headers = {"X-Plex-Token": PLEX_TOKEN, "Accept": "application/xml"}
+        if client is not None:
+            headers["X-Plex-Client-Identifier"] = client
+        request = urllib.request.Request(url, headers=headers)
         with urllib.request.urlopen(request, timeout=5) as reply:  # noqa: S310 (127.0.0.1)
             assert reply.status == 200, reply.status
 
-    def plex_stop_at(self, item: Item, position_ms: int, rating_key: int | None = None) -> None:
-        """Play on Plex and stop at ``position_ms`` (a rewatch keeps the view count)."""
+    def _report(self, item: Item, state: str, position_ms: int, rating_key: int | None,
+                client: str) -> None:
+        """One timeline report of a Plex player, as players send every ~10 s and on each
+        state change: the server applies it (§4.1) and notifies ``playing`` (§10)."""
         key = rating_key or item.rating_key
         duration = self.world.plex.item(key).duration_ms
-        self._plex("/:/timeline", ratingKey=key, key=f"/library/metadata/{key}",
-                   identifier=IDENTIFIER, state="stopped", time=position_ms, duration=duration)
+        self._plex("/:/timeline", client=client, ratingKey=key,
+                   key=f"/library/metadata/{key}", identifier=IDENTIFIER, state=state,
+                   time=position_ms, duration=duration)
+
+    def plex_play(self, item: Item, position_ms: int, rating_key: int | None = None,
+                  client: str = PLAYER) -> None:
+        """The Plex player is playing the item at ``position_ms`` (the first report starts
+        a session; call again with a later position as playback goes on)."""
+        self._report(item, "playing", position_ms, rating_key, client)
+
+    def plex_pause(self, item: Item, position_ms: int, rating_key: int | None = None,
+                   client: str = PLAYER) -> None:
+        """The Plex player paused at ``position_ms``."""
+        self._report(item, "paused", position_ms, rating_key, client)
+
+    def plex_stop(self, item: Item, position_ms: int, rating_key: int | None = None,
+                  client: str = PLAYER) -> None:
+        """The Plex player stopped at ``position_ms``: its session ends (without a session
+        before it, a lone stop: play and stop in one report)."""
+        self._report(item, "stopped", position_ms, rating_key, client)
+
+    def plex_stop_at(self, item: Item, position_ms: int, rating_key: int | None = None) -> None:
+        """Play on Plex and stop at ``position_ms`` (a rewatch keeps the view count)."""
+        self.plex_stop(item, position_ms, rating_key)
 
     def plex_finish(self, item: Item, rating_key: int | None = None) -> None:
         """Play to the end: the scrobble, leaving no resume point. A client that plays to
@@ -82,6 +109,20 @@ class User:
         end = airing["AiringEndTime"]
         self.world.sage.set_watch_record(item.airing_id, start, end, now - (end - start), now)
         self.world.sage.set_show_watched(item.show_external_id, airing["AiringStartTime"])
+
+    def sage_play(self, item: Item, position_ms: int, client: str = "sagetv-client") -> None:
+        """A SageTV client plays the item, now at ``position_ms`` (file-relative); the first
+        call starts the playback (and, as the stock UI does, clears *watched* of a watched
+        item). No watch record is written while it plays (sagex reference §10), except the
+        player's completion check once the viewing counts as complete (§6.3)."""
+        assert item.airing_id is not None
+        self.world.sage.play(item.airing_id, sage_time(item, position_ms), client=client)
+
+    def sage_stop(self, item: Item, position_ms: int) -> None:
+        """The SageTV client stops at ``position_ms``: the watch record is written now
+        (VideoFrame.logFileWatch), with the playback's real start and SageTV's "now"."""
+        assert item.airing_id is not None
+        self.world.sage.stop(item.airing_id, sage_time(item, position_ms))
 
     def sage_unwatch(self, item: Item) -> None:
         """"Mark unwatched" in SageTV's UI: ClearWatched."""

@@ -10,12 +10,20 @@ the header shows the real time). ``FakeServer`` serves an app on a free port in 
 background thread, records every request in ``log`` and applies the faults registered
 with ``add_fault`` before (or instead of) calling the app.
 
+A reply may also take the connection over: a ``Response`` with ``upgrade`` set (status 101
+and the handshake headers) is sent, then ``upgrade(WebSocket)`` runs on the handler's thread
+until the socket closes; ``WebSocket`` speaks RFC 6455 frames (see ``websocket_accept``).
+
 Only the standard library is used, so the sandbox demo runs wherever the tool runs.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import os
 import socket
+import struct
 import sys
 import threading
 import time
@@ -54,6 +62,219 @@ class Response:
     body: bytes = b""
     content_type: str = "text/plain; charset=utf-8"
     headers: dict[str, str] = field(default_factory=dict)
+    # a 101 reply: after it is sent, this runs with the connection as a WebSocket
+    upgrade: Callable[[WebSocket], None] | None = None
+
+
+# -- WebSocket (RFC 6455) -------------------------------------------------------------------
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
+OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+
+
+def websocket_accept(key: str) -> str:
+    """Sec-WebSocket-Accept for a client's Sec-WebSocket-Key (RFC 6455 §4.2.2)."""
+    digest = hashlib.sha1((key.strip() + WS_GUID).encode("ascii")).digest()  # noqa: S324
+    return base64.b64encode(digest).decode("ascii")
+
+
+def websocket_handshake_error(request: Request) -> str | None:
+    """Why a request is not a valid WebSocket opening handshake (RFC 6455 §4.2.1), or None."""
+    if request.method != "GET":
+        return "the opening handshake must be a GET"
+    if "websocket" not in (request.header("upgrade") or "").lower():
+        return "Upgrade: websocket is missing"
+    tokens = [t.strip().lower() for t in (request.header("connection") or "").split(",")]
+    if "upgrade" not in tokens:
+        return "Connection: Upgrade is missing"
+    if request.header("sec-websocket-version") != "13":
+        return "Sec-WebSocket-Version must be 13"
+    key = request.header("sec-websocket-key") or ""
+    try:
+        if len(base64.b64decode(key, validate=True)) != 16:
+            return "Sec-WebSocket-Key must be 16 bytes in base64"
+    except ValueError:
+        return "Sec-WebSocket-Key is not base64"
+    return None
+
+
+def websocket_upgrade(request: Request, serve: Callable[[WebSocket], None]) -> Response:
+    """The 101 reply accepting ``request`` (already checked) and serving it with ``serve``."""
+    return Response(101, b"", "", {
+        "Upgrade": "websocket", "Connection": "Upgrade",
+        "Sec-WebSocket-Accept": websocket_accept(request.header("sec-websocket-key") or "")},
+        upgrade=serve)
+
+
+class WebSocketClosed(Exception):
+    """The peer closed (close frame or end of stream) or the socket was dropped."""
+
+
+class WebSocket:
+    """The server end of one WebSocket connection: ``send_text`` from any thread (frames go
+    out whole, unmasked, as a server's must); ``receive`` reads the client's frames (which
+    must be masked), answering pings with pongs and a close frame with a close frame.
+
+    ``close(code)`` is the server's clean close (close frame, then the TCP close once the
+    client answered or after a second); ``abort()`` resets the connection (TCP RST, no
+    close frame), as a server that crashed or a network that failed."""
+
+    def __init__(self, sock: socket.socket, rfile: Any, wfile: Any, request: Request) -> None:
+        self.sock = sock
+        self.rfile = rfile
+        self.wfile = wfile
+        self.request = request
+        self.received: list[tuple[int, bytes]] = []  # data frames from the client
+        self.close_code: int | None = None  # the client's close code, once it sent one
+        self.closed = threading.Event()
+        self._send_lock = threading.Lock()
+        self._aborted = False
+        self._close_sent = False
+
+    # -- sending ------------------------------------------------------------------------
+    def _send_frame(self, opcode: int, payload: bytes = b"") -> None:
+        n = len(payload)
+        head = bytes([0x80 | opcode])  # FIN, no extensions, server frames are not masked
+        if n < 126:
+            head += bytes([n])
+        elif n < 1 << 16:
+            head += bytes([126]) + struct.pack("!H", n)
+        else:
+            head += bytes([127]) + struct.pack("!Q", n)
+        with self._send_lock:
+            if self._aborted or (self._close_sent and opcode != OP_CLOSE):
+                raise WebSocketClosed("closed")
+            if opcode == OP_CLOSE:
+                self._close_sent = True
+            try:
+                self.sock.sendall(head + payload)
+            except OSError as exc:
+                raise WebSocketClosed(str(exc)) from exc
+
+    def send_text(self, text: str) -> None:
+        self._send_frame(OP_TEXT, text.encode("utf-8"))
+
+    def ping(self, payload: bytes = b"") -> None:
+        self._send_frame(OP_PING, payload)
+
+    def close(self, code: int = 1001, reason: str = "") -> None:
+        """The server's closing handshake (RFC 6455 §7.1.2); 1001 = going away."""
+        try:
+            self._send_frame(OP_CLOSE, struct.pack("!H", code) + reason.encode("utf-8"))
+        except WebSocketClosed:
+            return
+        if not self.closed.wait(1.0):  # the client should answer with its own close
+            self._shutdown()
+
+    def abort(self) -> None:
+        """Drop the connection at once with a TCP reset (SO_LINGER 0, then close)."""
+        with self._send_lock:
+            self._aborted = True
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            # wake the reading thread without sending a FIN; it closes the socket (the RST)
+            self.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
+    def _shutdown(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    # -- receiving ----------------------------------------------------------------------
+    def _read(self, n: int) -> bytes:
+        data = self.rfile.read(n) if n else b""
+        if len(data) < n:
+            raise WebSocketClosed("end of stream")
+        return data
+
+    def _read_frame(self) -> tuple[bool, int, bytes]:
+        b0, b1 = self._read(2)
+        if b0 & 0x70:
+            raise _ProtocolError(1002, "reserved bits set without an extension")
+        if not b1 & 0x80:
+            raise _ProtocolError(1002, "client frames must be masked (RFC 6455 §5.1)")
+        n = b1 & 0x7F
+        if n == 126:
+            n = struct.unpack("!H", self._read(2))[0]
+        elif n == 127:
+            n = struct.unpack("!Q", self._read(8))[0]
+        mask = self._read(4)
+        data = bytes(b ^ mask[i % 4] for i, b in enumerate(self._read(n)))
+        opcode = b0 & 0x0F
+        if opcode >= 0x8 and (n > 125 or not b0 & 0x80):
+            raise _ProtocolError(1002, "control frames are short and not fragmented")
+        return bool(b0 & 0x80), opcode, data
+
+    def receive(self) -> tuple[int, bytes] | None:
+        """The next data message (opcode, payload), or None once the connection closed.
+        Pings are answered, pongs ignored, a close frame echoed (RFC 6455 §5.5)."""
+        message: list[bytes] = []
+        message_op = None
+        while True:
+            try:
+                fin, opcode, data = self._read_frame()
+            except _ProtocolError as exc:
+                self._fail(exc.code, str(exc))
+                return None
+            except (WebSocketClosed, OSError, ValueError):
+                self._finish()
+                return None
+            if opcode == OP_PING:
+                self._try(OP_PONG, data)
+            elif opcode == OP_PONG:
+                continue
+            elif opcode == OP_CLOSE:
+                self.close_code = struct.unpack("!H", data[:2])[0] if len(data) >= 2 else 1005
+                self._try(OP_CLOSE, data[:2])  # echo the code, as RFC 6455 §5.5.1 asks
+                self._finish()
+                return None
+            elif opcode in (OP_TEXT, OP_BINARY) and message_op is None:
+                message_op, message = opcode, [data]
+            elif opcode == OP_CONTINUATION and message_op is not None:
+                message.append(data)
+            else:
+                self._fail(1002, f"unexpected opcode {opcode}")
+                return None
+            if fin and message_op is not None and opcode in (OP_TEXT, OP_BINARY,
+                                                              OP_CONTINUATION):
+                done = (message_op, b"".join(message))
+                self.received.append(done)
+                return done
+
+    def _try(self, opcode: int, payload: bytes) -> None:
+        try:
+            self._send_frame(opcode, payload)
+        except WebSocketClosed:
+            pass
+
+    def _fail(self, code: int, reason: str) -> None:
+        self._try(OP_CLOSE, struct.pack("!H", code) + reason.encode("utf-8")[:120])
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._aborted:
+            # close the descriptor for real now (the handler's files still hold the socket
+            # object, so socket.close() would wait for them): with SO_LINGER 0 it is a reset
+            try:
+                os.close(self.sock.detach())
+            except OSError:
+                pass
+        else:
+            self._shutdown()
+        self.closed.set()
+
+    def serve_until_closed(self) -> None:
+        """Read (and answer control frames) until the connection closes."""
+        while self.receive() is not None:
+            pass
+
+
+class _ProtocolError(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
 
 
 @dataclass
@@ -157,6 +378,7 @@ class _Handler(BaseHTTPRequestHandler):
             headers={k.lower(): v for k, v in self.headers.items()},
             body=body,
         )
+        self._request = request
         function_of = getattr(fake.app, "function_of", None)
         if function_of is not None:
             request.function = function_of(request)
@@ -190,6 +412,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(response)
 
     def _send(self, response: Response, truncate: bool = False) -> None:
+        if response.upgrade is not None and response.status == 101:
+            self._switch(response)
+            return
         self.send_response(response.status)
         self.send_header("Content-Type", response.content_type)
         self.send_header("Content-Length", str(len(response.body)))
@@ -203,6 +428,18 @@ class _Handler(BaseHTTPRequestHandler):
         if truncate:
             self.wfile.flush()
             self._drop()
+
+    def _switch(self, response: Response) -> None:
+        """101 Switching Protocols, then the connection is the app's WebSocket."""
+        self.send_response(response.status)
+        for name, value in response.headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+        socket_ = WebSocket(self.connection, self.rfile, self.wfile, self._request)
+        assert response.upgrade is not None
+        response.upgrade(socket_)
 
     def _drop(self) -> None:
         self.close_connection = True

@@ -9,6 +9,15 @@ with the played threshold those writes use). The library admin calls of §5 (``l
 ``section.update``, ``section.delete``) work too, including the ``/services/browse``
 look-ups ``library.add`` makes before it POSTs.
 
+Notifications: ``/:/websockets/notifications`` (token in the query string, as plexapi's
+``AlertListener`` opens it) is a real RFC 6455 websocket on the same port. It carries the
+message shapes of the Plex reference §10: ``playing`` for each ``/:/timeline`` report a
+player makes (state playing/paused/stopped/buffering, one ``sessionKey`` per player and
+item), ``activity`` (``library.refresh.items`` with the item's key) for each manual mark or
+unmark, and ``timeline`` entries on request. Tests drop the sockets (``drop_websockets``),
+refuse new ones for a while (``refuse_websockets``) and read what was sent
+(``notifications``).
+
 Speed matters (benchmarks run 50 000-item libraries), so each item's XML fragment is
 rendered once and cached per user until that item changes, and each section keeps its
 ordered item list; a listing is then a join of cached bytes.
@@ -20,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import ntpath
 import posixpath
 import threading
@@ -29,7 +39,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
-from tests.fakes.fake_http import Request, Response
+from tests.fakes.fake_http import (
+    Request,
+    Response,
+    WebSocket,
+    websocket_handshake_error,
+    websocket_upgrade,
+)
 
 IDENTIFIER = "com.plexapp.plugins.library"
 OWNER = "owner"  # user name of the main token (the server owner)
@@ -44,6 +60,9 @@ _DEFAULTS = {  # section type -> (agent, scanner, the type an untyped /all lists
     "show": ("tv.plex.agents.series", "Plex TV Series", "show"),
 }
 _PLAYABLE = ("movie", "episode")
+_NOTIFICATION_KEYS = {"playing": "PlaySessionStateNotification",
+                      "activity": "ActivityNotification", "timeline": "TimelineEntry",
+                      "status": "StatusNotification", "progress": "ProgressNotification"}
 _STATES = ("playing", "paused", "stopped", "buffering")
 
 WRITE_FUNCTIONS = frozenset(
@@ -176,6 +195,25 @@ class _Meta:
         self.children_sorted = True
 
 
+class _Session:
+    """One player playing one item (the Plex reference §10: a ``sessionKey``)."""
+
+    __slots__ = ("key", "play_queue_item_id", "client", "rk", "user", "state", "offset",
+                 "below_threshold", "played")
+
+    def __init__(self, key: int, play_queue_item_id: int, client: str, rk: int,
+                 user: str) -> None:
+        self.key = key
+        self.play_queue_item_id = play_queue_item_id
+        self.client = client
+        self.rk = rk
+        self.user = user
+        self.state = "playing"
+        self.offset = 0
+        self.below_threshold = False  # a report of this session was under the threshold
+        self.played = False  # this session crossed the threshold: the item was marked played
+
+
 class _Watch:
     __slots__ = ("count", "offset", "last")
 
@@ -241,7 +279,9 @@ class FakePlex:
                  omit_total_size: bool = False,
                  extra_tokens: dict[str, str] | None = None,
                  machine_identifier: str | None = None,
-                 friendly_name: str = "fake-plex") -> None:
+                 friendly_name: str = "fake-plex",
+                 lone_stop_notifies: bool = True, mark_notifies: bool = True,
+                 mark_sends_timeline: bool = False) -> None:
         if progress_past_threshold not in ("played", "offset", "ignore"):
             raise ValueError(f"progress_past_threshold: {progress_past_threshold!r}")
         self.token = token
@@ -256,7 +296,25 @@ class FakePlex:
         self.machine_identifier = machine_identifier or (uuid.uuid4().hex + uuid.uuid4().hex[:8])
         self.friendly_name = friendly_name
         self.started_at = int(clock())
+        # GUESS (the Plex reference §10 leaves them open): whether a ``stopped`` report with no
+        # session before it (what a tool's updateTimeline sends) still notifies ``playing``
+        # with state stopped; whether a manual mark/unmark reaches the websocket at all
+        # (believed: library.refresh.items activities); whether it also sends a timeline entry
+        self.lone_stop_notifies = lone_stop_notifies
+        self.mark_notifies = mark_notifies
+        self.mark_sends_timeline = mark_sends_timeline
         self.lock = threading.RLock()
+        # websockets: open connections, every message sent (as dicts, in order), refusals
+        self._sockets: set[WebSocket] = set()
+        self._sockets_lock = threading.Lock()
+        self._sockets_changed = threading.Condition(self._sockets_lock)
+        self.notifications: list[dict] = []
+        self.websocket_connections = 0  # accepted since the start
+        self._refuse_until: float | None = None  # time.monotonic() deadline; inf = until told
+        self._refuse_status = 503
+        self._sessions: dict[tuple[str, str, int], _Session] = {}  # (user, client, rk)
+        self._next_session = 1
+        self._next_play_queue_item = 1001
         self._sections: dict[int, PlexSection] = {}
         self._meta: dict[int, _Meta] = {}
         self._watch: dict[str, dict[int, _Watch]] = {user: {} for user in self.tokens.values()}
@@ -396,6 +454,8 @@ class FakePlex:
             return _html_error(404)
         if name == "_method":
             return _html_error(405)
+        if name == "notifications":
+            return self._open_websocket(request)
         try:
             with self.lock:
                 return getattr(self, "_do_" + name)(request, user, *args)
@@ -419,6 +479,8 @@ class FakePlex:
         if parts[0] == ":" and len(parts) == 2 and parts[1] in (
                 "scrobble", "unscrobble", "progress", "timeline"):
             return allow(parts[1], self._WRITE)
+        if parts == [":", "websockets", "notifications"]:
+            return allow("notifications", ("GET",))
         if parts == [":", "prefs"]:
             return allow("prefs", self._READ)  # GUESS: setting prefs (PUT) is not modelled
         if parts == ["identity"]:
@@ -649,12 +711,14 @@ class FakePlex:
         now = int(self.clock())
         for leaf in self._leaves(meta):
             self._played(user, leaf, now, clear_offset=self.scrobble_clears_offset)
+        self._notify_mark(user, meta)
         return self._empty()
 
     def _do_unscrobble(self, request: Request, user: str) -> Response:
         meta = self._write_target(request, "key")
         for leaf in self._leaves(meta):
             self._set_watch(user, leaf, _Watch())
+        self._notify_mark(user, meta)
         return self._empty()
 
     def _do_progress(self, request: Request, user: str) -> Response:
@@ -663,11 +727,32 @@ class FakePlex:
         return self._empty()
 
     def _do_timeline(self, request: Request, user: str) -> Response:
+        """A player's report (playing, paused, buffering, stopped): the watch state as
+        §4.1 says, and a ``playing`` notification (§10) for the player's session."""
         meta = self._write_target(request, "ratingKey")
-        self._apply_progress(request, user, meta)
+        client = (request.header("X-Plex-Client-Identifier")
+                  or request.param("X-Plex-Client-Identifier") or "")
+        session = self._sessions.get((user, client, meta.rk))
+        self._apply_progress(request, user, meta, session)
+        state = request.param("state", "stopped") or "stopped"
+        position = int(float(request.param("time") or 0))
+        if state == "stopped":
+            if session is not None:
+                del self._sessions[(user, client, meta.rk)]
+            elif self.lone_stop_notifies:
+                session = self._new_session(user, client, meta.rk)
+        elif session is None:
+            session = self._sessions[(user, client, meta.rk)] = self._new_session(
+                user, client, meta.rk)
+        if session is not None:
+            session.state, session.offset = state, position
+            if position < self.played_threshold * meta.duration:
+                session.below_threshold = True
+            self._notify_playing(session)
         return self._xml('<MediaContainer size="0"/>')
 
-    def _apply_progress(self, request: Request, user: str, meta: _Meta) -> None:
+    def _apply_progress(self, request: Request, user: str, meta: _Meta,
+                        session: _Session | None = None) -> None:
         if meta.type not in _PLAYABLE:
             raise _bad("not a playable item")  # GUESS: 400 for a show/season
         try:
@@ -683,6 +768,13 @@ class FakePlex:
         # GUESS: the threshold is taken from the item's own duration (the server knows it),
         # not from timeline's duration= parameter; an item without duration never crosses it
         past = meta.duration > 0 and position >= self.played_threshold * meta.duration
+        if past and session is not None and (session.below_threshold or session.played):
+            # a live session crossing the threshold: PMS marks the item played itself, once
+            # (the Plex reference §4.1, last row); later reports of that session change nothing
+            if not session.played:
+                session.played = True
+                self._played(user, meta, now)
+            return
         if past and self.progress_past_threshold == "played":
             self._played(user, meta, now)
         elif past and self.progress_past_threshold == "ignore":
@@ -697,6 +789,154 @@ class FakePlex:
         past the threshold is a completed play and always clears it)."""
         old = self._watch[user].get(meta.rk) or _Watch()
         self._set_watch(user, meta, _Watch(old.count + 1, 0 if clear_offset else old.offset, now))
+
+    # ----------------------------------------------------------------------------------
+    # notifications: the websocket (§10)
+    # ----------------------------------------------------------------------------------
+    def _open_websocket(self, request: Request) -> Response:
+        """The opening handshake; the token was checked like any request's (401)."""
+        with self._sockets_lock:
+            until = self._refuse_until
+            if until is not None and time.monotonic() >= until:
+                self._refuse_until = until = None
+        if until is not None:
+            return _html_error(self._refuse_status, "not accepting notifications now")
+        problem = websocket_handshake_error(request)
+        if problem is not None:
+            return _html_error(400, problem)
+        return websocket_upgrade(request, self._serve_websocket)
+
+    def _serve_websocket(self, ws: WebSocket) -> None:
+        with self._sockets_changed:
+            self._sockets.add(ws)
+            self.websocket_connections += 1
+            self._sockets_changed.notify_all()
+        try:
+            ws.serve_until_closed()  # PMS ignores what clients send; pings are answered
+        finally:
+            with self._sockets_changed:
+                self._sockets.discard(ws)
+                self._sockets_changed.notify_all()
+
+    @property
+    def websockets(self) -> int:
+        """How many notification websockets are open now."""
+        with self._sockets_lock:
+            return len(self._sockets)
+
+    def wait_for_websockets(self, count: int, timeout_s: float = 5.0) -> bool:
+        """Wait until exactly ``count`` websockets are open (a listener connects in the
+        background); False on timeout."""
+        with self._sockets_changed:
+            return self._sockets_changed.wait_for(lambda: len(self._sockets) == count,
+                                                  timeout_s)
+
+    def drop_websockets(self, *, abrupt: bool = False) -> int:
+        """Close every open notification websocket: a clean close frame (1001, going
+        away) or, ``abrupt``, a TCP reset with no close frame. Returns how many."""
+        with self._sockets_lock:
+            sockets = list(self._sockets)
+        for ws in sockets:
+            if abrupt:
+                ws.abort()
+            else:
+                ws.close(1001, "server going away")
+        return len(sockets)
+
+    def refuse_websockets(self, seconds: float | None = None, *, status: int = 503) -> None:
+        """Answer new websocket handshakes with ``status`` for ``seconds`` of real time
+        (None: until ``accept_websockets``). Open sockets are not touched."""
+        with self._sockets_lock:
+            self._refuse_until = (float("inf") if seconds is None
+                                  else time.monotonic() + seconds)
+            self._refuse_status = status
+
+    def accept_websockets(self) -> None:
+        with self._sockets_lock:
+            self._refuse_until = None
+
+    def notify(self, container: dict) -> None:
+        """Send one ``{"NotificationContainer": container}`` text frame to every open
+        websocket (and keep it in ``notifications``)."""
+        text = json.dumps({"NotificationContainer": container}, separators=(",", ":"))
+        with self._sockets_lock:
+            self.notifications.append(container)
+            sockets = list(self._sockets)
+        for ws in sockets:
+            try:
+                ws.send_text(text)
+            except Exception:  # noqa: BLE001 (a socket going away: its thread removes it)
+                pass
+
+    def notifications_of(self, kind: str) -> list[dict]:
+        """The entries sent so far under one kind ("playing", "activity", "timeline"):
+        the dicts inside PlaySessionStateNotification / ActivityNotification / TimelineEntry."""
+        key = _NOTIFICATION_KEYS[kind]
+        with self._sockets_lock:
+            return [entry for c in self.notifications if c.get("type") == kind
+                    for entry in c.get(key, [])]
+
+    def sessions(self) -> list[dict]:
+        """The live playback sessions (started by a report, not yet stopped), in start
+        order: sessionKey, user, client, ratingKey, state, viewOffset."""
+        with self.lock:
+            return [{"sessionKey": str(x.key), "user": x.user, "client": x.client,
+                     "ratingKey": x.rk, "state": x.state, "viewOffset": x.offset}
+                    for x in sorted(self._sessions.values(), key=lambda x: x.key)]
+
+    def _new_session(self, user: str, client: str, rk: int) -> _Session:
+        session = _Session(self._next_session, self._next_play_queue_item, client, rk, user)
+        self._next_session += 1
+        self._next_play_queue_item += 1
+        return session
+
+    def _notify_playing(self, session: _Session) -> None:
+        # GUESS: sessions of every user reach every socket (believed for the owner's, §10)
+        self.notify({"type": "playing", "size": 1, "PlaySessionStateNotification": [{
+            "sessionKey": str(session.key), "clientIdentifier": session.client, "guid": "",
+            "ratingKey": str(session.rk), "url": "", "key": f"/library/metadata/{session.rk}",
+            "viewOffset": session.offset, "playQueueItemID": session.play_queue_item_id,
+            "state": session.state}]})
+
+    def _user_id(self, user: str) -> int:
+        return 1 + list(self._watch).index(user) if user in self._watch else 1
+
+    def _notify_mark(self, user: str, meta: _Meta) -> None:
+        """What a manual mark/unmark sends (§10): a library.refresh.items activity whose
+        Context names the item, as captured from a real server (PlexTraktSync's
+        tests/mock_data/events-played.json): started, three updates, ended."""
+        if self.mark_notifies:
+            activity_id = str(uuid.uuid4())
+            key = f"/library/metadata/{meta.rk}"
+            steps = [("started", "", 0, None),
+                     ("updated", "Checking files", 0, {"key": key}),
+                     ("updated", "Refreshing local metadata", 33,
+                      {"accessible": True, "exists": True, "key": key}),
+                     ("updated", "Refreshing media analysis", 66,
+                      {"accessible": True, "exists": True, "key": key, "refreshed": False}),
+                     ("ended", "Refreshing media analysis", 100,
+                      {"accessible": True, "analyzed": False, "exists": True, "key": key,
+                       "refreshed": False})]
+            for event, subtitle, progress, context in steps:
+                activity = {"uuid": activity_id, "type": "library.refresh.items",
+                            "cancellable": False, "userID": self._user_id(user),
+                            "title": "Refreshing", "subtitle": subtitle, "progress": progress}
+                if context is not None:
+                    activity["Context"] = context
+                self.notify({"type": "activity", "size": 1, "ActivityNotification": [
+                    {"event": event, "uuid": activity_id, "Activity": activity}]})
+        if self.mark_sends_timeline:
+            self.notify_timeline(meta.rk, 5)
+
+    def notify_timeline(self, rating_key: int, state: int = 5) -> None:
+        """A ``timeline`` entry for one item (§10: state 0 created ... 5 processed, 9
+        deleted). GUESS: ids as strings, as PMS sends most JSON ids."""
+        with self.lock:
+            meta = self._meta[rating_key]
+            self.notify({"type": "timeline", "size": 1, "TimelineEntry": [{
+                "identifier": IDENTIFIER, "sectionID": str(meta.section),
+                "itemID": str(meta.rk), "type": TYPE_NUMBERS[meta.type], "title": meta.title,
+                "state": state, "updatedAt": int(self.clock())}]})
 
     # ----------------------------------------------------------------------------------
     # library admin (§5)

@@ -16,7 +16,12 @@ What it models:
 * SageTV's watched semantics: one Watched record per airing, the show-level ``lastWatched``
   shared by every airing of the same show, ``SetWatched``, ``ClearWatched`` and
   ``SetWatchedTimes`` with their clamps, 5 s no-op, max-merge and automatic completion (§6, §8.4);
-* multi-segment recordings and the per-segment calls (§7).
+* multi-segment recordings and the per-segment calls (§7);
+* following playback (§10): ``play``/``stop`` model a SageTV client playing a file (the watch
+  record is written when playback stops, as ``VideoFrame.logFileWatch`` does, or by the
+  player's completion check once the viewing counts as complete, §6.3), and
+  ``GetRecentlyWatched`` lists the airings being played plus those whose watch record
+  ended within the look-back.
 
 Performance: each media file's serialized JSON is cached per filter and dropped when its
 watch state (or its show's ``lastWatched``) changes, so a 50,000-item listing is a join of
@@ -220,6 +225,15 @@ class _Show:
     duration_ms: int
     last_watched: int = 0  # Show.lastWatched; the show counts as watched while > 0
     media_file_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Playback:
+    """A SageTV client playing one airing (CORE Seeker's clientWatchFileMap)."""
+
+    client: str
+    position_ms: int  # airing timeline: the media time the player is at
+    real_start_ms: int  # SageTV's clock when this playback began
 
 
 class _View:
@@ -433,7 +447,7 @@ def _dumps(value: Any) -> bytes:
 
 
 # A reply before encoding: (kind, value).  Kinds: "scalar", "list", "mflist", "mf", "airing",
-# "show", "channel", "map", "long2d"; None is a null result (serialized as {}).
+# "show", "channel", "map", "long2d", "airinglist"; None is a null result (serialized as {}).
 _Reply = tuple[str, Any]
 
 
@@ -461,7 +475,9 @@ class FakeSage:
                  latest_watched_plus_3s: bool = False,
                  sagex_version: str = "9.2.8.1",
                  plex_js_service: bool = False,
-                 list_delay_s: float = 0.0) -> None:
+                 list_delay_s: float = 0.0,
+                 reset_watched_when_played: bool = True,
+                 complete_check_while_playing: bool = True) -> None:
         if field_set not in ("head", "2015"):
             raise ValueError(f"field_set must be 'head' or '2015', not {field_set!r}")
         self.user = user
@@ -478,6 +494,12 @@ class FakeSage:
         # a real SageTV takes a while to build a big GetMediaFiles reply: each listing sleeps
         # this long first, outside the lock, so concurrent listings overlap as they would
         self.list_delay_s = list_delay_s
+        # the stock UI's property (§6.3): playing a watched item clears watched first
+        self.reset_watched_when_played = reset_watched_when_played
+        # the player's periodic "watch complete check" (§6.3) writes the record during
+        # playback as soon as the viewing counts as complete; False: only at stop
+        self.complete_check_while_playing = complete_check_while_playing
+        self._playing: dict[int, _Playback] = {}  # airing id -> playback, in start order
         self.listing_calls = 0  # GetMediaFiles calls answered or being answered
         self.listings_in_flight = 0  # of those, being answered now
         self.listings_in_flight_max = 0  # the most seen at once
@@ -610,6 +632,41 @@ class FakeSage:
             self._set_watched_times(self._by_airing[airing_id], watched_end_ms, real_start_ms,
                                     self.clock_ms())
 
+    # --- a SageTV client playing a file (§6.3, §10) ------------------------------------------
+    def play(self, airing_id: int, position_ms: int, *, client: str = "sagetv-client") -> None:
+        """A client plays the airing and is now at ``position_ms`` (airing timeline). The
+        first call starts the playback: SageTV's clock then is its real start, and a watched
+        item is cleared first when ``reset_watched_when_played``. Nothing is written while
+        it plays, except by the completion check (``complete_check_while_playing``)."""
+        with self._lock:
+            mf = self._by_airing[airing_id]
+            now = self.clock_ms()
+            playback = self._playing.get(airing_id)
+            if playback is None:
+                if self.reset_watched_when_played and self._view(mf, now).watched:
+                    self._clear_watched(mf)
+                playback = self._playing[airing_id] = _Playback(client, position_ms, now)
+            playback.position_ms = position_ms
+            if self.complete_check_while_playing and self._watch_math(mf, position_ms)[1]:
+                self._set_watched_times(mf, position_ms, playback.real_start_ms, now)
+
+    def stop(self, airing_id: int, position_ms: int | None = None) -> None:
+        """The client stops (at ``position_ms``, or where it last was): the watch record is
+        written now (VideoFrame.logFileWatch: the SetWatchedTimes math with the playback's
+        real start and SageTV's "now")."""
+        with self._lock:
+            mf = self._by_airing[airing_id]
+            playback = self._playing.pop(airing_id, None)
+            if playback is None:
+                raise ValueError(f"airing {airing_id} is not being played")
+            end = playback.position_ms if position_ms is None else position_ms
+            self._set_watched_times(mf, end, playback.real_start_ms, self.clock_ms())
+
+    def playing(self) -> dict[int, int]:
+        """Airings being played now: airing id -> position (airing timeline)."""
+        with self._lock:
+            return {a: p.position_ms for a, p in self._playing.items()}
+
     # --- inspecting state ---------------------------------------------------------------------
     def media_file_json(self, media_file_id: int) -> dict[str, Any]:
         """The MediaFile object exactly as served without a filter."""
@@ -692,8 +749,9 @@ class FakeSage:
         if self._watch.pop(mf.airing_id, None) is not None:
             self._invalidate((mf.media_file_id,))
 
-    def _set_watched_times(self, mf: SageMediaFile, watched_end: int, real_start: int,
-                           now: int) -> None:
+    def _watch_math(self, mf: SageMediaFile, watched_end: int) -> tuple[bool, bool]:
+        """(writes anything, complete) of BigBrother.setWatched for a viewing from the file
+        start to ``watched_end`` (§6.5 steps 1-5)."""
         # AiringAPI.SetWatchedTimes -> BigBrother.setWatched(air, FileStartTime, end, realStart,
         # now): the start is the file start clamped to the airing start; the end is clamped
         # to the airing end (§6.5 steps 1-3)
@@ -701,7 +759,7 @@ class FakeSage:
         end = min(mf.airing_end_ms, watched_end)
         duration = end - start
         if duration <= MIN_WATCH_MS:
-            return  # silently nothing (§6.5 step 4)
+            return False, False  # silently nothing (§6.5 step 4)
         air_dur = mf.airing_duration_ms
         show = self._shows[mf.show_external_id]
         valid = air_dur
@@ -711,11 +769,31 @@ class FakeSage:
         old = self._watch.get(mf.airing_id)
         if old is not None:
             duration = max(end, old[1]) - min(start, old[0])
-        complete = valid - duration < self._ignore_ms(mf) and duration / valid > (
-            COMPLETE_WATCH_FRACTION)
-        self._merge(mf, start, end, real_start, now)
+        return True, (valid - duration < self._ignore_ms(mf)
+                      and duration / valid > COMPLETE_WATCH_FRACTION)
+
+    def _set_watched_times(self, mf: SageMediaFile, watched_end: int, real_start: int,
+                           now: int) -> None:
+        writes, complete = self._watch_math(mf, watched_end)
+        if not writes:
+            return
+        start = max(mf.airing_start_ms, mf.file_start_ms)
+        self._merge(mf, start, min(mf.airing_end_ms, watched_end), real_start, now)
         if complete:
+            show = self._shows[mf.show_external_id]
             self._set_last_watched(show, max(show.last_watched, mf.airing_start_ms))
+
+    def _recently_watched(self, look_back_ms: int) -> list[SageMediaFile]:
+        """Global.GetRecentlyWatched (§10): the airings being played, then those whose
+        watch record ended (RealWatchedEndTime) within the look-back. GUESS: the watches
+        in the order the watch index keeps them (oldest end first), an airing listed once,
+        and a record without a real end time (a manual SetWatched) never listed."""
+        cutoff = self.clock_ms() - look_back_ms
+        playing = [self._by_airing[a] for a in self._playing]
+        listed = set(self._playing)
+        recent = sorted((w[3], airing) for airing, w in self._watch.items()
+                        if w[3] > 0 and w[3] >= cutoff and airing not in listed)
+        return playing + [self._by_airing[airing] for _, airing in recent]
 
     # --- serialization and its cache ----------------------------------------------------------
     def _plan(self, names: frozenset[str] | None) -> _Plan:
@@ -973,7 +1051,8 @@ class FakeSage:
 
     def _page(self, reply: _Reply | None, request: Request) -> _Reply | None:
         """ApiHandler's range check: arrays are cut to [start, start+size), default size 50."""
-        if reply is None or reply[0] not in ("list", "mflist", "long2d") or not reply[1]:
+        if reply is None or reply[0] not in ("list", "mflist", "airinglist", "long2d") or \
+                not reply[1]:
             return reply  # an empty array is not paged at all
         items = reply[1]
         start = _param_int(request, "start", 0)
@@ -1011,6 +1090,8 @@ class FakeSage:
         if kind == "mf":
             return b'{"MediaFile":' + self._fragments([value], names, now)[0] + b"}"
         plan = self._plan(names)
+        if kind == "airinglist":
+            return _dumps({"Result": [_build(plan.airing, self._view(mf, now)) for mf in value]})
         if kind == "airing":
             return _dumps({"Airing": _build(plan.airing, self._view(value, now))})
         if kind == "show":
@@ -1058,6 +1139,8 @@ class FakeSage:
             "SetWatchedTimes": _Function("AiringAPI", ("obj", "long", "long"), lambda a: (
                 self._write(a, lambda mf: self._set_watched_times(mf, a[1], a[2],
                                                                   self.clock_ms())))),
+            "GetRecentlyWatched": _Function("Global", ("long",), lambda a: (
+                "airinglist", self._recently_watched(a[0]))),
             "GetShowForExternalID": _Function("ShowAPI", ("str",), lambda a: (
                 ("show", self._shows[a[0]]) if a[0] in self._shows else None)),
         }

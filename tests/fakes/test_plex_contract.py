@@ -24,7 +24,7 @@ from plexapi.server import PlexServer  # noqa: E402
 
 from tests.fakes.fake_http import FakeServer  # noqa: E402
 from tests.fakes.fake_plex import IDENTIFIER, FakePlex  # noqa: E402
-from tests.fakes.world import DAY, PLEX_TOKEN, World, at, none, watched  # noqa: E402
+from tests.fakes.world import DAY, PLEX_TOKEN, Item, World, at, none, watched  # noqa: E402
 
 TOKEN = "contract-token"
 NOW = 1_700_000_000
@@ -583,13 +583,20 @@ def test_every_reply_has_a_date_header_from_the_server_clock(server: FakeServer,
 def test_skewed_plex_clock_stamps_writes_and_dates_replies() -> None:
     skew = -7 * 60_000  # the Plex server's clock is 7 minutes slow
     world = World(plex_skew_ms=skew)
+    # the world's clock runs (real time): a stamp is checked against the server's clock
+    # read just before and just after the moment it was made
+    before = world.plex_clock_s()
     movie = world.movie("Heat", plex=none())
     old = world.movie("Ronin", plex=watched(ago=DAY))
     show = world.episode("Castle", 1, 1, "Pilot", plex=at(20 * 60_000, ago=DAY))
-    plex_now = (world.clock.ms() + skew) / 1000
-    assert world.plex_clock_s() == plex_now
+    after = world.plex_clock_s()
+    world_before = world.clock.ms()
+    plex_now = world.plex_clock_s()
+    world_after = world.clock.ms()
+    assert world_before + skew <= plex_now * 1000 <= world_after + skew
     # declared states were written down by Plex's own clock
-    assert world.plex_item(old).last_viewed_at_s == int(plex_now - DAY / 1000)
+    assert int(before - DAY / 1000) <= world.plex_item(old).last_viewed_at_s <= int(
+        after - DAY / 1000)
     with world.running() as servers:
         def call(path: str, **params: object) -> requests.Response:
             reply = requests.get(servers.plex.base_url + path, timeout=5,
@@ -598,15 +605,25 @@ def test_skewed_plex_clock_stamps_writes_and_dates_replies() -> None:
             assert date_s(reply) == pytest.approx(world.plex_clock_s(), abs=1)
             return reply
 
-        assert call("/:/scrobble", key=movie.rating_key).status_code == 200
-        assert world.plex_item(movie).last_viewed_at_s == int(plex_now)
+        def stamped(path: str, item: Item, **params: object) -> int:
+            """Call, and check the item's lastViewedAt is Plex's clock during the call."""
+            start = world.plex_clock_s()
+            assert call(path, **params).status_code == 200
+            stamp = world.plex_item(item).last_viewed_at_s
+            assert int(start) <= stamp <= int(world.plex_clock_s())
+            return stamp
+
+        scrobbled = stamped("/:/scrobble", movie, key=movie.rating_key)
+        assert scrobbled <= int(world.clock.s() + skew / 1000)  # Plex's clock, not the world's
         world.clock.advance(90_000)  # advancing the world moves the server's clock too
-        call("/:/progress", key=show.rating_key, time=5 * 60_000, state="stopped")
-        assert world.plex_item(show).last_viewed_at_s == int(plex_now + 90)
+        progressed = stamped("/:/progress", show, key=show.rating_key, time=5 * 60_000,
+                             state="stopped")
+        assert progressed >= scrobbled + 90
         world.clock.advance(30_000)
-        call("/:/timeline", ratingKey=show.rating_key, key=f"/library/metadata/{show.rating_key}",
-             time=6 * 60_000, state="stopped")
-        assert world.plex_item(show).last_viewed_at_s == int(plex_now + 120)
+        timeline = stamped("/:/timeline", show, ratingKey=show.rating_key,
+                           key=f"/library/metadata/{show.rating_key}", time=6 * 60_000,
+                           state="stopped")
+        assert timeline >= progressed + 30
         world.plex_skew_ms = 0  # a skew can change while the servers run
         assert date_s(call("/identity")) == pytest.approx(world.clock.s(), abs=1)
         unauthorized = requests.get(servers.plex.base_url + "/", timeout=5)

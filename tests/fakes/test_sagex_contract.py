@@ -874,14 +874,21 @@ def test_every_reply_has_a_date_header_from_the_server_clock(api: Api, server: F
 def test_skewed_sage_clock_stamps_writes_and_dates_replies() -> None:
     skew = 5 * MIN  # the SageTV server's clock is 5 minutes fast
     world = World(sage_skew_ms=skew)
+    # the world's clock runs (real time): a stamp is checked against the server's clock
+    # read just before and just after the moment it was made
+    before = world.sage_clock_ms()
     item = world.episode("Castle", 1, 1, "Pilot", sage=none())
     old = world.episode("Castle", 1, 2, "Nanny", sage=at(10 * MIN, ago=DAY))
     seen = world.movie("Heat", sage=watched(ago=DAY))
-    sage_now = world.clock.ms() + skew
-    assert world.sage_clock_ms() == sage_now
+    after = world.sage_clock_ms()
+    world_before = world.clock.ms()
+    sage_now = world.sage_clock_ms()
+    world_after = world.clock.ms()
+    assert world_before + skew <= sage_now <= world_after + skew
     # declared states were written down by SageTV's own clock
-    assert world.sage.airing_json(old.airing_id)["RealWatchedEndTime"] == sage_now - DAY
-    assert world.sage.airing_json(seen.airing_id)["RealWatchedEndTime"] == sage_now - DAY
+    for declared in (old, seen):
+        stamp = world.sage.airing_json(declared.airing_id)["RealWatchedEndTime"]
+        assert before - DAY <= stamp <= after - DAY
     with world.running() as servers:
         session = requests.Session()
         session.auth = (SAGE_USER, SAGE_PASSWORD)
@@ -895,10 +902,14 @@ def test_skewed_sage_clock_stamps_writes_and_dates_replies() -> None:
 
         world.clock.advance(90_000)  # advancing the world moves the server's clock too
         target = item.file_start_ms + 12 * MIN
+        written_from = world.sage_clock_ms()
+        assert written_from >= sage_now + 90_000
         assert call("SetWatchedTimes", f"airing:{item.airing_id}", target,
                     sage_now - 20 * MIN).json() == {}
+        written_by = world.sage_clock_ms()
         airing = call("GetAiringForID", item.airing_id).json()["Airing"]
-        assert airing["RealWatchedEndTime"] == sage_now + 90_000
+        assert written_from <= airing["RealWatchedEndTime"] <= written_by
+        assert airing["RealWatchedEndTime"] > world.clock.ms()  # SageTV's clock, not the world's
         assert airing["WatchedEndTime"] == target
         world.sage_skew_ms = 0  # a skew can change while the servers run
         assert date_ms(call("GetMediaFiles", "T")) == pytest.approx(world.clock.ms(), abs=1000)

@@ -13,6 +13,11 @@ whose parts are the same files seen through a share. Watch states are given per 
 (``none()``, ``watched(...)``, ``at(position, ...)``) with wall-clock times relative to
 the world's clock.
 
+The world's clock is the real one (plus an offset: ``world.clock.advance(ms)`` moves it
+forward), so the tool sees servers whose clocks agree with its own unless a skew says
+otherwise, and time passes during a test: compare stamps by their order, and advance the
+clock where a test needs "a newer viewing". ``World(now_ms=..., frozen=True)`` fixes the date.
+
 Each fake has its own clock: the world's plus a skew (``World(sage_skew_ms=...,
 plex_skew_ms=...)``, or the ``sage_skew_ms``/``plex_skew_ms`` attributes later), as two
 real servers' clocks disagree. Every stamp a server makes (Plex ``lastViewedAt``, SageTV
@@ -38,8 +43,9 @@ SEC = 1_000
 MIN = 60 * SEC
 HOUR = 60 * MIN
 DAY = 24 * HOUR
-#: 2026-11-20 20:00 UTC: tests run at a fixed "now" so every figure is reproducible.
-DEFAULT_NOW_MS = 1_795_204_800_000
+#: 2026-11-20 20:00 UTC: a fixed date for the rare test that needs one
+#: (``World(now_ms=FIXED_NOW_MS, frozen=True)``); by default the world follows the real clock.
+FIXED_NOW_MS = 1_795_204_800_000
 
 SAGE_USER, SAGE_PASSWORD = "sage", "s3cret-sage-pw"
 PLEX_TOKEN = "plexTOKEN-9f8e7d6c5b4a"
@@ -47,15 +53,20 @@ TV_SECTION, MOVIE_SECTION = "TV Shows", "Movies"
 
 
 class Clock:
-    """'Now' for both fakes: fixed (tests) or following the real clock (the sandbox)."""
+    """'Now' for both fakes: the real clock plus an offset, so time passes during a test as
+    it does between two real servers' replies; ``advance(ms)`` moves it forward (a test that
+    needs "later" says so). ``Clock(start_ms)`` starts it at a given date (still running);
+    ``Clock(start_ms, frozen=True)`` stops it there, for the rare test that needs a fixed
+    date to the millisecond (the tool then sees servers whose clocks are far from its own)."""
 
-    def __init__(self, now_ms: int | None = DEFAULT_NOW_MS) -> None:
+    def __init__(self, start_ms: int | None = None, *, frozen: bool = False) -> None:
         import time
 
         self._time = time.time
-        self._offset_ms = 0 if now_ms is None else now_ms - int(time.time() * 1000)
-        self.frozen = now_ms is not None
-        self._frozen_ms = now_ms or 0
+        real = int(time.time() * 1000)
+        self._offset_ms = 0 if start_ms is None else start_ms - real
+        self.frozen = frozen
+        self._frozen_ms = real if start_ms is None else start_ms
 
     def ms(self) -> int:
         if self.frozen:
@@ -116,10 +127,10 @@ def _safe(text: str) -> str:
 
 
 class World:
-    def __init__(self, *, now_ms: int | None = DEFAULT_NOW_MS, sage_options: dict | None = None,
-                 plex_options: dict | None = None, sage_skew_ms: int = 0,
-                 plex_skew_ms: int = 0) -> None:
-        self.clock = Clock(now_ms)
+    def __init__(self, *, now_ms: int | None = None, frozen: bool = False,
+                 sage_options: dict | None = None, plex_options: dict | None = None,
+                 sage_skew_ms: int = 0, plex_skew_ms: int = 0) -> None:
+        self.clock = Clock(now_ms, frozen=frozen)
         self.sage_skew_ms = sage_skew_ms  # SageTV's clock minus the world's (may change later)
         self.plex_skew_ms = plex_skew_ms  # Plex's clock minus the world's
         self.sage = FakeSage(SAGE_USER, SAGE_PASSWORD, clock_ms=self.sage_clock_ms,

@@ -39,7 +39,7 @@ a Plex server whose scrobble keeps the resume point leaves "watched, resume at p
 Plex reference); a run killed after finishing an item may or may not have recorded its base.
 
 ``SAGEPLEX_MODEL_EXAMPLES`` (default 6) sets the random examples; ``SAGEPLEX_MODEL_STEPS``
-(default 18) the steps per example; shrinking is on (``SAGEPLEX_MODEL_SHRINK=0`` turns it off).
+(default 30) the steps per example; shrinking is on (``SAGEPLEX_MODEL_SHRINK=0`` turns it off).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ SHARED_FLAG = "EP0000555001"
 PLEX_MIN_PROGRESS_MS = 60_000  # Plex ignores a timeline at or under this (§3.2)
 TOLERANCE_MS = 2_000
 EXAMPLES = int(os.environ.get("SAGEPLEX_MODEL_EXAMPLES", "6"))
-STEPS = int(os.environ.get("SAGEPLEX_MODEL_STEPS", "18"))
+STEPS = int(os.environ.get("SAGEPLEX_MODEL_STEPS", "30"))
 SHRINK = os.environ.get("SAGEPLEX_MODEL_SHRINK", "1") != "0"
 MAIN = Path(sageplex_sync.__file__).resolve()
 
@@ -239,6 +239,7 @@ class Run:
     written: set[str]  # recordings with a write request
     run_id: int | None = None
     undone: bool = False
+    time_ms: int = 0
 
     @property
     def ok(self) -> bool:
@@ -252,6 +253,8 @@ class SyncModel(RuleBasedStateMachine):
         self.world: World | None = None
 
     def teardown(self) -> None:
+        if os.environ.get("SAGEPLEX_MODEL_TRACE") and self.world is not None:
+            print("\n--- example:", *self.log, sep="\n  ", file=sys.stderr)
         self.stack.close()
 
     # == setting up =========================================================================
@@ -283,6 +286,7 @@ class SyncModel(RuleBasedStateMachine):
         self.views: dict[str, list[View]] = {
             n: [View(snap[n].sage, dict(snap[n].plex))] for n in NAMES}
         self.history: list[Run] = []
+        self.user_times: dict[str, list[tuple[int, bool]]] = {n: [] for n in NAMES}
         self.plan: tuple[Path, dict[str, Snapshot], dict[str, Outcome]] | None = None
         self.crashed_units: set[str] = set()
         self.log: list[str] = []  # the steps, for failure messages
@@ -330,9 +334,6 @@ class SyncModel(RuleBasedStateMachine):
         st.tuples(st.just("frac"), st.floats(0.85, 0.999)),          # the last 10-15 %
     )
 
-    @rule(name=st.sampled_from(NAMES), on_plex=st.booleans(),
-          action=st.sampled_from(("watch", "watch", "finish", "unwatch")),
-          where=POSITIONS, twin=st.integers(0, 1), wait_min=st.integers(1, 600))
     def act(self, name: str, on_plex: bool, action: str, where: tuple[str, float],
             twin: int, wait_min: int) -> None:
         self.world.clock.advance(wait_min * MIN)
@@ -357,6 +358,31 @@ class SyncModel(RuleBasedStateMachine):
              "finish": lambda: self.sage_finish(item),
              "unwatch": lambda: self.world.sage.clear_watched(item.airing_id)}[action]()
         self.record_user_changes(before, self.snapshot())
+
+    # the user acts more often than the tool runs: the same rule registered several times
+    ACT = rule(name=st.sampled_from(NAMES + PAIR), on_plex=st.booleans(),
+               action=st.sampled_from(("watch", "watch", "finish", "unwatch")),
+               where=POSITIONS, twin=st.integers(0, 1), wait_min=st.integers(1, 600))
+
+    @ACT
+    def act_1(self, **kw) -> None:
+        self.act(**kw)
+
+    @ACT
+    def act_2(self, **kw) -> None:
+        self.act(**kw)
+
+    @ACT
+    def act_3(self, **kw) -> None:
+        self.act(**kw)
+
+    @ACT
+    def act_4(self, **kw) -> None:
+        self.act(**kw)
+
+    @ACT
+    def act_5(self, **kw) -> None:
+        self.act(**kw)
 
     def sage_stop_at(self, item: Item, position_ms: int) -> None:
         """A viewing on the TV from the start, stopped at ``position_ms``: stamped with
@@ -384,6 +410,10 @@ class SyncModel(RuleBasedStateMachine):
         now = self.world.clock.ms()
         for name in NAMES:
             b, a = before[name], after[name]
+            if a != b:
+                self.user_times[name].append((now, a.sage.stamp_ms not in (0, b.sage.stamp_ms)
+                                              or any(a.plex[k].stamp_s not in (0, b.plex[k].stamp_s)
+                                                     for k in a.plex)))
             if a.sage != b.sage:
                 change = Change(now, a.sage, stamped=a.sage.stamp_ms not in (0, b.sage.stamp_ms))
                 for view in self.views[name]:
@@ -650,6 +680,7 @@ class SyncModel(RuleBasedStateMachine):
         return run
 
     def record_run(self, run: Run) -> None:
+        run.time_ms = self.world.clock.ms()
         known = {r.run_id for r in self.history}
         new = [i for i in self.run_ids() if i not in known]
         if new:
@@ -719,17 +750,19 @@ class SyncModel(RuleBasedStateMachine):
         assert self.env.writes() == []
         targets = {n: self.results(n) for n in NAMES}
         self.plan = (path, self.snapshot(), self.expect(set(NAMES), targets))
+        self.plan_time = self.world.clock.ms()
         self.plan_targets = targets
 
     @precondition(lambda self: self.plan is not None)
     @rule(yes=st.booleans())
     def apply_plan(self, yes: bool) -> None:
         path, then, planned = self.plan
+        self.plan = None  # a plan is applied once
         self.log.append(f"run: --apply {path.name}")
         now = self.snapshot()
         unchanged = {n for n in NAMES
                      if (planned[n].sage_write or planned[n].plex_write)
-                     and self.unchanged_since(n, then[n], now[n])}
+                     and self.unchanged_since(n, then[n], now[n], self.plan_time)}
         targets = {n: [t for t in self.plan_targets[n]] for n in unchanged}
         expected = self.expect(unchanged, targets)
         argv = ["--apply", str(path), "--state", str(self.state_file)] + (["-y"] if yes else [])
@@ -737,20 +770,17 @@ class SyncModel(RuleBasedStateMachine):
         assert code == 0, out
         self.after_success("apply", unchanged, expected, now, out)
 
-    def unchanged_since(self, name: str, then: Snapshot, now: Snapshot) -> bool:
-        """§6.4: neither side changed by state (today's bounds), position beyond 2 s or a
-        newer last-watched time."""
+    def unchanged_since(self, name: str, then: Snapshot, now: Snapshot, since_ms: int) -> bool:
+        """§6.4: neither side changed by state (today's bounds; positions within 2 s) nor
+        viewed by the user since (a newer last-watched time; the tool's own stamps are not a
+        viewing)."""
         b = self.bounds(name)
-        if sage_cls(then.sage, b) != sage_cls(now.sage, b) or (
-                abs(then.sage.position_ms - now.sage.position_ms) >= TOLERANCE_MS
-                and not now.sage.watched) or now.sage.stamp_ms > then.sage.stamp_ms:
+        if sage_cls(then.sage, b) != sage_cls(now.sage, b):
             return False
         for key, raw in now.plex.items():
-            old = then.plex[key]
-            if plex_cls(old, b) != plex_cls(raw, b) or raw.stamp_s > old.stamp_s or (
-                    abs(old.offset_ms - raw.offset_ms) >= TOLERANCE_MS):
+            if plex_cls(then.plex[key], b) != plex_cls(raw, b):
                 return False
-        return True
+        return not any(t > since_ms and stamped for t, stamped in self.user_times[name])
 
     # -- undo ------------------------------------------------------------------------------
     def undo_target(self) -> Run | None:
@@ -782,7 +812,7 @@ class SyncModel(RuleBasedStateMachine):
         self.log.append(f"run: --undo {' '.join(number)} (a {target.kind} run)")
         now = self.snapshot()
         restore = {n for n in target.written
-                   if self.unchanged_since(n, target.after[n], now[n])
+                   if self.unchanged_since(n, target.after[n], now[n], target.time_ms)
                    and self.states(target.before, n) != self.states(target.after, n)}
         expected: dict[str, Outcome] = {}
         targets: dict[str, list[State | None]] = {}
@@ -1034,6 +1064,14 @@ def test_pinned_undo_and_apply_skip_a_newer_viewing() -> None:
 
 
 def test_pinned_changed_settings_are_not_user_changes() -> None:
+    """A base taken at 90 % and a position of 85 % (PROGRESS on both sides) is WATCHED on both
+    sides at 80 %: that is not SageTV changing, so the user's un-watch on Plex wins."""
+    with machine() as m:
+        m.act("castle", True, "watch", ("frac", 0.85), 0, 30)
+        m.sync(10, True, False)
+        m.change_settings(60, 0.8)
+        m.act("castle", True, "unwatch", ("frac", 0.5), 0, 30)
+        m.sync(10, True, True)
     with machine() as m:
         m.act("castle", True, "watch", ("frac", 0.85), 0, 30)
         m.act("split", False, "watch", ("ms", 100 * SEC), 0, 30)

@@ -38,7 +38,8 @@ take a position at or under 60 s (with ``-x`` under 60: skipped, Plex keeps its 
 a Plex server whose scrobble keeps the resume point leaves "watched, resume at p" (§9.3 of the
 Plex reference); a run killed after finishing an item may or may not have recorded its base.
 
-``SAGEPLEX_MODEL_EXAMPLES`` (default 6) sets the random examples; ``SAGEPLEX_MODEL_STEPS``
+``SAGEPLEX_MODEL_EXAMPLES`` (default 60: about 60 s on a busy 2-core machine) sets the examples, half of them
+derandomized (the same every run) and half new; ``SAGEPLEX_MODEL_STEPS``
 (default 30) the steps per example; shrinking is on (``SAGEPLEX_MODEL_SHRINK=0`` turns it off).
 """
 
@@ -77,7 +78,7 @@ from tests.user import NONE, WATCHED, State, User, progress
 SHARED_FLAG = "EP0000555001"
 PLEX_MIN_PROGRESS_MS = 60_000  # Plex ignores a timeline at or under this (§3.2)
 TOLERANCE_MS = 2_000
-EXAMPLES = int(os.environ.get("SAGEPLEX_MODEL_EXAMPLES", "6"))
+EXAMPLES = int(os.environ.get("SAGEPLEX_MODEL_EXAMPLES", "60"))
 STEPS = int(os.environ.get("SAGEPLEX_MODEL_STEPS", "30"))
 SHRINK = os.environ.get("SAGEPLEX_MODEL_SHRINK", "1") != "0"
 MAIN = Path(sageplex_sync.__file__).resolve()

@@ -1052,6 +1052,14 @@ def test_pinned_half_done_write_is_not_an_unwatch() -> None:
 
 
 def test_pinned_undo_and_apply_skip_a_newer_viewing() -> None:
+    """An undo or a plan never beats a newer viewing (§6.4): a state changed since, or the
+    same state viewed again (a newer last-watched time)."""
+    with machine() as m:
+        m.act("castle", False, "finish", ("frac", 0.5), 0, 30)
+        m.sync(10, True, False)
+        m.act("castle", True, "finish", ("frac", 0.5), 0, 30)  # watched again: newer
+        m.undo()
+        m.sync(10, True, True)
     with machine() as m:
         m.act("ronin", True, "watch", ("frac", 0.3), 0, 30)
         m.sync(10, True, False)

@@ -3433,7 +3433,7 @@ class Report:
         and the SageTV recordings Plex does not hold follow."""
         counts = self.counts()
         line = "Total: " + counts_words(counts)
-        if self.sage_only is not None:
+        if counts["sage_only"]:  # none: not said (and not known for a part of the library)
             line += "; " + sage_only_words(counts["sage_only"])
         return line + "."
 
@@ -3541,12 +3541,14 @@ def log_written(entries: Iterable[Entry]) -> None:
     """One dated log line for every item written (without -v): what, and by which rule."""
     for entry in entries:
         if entry.outcome in (Outcome.UPDATED, Outcome.FAILED):
-            log.log(logging.INFO if entry.outcome is Outcome.UPDATED else logging.WARNING,
+            failed = entry.outcome is Outcome.FAILED
+            more = ([entry.detail] if failed and entry.detail else []) + list(entry.notes)
+            log.log(logging.WARNING if failed else logging.INFO,
                     "%s [%d] %s (media file %s): %s (%s)%s", entry.outcome.value,
                     entry.plex.rating_key, entry.plex.title,
                     entry.sage.media_file_id if entry.sage is not None else "-",
                     "; then ".join(str(w) for w in entry.writes) or "nothing",
-                    entry.decision.rule, f": {entry.detail}" if entry.detail else "")
+                    entry.decision.rule, "".join(f"; {m}" for m in more if m))
 
 
 def run_words(opts: Options) -> str:
@@ -3690,19 +3692,24 @@ def run_sync(opts: Options, config: Config, console: Console, stop: threading.Ev
     log.info("sync state: %s", state_path)
     with SageClient(config.sage) as sage, PlexClient(config.plex) as plex, \
             StateStore(state_path, write=opts.writes) as state, \
-            _failure_recorded(state, opts, console.secrets), \
             _collector_paused() as planned:
         started = run_line(opts, state.next_run_id() if opts.writes else None, time.time())
-        _announce(started, console, quiet or as_json or opts.why or opts.sagedata)
+        log.info("%s", started)
+        on_failure = "" if as_json or opts.why or opts.sagedata else started
+        held = quiet or not on_failure
         full = not opts.media and any(t.lower() == "all" for t in opts.targets)
         overrides: dict[int, tuple[Status, Status, Decision]] = {}
         if opts.undo is not None or opts.apply_file is not None:
             opts, overrides = prepare_replay(opts, state)
         run = SyncRun(opts, sage, plex, state, console, stop, overrides)
-        with console.waiting("waiting for SageTV's listing"):
-            facts = run.read()
-        _say_clocks(sage, plex)
-        run.check(facts)
+        with _failure_recorded(state, opts, console, on_failure):
+            with console.waiting("waiting for SageTV's listing"):
+                facts = run.read()
+            _say_clocks(sage, plex)
+            run.check(facts)
+        if not held:
+            console.out.write(started + "\n")
+            console.out.flush()
         run.plan(facts)
         planned()
         if opts.why:
@@ -3716,7 +3723,8 @@ def run_sync(opts: Options, config: Config, console: Console, stop: threading.Ev
         if opts.plan_file is not None:
             count = save_plan(opts.plan_file, facts)
             console.err.write(f"plan with {count} item(s) saved to {opts.plan_file}\n")
-        run.guard(facts)
+        with _failure_recorded(state, opts, console, on_failure if held else ""):
+            run.guard(facts)
         if opts.sync:
             run.write(facts)
         sage_only = sage_only_items(facts.index, facts.entries) if full else None
@@ -3766,19 +3774,12 @@ def _print_report(report: Report, console: Console, style: ReportStyle) -> None:
     console.out.write(console.secrets.redact("\n".join(lines)) + "\n")
 
 
-def _announce(line: str, console: Console, held: bool) -> None:
-    """The run's dated line, first in its output (held back by -q until there is
-    something to say, and by --json, whose summary carries it)."""
-    log.info("%s", line)
-    if not held:
-        console.out.write(line + "\n")
-        console.out.flush()
-
-
 @contextlib.contextmanager
-def _failure_recorded(state: StateStore, opts: Options, secrets: Secrets) -> Iterator[None]:
+def _failure_recorded(state: StateStore, opts: Options, console: Console, run_line: str
+                      ) -> Iterator[None]:
     """A sync that could not finish (a server unreachable, the guard refused) is kept in
-    --history too, with its error; a usage error is not a run."""
+    --history too, with its error, and its output is its dated line (``run_line``: '' once
+    printed, or held back). A usage error is no run: nothing is printed or kept."""
     try:
         yield
     except UsageError:
@@ -3787,7 +3788,9 @@ def _failure_recorded(state: StateStore, opts: Options, secrets: Secrets) -> Ite
         if state.write and state.db is not None:
             with contextlib.suppress(SyncError):
                 state.record_run(opts.kind, opts.argv, (), (), counts={
-                    "error": secrets.redact(str(exc)), "exit_code": int(exc.exit_code)})
+                    "error": console.secrets.redact(str(exc)), "exit_code": int(exc.exit_code)})
+        if run_line:
+            console.out.write(run_line + "\n")
         raise
 
 
@@ -4300,7 +4303,9 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None,
     except SystemExit as exc:  # argparse has printed the help or the version
         return exc.code if isinstance(exc.code, int) else ExitCode.USAGE
     except UsageError as exc:
-        return _failed(str(exc), exc.exit_code, out, err, "--json" in words)
+        # --json's summary, unless the error is that --json does not go with the command
+        return _failed(str(exc), exc.exit_code, out, err,
+                       "--json" in words and "--json" not in str(exc))
     progress = _isatty(err) and not args.no_progress and not args.verbose
     console = Console(out, err, stdin, secrets, progress, terminal)
     stop = threading.Event()

@@ -3597,7 +3597,7 @@ def prepare_replay(opts: Options, state: StateStore | None
         rows = [r for r in state.journal(wanted) if r.outcome == Outcome.UPDATED.value]
         if not rows:
             raise SyncError(f"run {wanted} changed nothing that can be undone; the runs that "
-                            "wrote are shown by -v")
+                            "wrote are shown by --history")
         for row in rows:
             after_sage = row.sage_after or row.sage_before
             after_plex = row.plex_after or row.plex_before

@@ -334,11 +334,13 @@ def test_progress_bar_is_shown_on_a_terminal(world: World, start) -> None:
     Items(world)
     env = start()
 
+    env.sage.add_fault(function="GetMediaFiles", delay_s=0.6)  # time to show the count
+
     code, out, err = _run_with_stderr_on_a_terminal(env, "all", "-s")
 
     assert code == 0
-    assert "reading Plex" in err and "items" in err  # tqdm's bar, on stderr
-    assert "writing" in err
+    assert "reading Plex: " in err and " items" in err  # the status line, on stderr
+    assert "writing" in err  # tqdm's bar
     assert "reading Plex" not in out and "Total:" in out
 
 

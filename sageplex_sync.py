@@ -1838,6 +1838,7 @@ CREATE TABLE IF NOT EXISTS journal (
     outcome TEXT, detail TEXT, to_sage TEXT, to_plex TEXT, sage_raw_before TEXT,
     plex_raw_before TEXT, sage_raw_after TEXT, plex_raw_after TEXT, steps_done INTEGER,
     own_sage TEXT, own_plex TEXT);
+CREATE TABLE IF NOT EXISTS listed (kind TEXT, id INTEGER, PRIMARY KEY (kind, id));
 """
 #: Columns a schema-1 file lacks, added in place so that its bases carry over.
 _STATE_UPGRADE_1 = (
@@ -1943,7 +1944,7 @@ class RunRecord:
     argv: tuple[str, ...]
     writes: int
     status: str
-    counts: dict
+    counts: dict[str, Any] | None  # None for a run of an older version
     undone_by: int | None
     undoes: int | None
 
@@ -1985,6 +1986,7 @@ class StateStore:
         self.db: sqlite3.Connection | None = None
         if path.exists() and path.is_file() and path.stat().st_size == 0:
             raise _damaged(path, "the file is empty")
+        self.schema = STATE_SCHEMA
         if write:
             self._lock()
         if not path.exists():
@@ -2046,6 +2048,7 @@ class StateStore:
             db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(STATE_SCHEMA),))
             db.execute("INSERT OR REPLACE INTO meta VALUES ('opened', ?)",
                        (time.strftime("%Y-%m-%d %H:%M:%S"),))
+        self.schema = STATE_SCHEMA
 
     def _check(self) -> None:
         assert self.db is not None
@@ -2127,14 +2130,40 @@ class StateStore:
                 raise _damaged(self.path, exc) from None
         return found
 
+    def next_run_id(self) -> int:
+        """The number the next recorded run gets (the newest run is never pruned)."""
+        rows = self._rows("SELECT coalesce(max(run_id), 0) FROM runs")
+        return int(rows[0][0]) + 1 if rows else 1
+
+    def listed(self, kind: str) -> set[int]:
+        """The ids of one kind (``plex_only``, ``sage_only``) the last sync counted."""
+        if self.schema < 2:
+            return set()
+        return {int(r[0]) for r in self._rows("SELECT id FROM listed WHERE kind = ?", kind)}
+
+    def set_listed(self, kind: str, ids: Iterable[int]) -> None:
+        try:
+            with self.transaction() as db:
+                db.execute("DELETE FROM listed WHERE kind = ?", (kind,))
+                db.executemany("INSERT OR IGNORE INTO listed VALUES (?, ?)",
+                               ((kind, i) for i in ids))
+        except sqlite3.DatabaseError as exc:
+            raise StateError(f"cannot write the sync state file {self.path} ({exc}); check "
+                             "the disk") from None
+
     def runs(self) -> list[RunRecord]:
+        # A schema-1 file read without writing has none of the later columns (it is
+        # upgraded when first written).
+        later = ("status, counts, undone_by, undoes" if self.schema >= 2
+                 else "'done', NULL, NULL, NULL")
         records = []
-        for row in self._rows("SELECT run_id, started_at, kind, argv, writes, status, counts, "
-                              "undone_by, undoes FROM runs ORDER BY run_id"):
+        for row in self._rows(f"SELECT run_id, started_at, kind, argv, writes, {later} "
+                              "FROM runs ORDER BY run_id"):
             try:
                 records.append(RunRecord(int(row[0]), str(row[1]), str(row[2]),
                                          tuple(json.loads(row[3] or "[]")), int(row[4] or 0),
-                                         str(row[5] or RUN_DONE), _json_object(row[6]),
+                                         str(row[5] or RUN_DONE),
+                                         _json_object(row[6]) if row[6] else None,
                                          row[7], row[8]))
             except (ValueError, TypeError) as exc:
                 raise _damaged(self.path, exc) from None
@@ -2145,6 +2174,8 @@ class StateStore:
 
     def journal(self, run_id: int | None = None) -> list[JournalRow]:
         """One run's journal, or (None) the unfinished items of runs that never finished."""
+        if self.schema < 2:
+            return []
         query = ("SELECT * FROM journal WHERE run_id = ?" if run_id is not None else
                  "SELECT * FROM journal WHERE outcome = 'intended' AND run_id IN "
                  "(SELECT run_id FROM runs WHERE status = 'started')")
@@ -2426,6 +2457,7 @@ class Console:
         self._open_terminal = terminal
         self._terminal: TextIO | None = None
         self._looked = False
+        self._status: _StatusLine | None = None
 
     def _asking_on(self) -> TextIO | None:
         """A terminal the tool can read in the foreground: a background job reading its
@@ -2458,12 +2490,30 @@ class Console:
             self._terminal = None
 
     def bar(self, total: int | None, what: str) -> Any:
-        """A progress bar on stderr (a terminal only), or one that shows nothing."""
+        """A progress bar on stderr (a terminal only), or one that shows nothing. Without a
+        total, while waiting() shows its line, the count goes into that line."""
         if not self.progress:
             return _NoBar()
+        if total is None and self._status is not None:
+            return self._status.counter(what)
         from tqdm import tqdm
-        return tqdm(total=total, desc=what, unit=" items", file=self.err, leave=False,
-                    dynamic_ncols=True)
+        bar = tqdm(total=total, desc=what, unit=" items", file=self.err, leave=False,
+                   dynamic_ncols=True)
+        return _Ticking(bar)
+
+    @contextlib.contextmanager
+    def waiting(self, what: str) -> Iterator[None]:
+        """A line with a spinner and the time gone by, while a server builds a listing
+        that says nothing until it is whole (a minute for 100,000 SageTV items)."""
+        if not self.progress:
+            yield
+            return
+        self._status = _StatusLine(self.err, what)
+        try:
+            yield
+        finally:
+            self._status.close()
+            self._status = None
 
 
 class _NoBar:
@@ -2472,6 +2522,92 @@ class _NoBar:
 
     def close(self) -> None:
         pass
+
+
+class _Ticking:
+    """A tqdm bar redrawn twice a second, so that its elapsed time and ETA move between
+    slow updates (tqdm draws only when updated)."""
+
+    def __init__(self, bar: Any) -> None:
+        self.bar = bar
+        self._closed = threading.Event()
+        threading.Thread(target=self._tick, name="progress", daemon=True).start()
+
+    def _tick(self) -> None:
+        while not self._closed.wait(0.5):
+            self.bar.refresh()
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self._closed.set()
+        self.bar.close()
+
+
+class _StatusLine:
+    """One line on the terminal, redrawn four times a second: a spinner, what is waited
+    for, the counts of what is read meanwhile, and the time gone by."""
+
+    SPINNER = "|/-\\"
+
+    def __init__(self, stream: TextIO, what: str) -> None:
+        self.stream, self.what = stream, what
+        self.started = time.monotonic()
+        self.counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._tick, name="progress", daemon=True)
+        self._thread.start()
+
+    def counter(self, what: str) -> _Counted:
+        return _Counted(self, what)
+
+    def add(self, what: str, n: int) -> None:
+        with self._lock:
+            self.counts[what] = self.counts.get(what, 0) + n
+
+    def text(self, turn: int) -> str:
+        elapsed = int(time.monotonic() - self.started)
+        with self._lock:
+            read = "; ".join(f"{what}: {n:,} items" for what, n in self.counts.items())
+        return (f"{self.SPINNER[turn % 4]} {read + '; ' if read else ''}{self.what} "
+                f"{elapsed // 60}:{elapsed % 60:02d}")
+
+    def _tick(self) -> None:
+        turn = 0
+        while not self._closed.wait(0.25 if turn else 0):
+            width = _terminal_width(self.stream)
+            self.stream.write("\r" + self.text(turn)[:width - 1] + "\x1b[K")
+            self.stream.flush()
+            turn += 1
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join()
+        self.stream.write("\r\x1b[K")
+        self.stream.flush()
+
+
+class _Counted:
+    """A bar without a total, drawn as a count in the status line."""
+
+    def __init__(self, line: _StatusLine, what: str) -> None:
+        self.line, self.what = line, what
+        line.add(what, 0)
+
+    def update(self, n: int = 1) -> None:
+        self.line.add(self.what, n)
+
+    def close(self) -> None:
+        pass
+
+
+def _terminal_width(stream: TextIO) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns or 80
+    except (OSError, ValueError, AttributeError):
+        return 80
 
 
 def _controlling_terminal() -> TextIO | None:
@@ -3108,9 +3244,11 @@ class SyncRun:
             return False
 
     # -- 6. remember -----------------------------------------------------------------------
-    def remember(self, facts: Facts, counts: dict | None = None) -> int:
+    def remember(self, facts: Facts, counts: Callable[[], dict[str, Any]] | None = None
+                 ) -> int:
         """Read back what was written (and the recordings sharing its show flag), check the
-        Plex writes, then record the new base and the journal in one transaction."""
+        Plex writes, then record the new base and the journal in one transaction (with the
+        run's counts, made once the read-back has settled every outcome)."""
         written = [e for e in facts.entries if e.outcome in (Outcome.UPDATED, Outcome.FAILED)]
         self.reread(written, facts)
         if self.state is None:
@@ -3123,7 +3261,8 @@ class SyncRun:
         undoes = self.overrides_run if self.opts.kind is RunKind.UNDO else None
         return self.state.finish_run(self.run_id, self.opts.kind.value, self.opts.argv, bases,
                                      [_journal_row(entry) for entry in written],
-                                     counts=counts, undoes=undoes)
+                                     counts=counts() if counts is not None else None,
+                                     undoes=undoes)
 
     def side_effect_bases(self, facts: Facts) -> Iterator[tuple[int, BaseRecord]]:
         """§6.2: the bases of items outside the run's scope that its writes changed (a
@@ -3733,17 +3872,118 @@ def entry_json(entry: Entry) -> dict[str, Any]:
     }
 
 
+def sage_only_items(index: SageIndex, entries: Iterable[Entry]) -> list[SageItem]:
+    """The SageTV recordings no Plex item of the run holds (a file two Plex items could
+    mean, ambiguous, counts as held), by media file id."""
+    held: set[int] = set()
+    for entry in entries:
+        if entry.sage is not None:
+            held.add(entry.sage.media_file_id)
+        elif entry.candidates > 1:
+            held.update(m.media_file_id for m in index.match(entry.plex))
+    return [index.items[i] for i in sorted(index.items) if i not in held]
+
+
+def sage_only_line(item: SageItem) -> str:
+    name = file_name(item.paths[0]) if item.paths else f"airing {item.airing_id}"
+    return f"{item.media_file_id:>7}  {name}  [not in Plex]"
+
+
+#: A heading lists every item up to LIST_ALL_UP_TO of them; above, the first LIST_FIRST and
+#: a count (--all-items lists all; the log file has a line for every item written).
+LIST_ALL_UP_TO = 15
+LIST_FIRST = 10
+
+
+class Heading(NamedTuple):
+    key: str
+    text: str
+    change: bool  # shown by -q: a change made (or to make), or a failure
+    recurring: bool = False  # in every run with nothing to do: listed when new
+    note: str = ""  # what the items are, after the count
+
+
+#: The report's headings in order; every item is under exactly one (heading_key).
+HEADINGS = (
+    Heading("updated_plex", "Updated on Plex", True),
+    Heading("updated_sage", "Updated on SageTV", True),
+    Heading("updated_both", "Updated on both", True),
+    Heading("plex_out", "PLEX out of sync", True),
+    Heading("sage_out", "SageTV out of sync", True),
+    Heading("both_out", "Out of sync on both", True),
+    Heading("skipped", "Skipped", False),
+    Heading("failed", "Failed", True),
+    Heading("settled", "Different, left as is", False, recurring=True,
+            note="neither side changed since the last sync"),
+    Heading("not_in_sage", "Not in SageTV", False, recurring=True,
+            note="Plex items whose file SageTV does not have"),
+    Heading("sage_only", "Not in Plex", False, recurring=True,
+            note="SageTV recordings, by media file id, that no Plex item holds"),
+    Heading("ambiguous", "Ambiguous in SageTV", False, recurring=True,
+            note="the same file name twice"),
+    Heading("unreadable", "Unreadable", True),
+    Heading("in_sync", "In sync", False),
+)
+_VERDICT_HEADING = {Verdict.IN_SYNC: "in_sync", Verdict.PLEX_OUT_OF_SYNC: "plex_out",
+                    Verdict.SAGE_OUT_OF_SYNC: "sage_out", Verdict.BOTH_OUT_OF_SYNC: "both_out",
+                    Verdict.SETTLED: "settled"}
+#: The recurring kinds whose ids (Plex media ids; media file ids for sage_only) the state
+#: keeps, to tell the new ones.
+RECURRING = tuple(h.key for h in HEADINGS if h.recurring)
+
+
+def heading_key(entry: Entry) -> str:
+    """The one heading an item is listed under: what happened to it, else what it is."""
+    if not entry.matched:
+        if entry.candidates > 1:
+            return "ambiguous"
+        return "unreadable" if entry.unreadable else "not_in_sage"
+    if entry.outcome is Outcome.UPDATED:
+        sides = {_is_sage(w) for w in entry.writes}
+        return "updated_both" if len(sides) == 2 else \
+            "updated_sage" if sides == {True} else "updated_plex"
+    if entry.outcome in (Outcome.FAILED, Outcome.SKIPPED):
+        return entry.outcome.value
+    return _VERDICT_HEADING[entry.verdict]
+
+
+#: The total's parts: the videos' kinds (they add up to the videos), then what was done.
+TOTAL_WORDS = (("in_sync", "in-sync"), ("plex_out_of_sync", "PLEX out-of-sync"),
+               ("sage_out_of_sync", "SageTV out-of-sync"),
+               ("both_out_of_sync", "out-of-sync on both"), ("settled", "left as is"),
+               ("not_in_sage", "not in SageTV"), ("ambiguous", "ambiguous in SageTV"),
+               ("unreadable", "unreadable"), ("updated", "updated"),
+               ("simulated", "simulated"), ("skipped", "skipped"), ("failed", "failed"))
+
+
+def counts_words(counts: dict[str, int]) -> str:
+    videos = counts.get("videos", 0)
+    parts = [f"{videos} video{'s' if videos != 1 else ''}"]
+    parts += [f"{counts[key]} {words}" for key, words in TOTAL_WORDS if counts.get(key)]
+    return ", ".join(parts)
+
+
+def sage_only_words(count: int) -> str:
+    return f"{count} SageTV recording{'s' if count != 1 else ''} not in Plex"
+
+
 @dataclass
 class Report:
-    """The run's counts and the items under headings that say what happened to them."""
+    """The run's counts and the items under headings that say what happened to them.
+    ``sage_only``: the SageTV recordings no Plex item holds (None: not known, in a run
+    of some sections or media ids); ``listed_before``: the recurring ids the last sync
+    counted, by kind (None: none known, so every one is new)."""
 
     entries: list[Entry]
     wrote: bool
     unreadable_sage: int = 0
     interrupted: bool = False
+    sage_only: list[SageItem] | None = None
+    listed_before: dict[str, set[int]] | None = None
 
     def __post_init__(self) -> None:
         self._notable: list[Entry] | None = None
+        self._groups: dict[str, list[Entry]] | None = None
 
     def notable(self) -> list[Entry]:
         """The items the default report lists: all but those in sync and left unchanged."""
@@ -3752,6 +3992,17 @@ class Report:
                              or e.decision.verdict is not Verdict.IN_SYNC
                              or e.outcome is not Outcome.UNCHANGED]
         return self._notable
+
+    def groups(self) -> dict[str, list[Entry]]:
+        """The notable items by heading key, each in one group, in listing order."""
+        if self._groups is None:
+            self._groups = collections.defaultdict(list)
+            for entry in self.notable():
+                self._groups[heading_key(entry)].append(entry)
+        return self._groups
+
+    def is_new(self, kind: str, key: int) -> bool:
+        return self.listed_before is None or key not in self.listed_before.get(kind, set())
 
     def counts(self) -> dict[str, int]:
         found: collections.Counter[object] = collections.Counter()
@@ -3768,76 +4019,88 @@ class Report:
         named.update(in_sync=quiet, unchanged=quiet)
         for key, count in found.items():
             named[key.name.lower() if isinstance(key, Enum) else str(key)] += count
+        named["sage_only"] = len(self.sage_only or ())
         return named
 
     def total_line(self) -> str:
+        """Every kind counted: the videos' parts add up to the videos; what was done to them
+        and the SageTV recordings Plex does not hold follow."""
         counts = self.counts()
-        videos = counts["videos"]
-        parts = [f"{videos} video{'s' if videos != 1 else ''}"]
-        for key, words in (("in_sync", "in-sync"), ("plex_out_of_sync", "PLEX out-of-sync"),
-                           ("sage_out_of_sync", "SageTV out-of-sync"),
-                           ("both_out_of_sync", "out-of-sync on both"),
-                           ("settled", "left as is"), ("not_in_sage", "not in SageTV"),
-                           ("ambiguous", "ambiguous in SageTV"), ("unreadable", "unreadable"),
-                           ("updated", "updated"), ("simulated", "simulated"),
-                           ("skipped", "skipped"), ("failed", "failed")):
-            if counts[key]:
-                parts.append(f"{counts[key]} {words}")
-        return "Total: " + ", ".join(parts) + "."
+        line = "Total: " + counts_words(counts)
+        if counts["sage_only"]:  # none: not said (and not known for a part of the library)
+            line += "; " + sage_only_words(counts["sage_only"])
+        return line + "."
 
-    def headings(self) -> list[tuple[str, list[Entry]]]:
-        notable = self.notable()
+    def section(self, heading: Heading, every_item: bool) -> list[str]:
+        """One heading and its items ([] when it has none to list); a recurring kind lists
+        only the items new since the last sync unless every item is asked for."""
+        items: list[Any] = self.items_under(heading.key, every_item)
+        count = f"{len(items)}"
+        if heading.recurring:
+            new = [i for i in items if self.is_new(heading.key, _item_id(i))]
+            count += f", {len(new)} new since the last sync" if len(new) < len(items) else ""
+            items = items if every_item else new
+        if not items:
+            return []
+        shown = items if every_item or len(items) <= LIST_ALL_UP_TO else items[:LIST_FIRST]
+        note = f"; {heading.note}" if heading.note else ""
+        lines = ["", f"{heading.text} ({count}{note}):"] + item_lines(shown)
+        if len(shown) < len(items):
+            lines.append(f"   ... and {len(items) - len(shown)} more (--all-items lists every "
+                         "item; the log file has a line for every item written)")
+        return lines
 
-        def where(test: Callable[[Entry], bool]) -> list[Entry]:
-            return [e for e in notable if test(e)]
+    def items_under(self, key: str, every_item: bool) -> list[Any]:
+        if key == "sage_only":
+            return list(self.sage_only or ())
+        if key == "in_sync" and every_item:
+            return [e for e in self.entries if heading_key(e) == "in_sync"]
+        return self.groups().get(key, [])
 
-        def updated(side: str) -> Callable[[Entry], bool]:
-            return lambda e: e.outcome is Outcome.UPDATED and any(
-                _is_sage(w) == (side == "sage") for w in e.writes)
-        unmatched = [
-            ("Not in SageTV:", where(lambda e: not e.matched and not e.candidates
-                                     and not e.unreadable)),
-            ("Ambiguous in SageTV (same file name twice):",
-             where(lambda e: not e.matched and e.candidates > 1)),
-            ("Unreadable:", where(lambda e: bool(e.unreadable) and not e.matched))]
-        skipped = [("Skipped:", where(lambda e: e.outcome is Outcome.SKIPPED)),
-                   ("Failed:", where(lambda e: e.outcome is Outcome.FAILED))]
-        if self.wrote:
-            return [("Updated on Plex:", where(updated("plex"))),
-                    ("Updated on SageTV:", where(updated("sage")))] + skipped + unmatched
-        pending = [
-            ("PLEX out of sync:", where(lambda e: e.matched and e.verdict in (
-                Verdict.PLEX_OUT_OF_SYNC, Verdict.BOTH_OUT_OF_SYNC))),
-            ("SageTV out of sync:", where(lambda e: e.matched and e.verdict in (
-                Verdict.SAGE_OUT_OF_SYNC, Verdict.BOTH_OUT_OF_SYNC))),
-            ("Different, left as is (neither side changed since the last sync):",
-             where(lambda e: e.matched and e.verdict is Verdict.SETTLED))]
-        return pending + unmatched + skipped
-
-    def summary(self) -> str:
+    def body(self, every_item: bool, quiet: bool) -> list[str]:
+        """The headings with their items, then the notes and the total."""
         lines: list[str] = []
-        for heading, entries in self.headings():
-            if entries:
-                lines += ["", heading] + [f"\t[{e.plex.rating_key}] {e.plex.title}"
-                                          + (f" ({entry_reason(e)})" if entry_reason(e) else "")
-                                          for e in entries]
+        for heading in HEADINGS:
+            if (heading.key != "in_sync" or every_item) and (heading.change or not quiet):
+                lines += self.section(heading, every_item)
         if self.unreadable_sage:
             lines += ["", f"{self.unreadable_sage} SageTV record(s) could not be read "
                           "(see the log)."]
         if self.interrupted:
             lines += ["", "Interrupted: the summary covers the items done so far."]
-        lines += ["", self.total_line()]
-        return "\n".join(lines)
+        return lines + ["", self.total_line()]
+
+    def nothing_to_say(self) -> bool:
+        """No change made or to make, no failure: what -q prints nothing for."""
+        groups = self.groups()
+        return self.exit_code() is ExitCode.OK and not any(
+            groups.get(h.key) for h in HEADINGS if h.change)
+
+    def error_message(self) -> str:
+        """Why the run did not end well, in one line ('' when it did)."""
+        counts = self.counts()
+        problems = []
+        if counts["failed"]:
+            failed = self.groups().get("failed", [])
+            names = "; ".join(f"[{e.plex.rating_key}] {e.plex.title}: {entry_reason(e)}"
+                              for e in failed[:3])
+            more = f"; and {len(failed) - 3} more" if len(failed) > 3 else ""
+            problems.append(f"{counts['failed']} item(s) failed ({names}{more})")
+        if counts["unreadable"]:
+            problems.append(f"{counts['unreadable']} Plex item(s) could not be read")
+        if self.unreadable_sage:
+            problems.append(f"{self.unreadable_sage} SageTV record(s) could not be read")
+        return "; ".join(problems) + ("; see the report above" if problems else "")
 
     #: Every key of the JSON summary, present (0 when none) so that scripts can rely on it.
     JSON_COUNTS = ("videos", "in_sync", "plex_out_of_sync", "sage_out_of_sync",
                    "both_out_of_sync", "settled", "not_in_sage", "ambiguous", "unreadable",
-                   "unchanged", "updated", "simulated", "skipped", "failed")
+                   "unchanged", "updated", "simulated", "skipped", "failed", "sage_only")
 
     def json_summary(self) -> dict[str, Any]:
         counts = self.counts()
         return {"summary": {key: counts[key] for key in self.JSON_COUNTS},
-                "exit_code": int(self.exit_code())}
+                "error": self.error_message() or None, "exit_code": int(self.exit_code())}
 
     def exit_code(self) -> ExitCode:
         if self.interrupted:
@@ -3845,6 +4108,66 @@ class Report:
         broken = any(e.outcome is Outcome.FAILED or (e.unreadable and not e.matched)
                      for e in self.notable())
         return ExitCode.FAILED if broken or self.unreadable_sage else ExitCode.OK
+
+
+def _item_id(item: Entry | SageItem) -> int:
+    """The id a recurring item is known by: its Plex media id, or its media file id."""
+    return item.media_file_id if isinstance(item, SageItem) else item.plex.rating_key
+
+
+def item_lines(items: Sequence[Entry | SageItem]) -> list[str]:
+    """Item lines, each season's episodes under a line naming the season."""
+    lines = []
+    heading: tuple[int, int] = (0, 0)
+    for item in items:
+        if isinstance(item, SageItem):
+            lines.append(sage_only_line(item))
+            continue
+        plex = item.plex
+        if plex.is_episode and (plex.show_key, plex.season_key) != heading:
+            heading = (plex.show_key, plex.season_key)
+            lines.append(season_heading(plex))
+        lines.append(item_line(item))
+    return lines
+
+
+def log_written(entries: Iterable[Entry]) -> None:
+    """One dated log line for every item written (without -v): what, and by which rule."""
+    for entry in entries:
+        if entry.outcome in (Outcome.UPDATED, Outcome.FAILED):
+            failed = entry.outcome is Outcome.FAILED
+            more = ([entry.detail] if failed and entry.detail else []) + list(entry.notes)
+            log.log(logging.WARNING if failed else logging.INFO,
+                    "%s [%d] %s (media file %s): %s (%s)%s", entry.outcome.value,
+                    entry.plex.rating_key, entry.plex.title,
+                    entry.sage.media_file_id if entry.sage is not None else "-",
+                    "; then ".join(str(w) for w in entry.writes) or "nothing",
+                    entry.decision.rule, "".join(f"; {m}" for m in more if m))
+
+
+def run_words(opts: Options) -> str:
+    """What a run does, in words, for its dated line: kind, then sections or ids."""
+    if opts.kind is RunKind.UNDO:
+        return (f"undo of run {opts.undo_run}" if opts.undo_run is not None
+                else "undo of the last sync")
+    if opts.kind is RunKind.APPLY:
+        return f"apply of the plan {opts.apply_file}"
+    kind = (f"plan (saved to {opts.plan_file})" if opts.kind is RunKind.PLAN
+            else "simulated sync" if opts.simulate else opts.kind.value)
+    if opts.media:
+        return f"{kind} of media id(s) {', '.join(opts.targets)}"
+    if any(t.lower() == "all" for t in opts.targets):
+        return f"{kind} of all sections"
+    return f"{kind} of section(s) " + ", ".join(repr(t) if not ASCII_ID.match(t) else t
+                                                for t in opts.targets)
+
+
+def run_line(opts: Options, number: int | None, started: float) -> str:
+    """The dated line a run's output begins with (report-only runs get no number)."""
+    when = time.strftime("%a %Y-%m-%d %H:%M:%S", time.localtime(started))
+    name = f"Run {number}" if number is not None else "Report-only run (not numbered)"
+    return f"{name}, {when}: {run_words(opts)}"
+
 
 
 ###############################################################################
@@ -4015,22 +4338,32 @@ def replay_plan(opts: Options, state: StateStore | None) -> ReplayPlan | None:
 
 
 def run_sync(opts: Options, config: Config, console: Console, stop: threading.Event,
-             all_items: bool, as_json: bool) -> ExitCode:
+             all_items: bool, as_json: bool, quiet: bool = False) -> ExitCode:
     """One run from reading to the summary: read, check, plan, guard, write, remember."""
     state_path = opts.state_path or default_state_path(config.path)
     log.info("sync state: %s", state_path)
     with SageClient(config.sage) as sage, PlexClient(config.plex) as plex, \
             StateStore(state_path, write=opts.writes) as state, \
             _collector_paused() as planned:
+        started = run_line(opts, state.next_run_id() if opts.writes else None, time.time())
+        log.info("%s", started)
+        on_failure = "" if as_json or opts.kind in (RunKind.WHY, RunKind.SAGEDATA) else started
+        held = quiet or not on_failure
+        full = not opts.media and any(t.lower() == "all" for t in opts.targets)
         replay = replay_plan(opts, state)
         run = SyncRun(opts, sage, plex, state, console, stop,
                       replay.items if replay is not None else None, config.guard_items)
         run.overrides_run = replay.undoes if replay is not None else None
-        facts = run.read()
-        if replay is not None and opts.apply_file is not None:
-            check_plan_servers(replay, run.identity(), opts.apply_file)
-        _say_clocks(sage, plex)
-        run.check(facts)
+        with _failure_recorded(state, opts, console, on_failure):
+            with console.waiting("waiting for SageTV's listing"):
+                facts = run.read()
+            if replay is not None and opts.apply_file is not None:
+                check_plan_servers(replay, run.identity(), opts.apply_file)
+            _say_clocks(sage, plex)
+            run.check(facts)
+        if not held:
+            console.out.write(started + "\n")
+            console.out.flush()
         run.plan(facts)
         planned()
         if opts.kind is RunKind.WHY:
@@ -4044,37 +4377,101 @@ def run_sync(opts: Options, config: Config, console: Console, stop: threading.Ev
         if opts.kind is RunKind.PLAN and opts.plan_file is not None:
             count = save_plan(opts.plan_file, facts, run.identity())
             console.err.write(f"plan with {count} item(s) saved to {opts.plan_file}\n")
-        run.guard(facts)
+        with _failure_recorded(state, opts, console, on_failure if held else ""):
+            run.guard(facts)
         if opts.decides_writes:
             run.write(facts)
-        report = Report(facts.entries, wrote=opts.writes, unreadable_sage=facts.index
-                        .unreadable_count, interrupted=stop.is_set())
+        sage_only = sage_only_items(facts.index, facts.entries) if full else None
+
+        def made() -> Report:
+            return Report(facts.entries, wrote=opts.writes, unreadable_sage=facts.index
+                          .unreadable_count, interrupted=stop.is_set(), sage_only=sage_only,
+                          listed_before=listed_ids(state))
         if opts.writes:
-            run_id = run.remember(facts, report.counts())
+            run_id = run.remember(facts, counts=lambda: run_counts(made()))
             log.info("run %d recorded in %s", run_id, state_path)
-        _print_report(report, console, all_items, as_json)
+        report = made()
+        log_written(facts.entries)
+        if opts.writes and not report.interrupted:
+            remember_listed(state, report)
+        _print_report(report, console, ReportStyle(all_items, as_json, quiet, started))
+        log.info("%s", report.total_line())
         log.info("done: exit %d (%d SageTV and %d Plex requests)", report.exit_code(),
                  sage.request_count, plex.request_count)
         return report.exit_code()
 
 
-def _print_report(report: Report, console: Console, all_items: bool, as_json: bool) -> None:
-    lines = []
-    heading: tuple[int, int] = (0, 0)
-    for entry in report.entries if as_json or all_items else report.notable():
-        if as_json:
-            lines.append(json.dumps(entry_json(entry), ensure_ascii=False))
-        else:
-            plex = entry.plex
-            if plex.is_episode and (plex.show_key, plex.season_key) != heading:
-                heading = (plex.show_key, plex.season_key)
-                lines.append(season_heading(plex))
-            lines.append(item_line(entry))
-    if as_json:
-        lines.append(json.dumps(report.json_summary()))
+class ReportStyle(NamedTuple):
+    """How the report is printed: every item, JSON, quiet; the run's dated line."""
+
+    all_items: bool
+    as_json: bool
+    quiet: bool
+    run_line: str
+
+
+def _print_report(report: Report, console: Console, style: ReportStyle) -> None:
+    """The report on stdout (each item once), and why the run failed on stderr too."""
+    problem = report.error_message()
+    if problem:
+        console.err.write(f"{PROG}: error: {console.secrets.redact(problem)}\n")
+    if style.as_json:
+        lines = [json.dumps(entry_json(entry), ensure_ascii=False) for entry in report.entries]
+        lines.append(json.dumps({**report.json_summary(), "run": style.run_line},
+                                ensure_ascii=False))
+    elif style.quiet and report.nothing_to_say():
+        return  # cron mails only when something happened
     else:
-        lines.append(report.summary())
+        lines = report.body(style.all_items, style.quiet)
+        if style.quiet:
+            lines = [style.run_line] + lines
     console.out.write(console.secrets.redact("\n".join(lines)) + "\n")
+
+
+@contextlib.contextmanager
+def _failure_recorded(state: StateStore, opts: Options, console: Console, run_line: str
+                      ) -> Iterator[None]:
+    """A sync that could not finish (a server unreachable, the guard refused) is kept in
+    --history too, with its error, and its output is its dated line (``run_line``: '' once
+    printed, or held back). A usage error is no run: nothing is printed or kept."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except SyncError as exc:
+        if state.write and state.db is not None:
+            with contextlib.suppress(SyncError):
+                state.finish_run(0, opts.kind.value, opts.argv, (), (), counts={
+                    "error": console.secrets.redact(str(exc)), "exit_code": int(exc.exit_code)})
+        if run_line:
+            console.out.write(run_line + "\n")
+        raise
+
+
+def run_counts(report: Report) -> dict[str, Any]:
+    """What --history keeps of a run: its non-zero counts and its exit code."""
+    counts = report.json_summary()["summary"]
+    return {**{k: v for k, v in counts.items() if v}, "exit_code": int(report.exit_code())}
+
+
+def listed_ids(state: StateStore) -> dict[str, set[int]] | None:
+    if state.db is None:
+        return None
+    return {kind: state.listed(kind) for kind in RECURRING}
+
+
+def remember_listed(state: StateStore, report: Report) -> None:
+    """The recurring ids this sync counted, to tell the new ones next time. A run of some
+    sections or media ids replaces only what it saw."""
+    before = report.listed_before or {}
+    seen = {e.plex.rating_key for e in report.entries}
+    for kind in RECURRING:
+        now = {_item_id(i) for i in report.items_under(kind, every_item=False)}
+        if kind == "sage_only":
+            if report.sage_only is not None:
+                state.set_listed(kind, now)
+        else:
+            state.set_listed(kind, (before.get(kind, set()) - seen) | now)
 
 
 def run_check(config: Config, console: Console) -> ExitCode:
@@ -4170,24 +4567,71 @@ def _delete_section(wanted: str, yes: bool, sections: list[PlexSection], plex: P
 
 
 def run_rounds(opts: Options, config: Config, console: Console, stop: threading.Event,
-               minutes: float, all_items: bool, as_json: bool) -> ExitCode:
+               minutes: float, all_items: bool, as_json: bool, quiet: bool = False
+               ) -> ExitCode:
     """--interval: sync, sleep, repeat until Ctrl-C or SIGTERM; a failed round is logged
-    and the next one runs."""
+    and the next one runs. Each round's output begins with its own dated line."""
     code = ExitCode.OK
     while not stop.is_set():
         try:
-            code = run_sync(opts, config, console, stop, all_items, as_json)
+            code = run_sync(opts, config, console, stop, all_items, as_json, quiet)
         except UsageError:
             raise
         except SyncError as exc:
             code = exc.exit_code
             message = console.secrets.redact(str(exc))
-            log.error("round failed: %s", message)
+            log.error("round failed: %s", message, extra=SAID_ON_STDERR)
             console.err.write(f"{PROG}: round failed: {message}\n")
+            if as_json:
+                console.out.write(json.dumps(error_summary(message, code)) + "\n")
         console.out.flush()
         if stop.wait(minutes * 60):
             break
     return ExitCode.INTERRUPTED if code is not ExitCode.FAILED else code
+
+
+def show_history(state_path: Path, console: Console, limit: int, as_json: bool) -> ExitCode:
+    """--history: the runs the state keeps, oldest first: the numbers --undo takes."""
+    if not state_path.exists():
+        console.err.write(f"no runs yet: {state_path} does not exist (a sync with -s makes "
+                          "it)\n")
+        return ExitCode.OK
+    with StateStore(state_path, write=False) as state:
+        runs = state.history(limit)
+    if as_json:
+        for run in runs:
+            console.out.write(json.dumps({
+                "run": run.run_id, "started_at": run.started_at, "kind": run.kind,
+                "writes": run.writes, "counts": run.counts, "undone_by": run.undone_by},
+                ensure_ascii=False) + "\n")
+        return ExitCode.OK
+    lines = [f"Runs kept in {state_path} (the last {RUNS_KEPT} at most; --undo RUN puts "
+             "one back):", "  run  date                 kind   what it did"]
+    lines += [f"{run.run_id:>5}  {run.started_at:<19}  {run.kind:<5}  {history_words(run)}"
+              for run in runs]
+    if not runs:
+        lines.append("  (none yet)")
+    console.out.write(console.secrets.redact("\n".join(lines)) + "\n")
+    return ExitCode.OK
+
+
+def history_words(run: RunRecord) -> str:
+    counts = run.counts
+    if counts is None:  # kept by a version that did not count
+        words = f"{run.writes} item(s) written"
+    elif "error" in counts:
+        words = f"FAILED: {counts['error']}"
+    else:
+        words = counts_words(counts)
+        words += f"; {sage_only_words(counts['sage_only'])}" if counts.get("sage_only") else ""
+    if counts is not None and "exit_code" in counts:
+        words += f"; exit {counts['exit_code']}"
+    return words + (f"; undone by run {run.undone_by}" if run.undone_by else "")
+
+
+def error_summary(message: str, code: int) -> dict[str, Any]:
+    """--json's one summary object for a run that could not start or finish."""
+    return {"summary": None, "error": message, "exit_code": int(code)}
 
 
 ###############################################################################
@@ -4217,11 +4661,16 @@ exit codes: 0 all writes done, 1 a write or the run failed (or the guard refused
 """
 
 
+def _see_help(message: str) -> str:
+    """A usage error ends with a pointer to --help, once."""
+    return message if "--help" in message else f"{message} (see --help)"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse whose usage errors are one line (main prints it), not a usage block."""
 
     def error(self, message: str) -> NoReturn:
-        raise UsageError(message if "--help" in message else f"{message} (see --help)")
+        raise UsageError(_see_help(message))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -4272,6 +4721,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="answer yes to --delsec's question and to the guard")
     parser.add_argument("--json", action="store_true",
                         help="one JSON object per item and a summary object on stdout")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="print only the run's line, changes, failures and the total; "
+                             "nothing at all when nothing happened (for cron)")
+    actions.add_argument("--history", nargs="?", const=RUNS_KEPT, type=int, metavar="N",
+                         help=f"list the runs kept in the sync state (the last N, default "
+                              f"all: at most {RUNS_KEPT}), with the numbers --undo takes")
     parser.add_argument("--all-items", action="store_true",
                         help="list in-sync items too (the default lists what needs attention)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -4334,9 +4789,18 @@ _CONFLICTS: list[tuple[Callable[[argparse.Namespace], bool], str]] = [
      "--interval needs -s and a number of minutes above 0"),
     (lambda a: bool(a.json and (_admin(a) or a.why or a.sagedata)),
      "--json goes with a sync or report"),
-    (lambda a: not (_admin(a) or a.id or a.why or a.undo is not None or a.apply),
+    (lambda a: a.history is not None and (a.history < 1 or bool(
+        a.id or a.media or a.sagedata or a.position or a.prompt or a.simulate or a.plan
+        or a.interval is not None or a.quiet or a.all_items)),
+     "--history lists the runs kept (the last N, N at least 1); it takes no ids or other "
+     "options but --state, -c and --json"),
+    (lambda a: bool(a.quiet and (a.verbose or a.all_items or a.json or _admin(a) or a.why
+                                 or a.sagedata)),
+     "-q goes with a sync or report, and prints less: not with -v, --all-items or --json"),
+    (lambda a: not (_admin(a) or a.id or a.why or a.undo is not None or a.apply
+                    or a.history is not None),
      "nothing to do: give a section (id, name or all), -m media ids, -l, --check, "
-     "--undo, --why or a library command; see --help"),
+     "--undo, --history, --why or a library command"),
 ]
 
 
@@ -4344,7 +4808,7 @@ def validate_args(args: argparse.Namespace) -> Options:
     """The command line, checked, as the run's options (UsageError: exit 2)."""
     for broken, message in _CONFLICTS:
         if broken(args):
-            raise UsageError(f"{message} (see --help)")
+            raise UsageError(_see_help(message))
     if args.ignore < 0:
         raise UsageError(f"-x must be 0 or more seconds, not {args.ignore} (see --help)")
     ids = list(args.id)
@@ -4402,6 +4866,15 @@ def _log_file(path: Path, err: TextIO) -> list[logging.Handler]:
         return []
 
 
+#: ``extra=`` of a log record whose message the run has written on stderr itself: the
+#: stderr handler of -v leaves it out (the file keeps it), so it is said once.
+SAID_ON_STDERR = {"said_on_stderr": True}
+
+
+def _not_said_yet(record: logging.LogRecord) -> bool:
+    return not getattr(record, "said_on_stderr", False)
+
+
 @contextlib.contextmanager
 def logging_to(verbose: bool, err: TextIO, secrets: Secrets) -> Iterator[Path | None]:
     """The run's log handlers (a 0600 file in the user's state folder, stderr with -v),
@@ -4410,7 +4883,9 @@ def logging_to(verbose: bool, err: TextIO, secrets: Secrets) -> Iterator[Path | 
     formatter = _RedactingFormatter(secrets)
     handlers: list[logging.Handler] = _log_file(path, err)
     if verbose:
-        handlers.append(logging.StreamHandler(err))
+        to_stderr = logging.StreamHandler(err)
+        to_stderr.addFilter(_not_said_yet)
+        handlers.append(to_stderr)
     names = ("sageplex_sync", "plexapi", "urllib3") if verbose else ("sageplex_sync",)
     saved = [(logging.getLogger(n), logging.getLogger(n).level, logging.getLogger(n).propagate)
              for n in names]
@@ -4456,6 +4931,9 @@ def stopping_on_signals(stop: threading.Event) -> Iterator[threading.Event]:
 
 def _dispatch(args: argparse.Namespace, opts: Options, console: Console,
               stop: threading.Event) -> ExitCode:
+    if args.history is not None:  # the state alone: no server is asked
+        state_path = opts.state_path or default_state_path(find_config(args.config))
+        return show_history(state_path, console, args.history, args.json)
     config = load_config(find_config(args.config), console.secrets)
     log.info("config %s: %r %r", config.path, config.sage, config.plex)
     for warning in () if args.check else config.warnings:  # --check prints them itself
@@ -4466,8 +4944,9 @@ def _dispatch(args: argparse.Namespace, opts: Options, console: Console,
         return run_admin(args, config, console)
     if args.interval is not None:
         return run_rounds(opts, config, console, stop, args.interval, args.all_items
-                          or args.verbose, args.json)
-    return run_sync(opts, config, console, stop, args.all_items or args.verbose, args.json)
+                          or args.verbose, args.json, args.quiet)
+    return run_sync(opts, config, console, stop, args.all_items or args.verbose, args.json,
+                    args.quiet)
 
 
 def main(argv: list[str] | None = None, *, out: TextIO | None = None,
@@ -4480,15 +4959,16 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None,
     terminal = _controlling_terminal if stdin is None else (lambda: None)
     stdin = stdin if stdin is not None else sys.stdin
     secrets = Secrets()
+    words = list(argv if argv is not None else sys.argv[1:])
     try:
-        args = build_parser().parse_args(argv)
-        opts = replace(validate_args(args), argv=tuple(argv if argv is not None
-                                                        else sys.argv[1:]))
+        args = build_parser().parse_args(words)
+        opts = replace(validate_args(args), argv=tuple(words))
     except SystemExit as exc:  # argparse has printed the help or the version
         return exc.code if isinstance(exc.code, int) else ExitCode.USAGE
     except UsageError as exc:
-        err.write(f"{PROG}: error: {exc}\n")
-        return exc.exit_code
+        # --json's summary, unless the error is that --json does not go with the command
+        return _failed(str(exc), exc.exit_code, out, err,
+                       "--json" in words and "--json" not in str(exc))
     progress = _isatty(err) and not args.no_progress and not args.verbose
     console = Console(out, err, stdin, secrets, progress, terminal)
     stop = threading.Event()
@@ -4501,23 +4981,34 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None,
             return code
         except SyncError as exc:
             message = secrets.redact(str(exc))
-            log.error("%s", message)
-            err.write(f"{PROG}: error: {message}\n")
-            return exc.exit_code
+            log.error("%s", message, extra=SAID_ON_STDERR)
+            return _failed(message, exc.exit_code, out, err, args.json)
         except KeyboardInterrupt:
             err.write(f"{PROG}: interrupted\n")
             return ExitCode.INTERRUPTED
         except BrokenPipeError:
             return ExitCode.FAILED
         except Exception as exc:  # a bug: one line here, the traceback in the log
-            log.exception("unexpected error")
+            log.exception("unexpected error", extra=SAID_ON_STDERR)
             message = secrets.redact(f"{exc.__class__.__name__}: {exc}")
             err.write(f"{PROG}: internal error: {message} (details in the log)\n")
+            if args.json:
+                out.write(json.dumps(error_summary(f"internal error: {message}",
+                                                   ExitCode.FAILED)) + "\n")
             return ExitCode.FAILED
         finally:
             console.close()
             with contextlib.suppress(BrokenPipeError, ValueError):
                 out.flush()
+
+
+def _failed(message: str, code: int, out: TextIO, err: TextIO, as_json: bool) -> int:
+    """A run that could not start or finish: the error on stderr, always; with --json also
+    the one summary object, with the error and the exit code."""
+    err.write(f"{PROG}: error: {message}\n")
+    if as_json:
+        out.write(json.dumps(error_summary(message, code), ensure_ascii=False) + "\n")
+    return code
 
 
 if __name__ == "__main__":

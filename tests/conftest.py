@@ -49,6 +49,20 @@ class Result:
         assert matches, f"no report line for {rating_key} in:\n{self.out}"
         return matches[0]
 
+    def under(self, heading: str) -> list[int]:
+        """The media ids listed under the heading that starts with ``heading``, in order
+        (the season lines above episodes skipped); [] when there is no such heading."""
+        lines = self.lines
+        starts = [i for i, ln in enumerate(lines) if ln.startswith(heading) and ln.endswith(":")]
+        assert len(starts) <= 1, f"{heading!r} is more than one heading in:\n{self.out}"
+        keys = []
+        for line in lines[starts[0] + 1:] if starts else []:
+            if not line:
+                break
+            if not line.startswith("== ") and line.split()[0].isdigit():
+                keys.append(int(line.split()[0]))
+        return keys
+
     @property
     def total(self) -> str:
         return next(ln for ln in self.lines if ln.startswith("Total:"))

@@ -5,9 +5,11 @@
     python -m tests.sandbox --run "all -s" --run all    several runs on the same library
     python -m tests.sandbox --serve              keep the fakes up and try commands by hand
 
-Both fakes start on free ports of 127.0.0.1 with a sample library of about 30 items in
-every interesting state, a temporary sageplex_cfg.json points at them, and the tool runs
-in this process exactly as it would against real servers.
+Both fakes start on free ports of 127.0.0.1 with a sample library of 32 recordings in
+every interesting state (30 Plex items, the report's videos; 30 SageTV media files, what
+--check counts; the first lines say which are on one side only), a temporary
+sageplex_cfg.json points at them, and the tool runs in this process exactly as it would
+against real servers. ``--run "--check"`` works as ``--run=--check`` does.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from tests.fakes.world import DAY, HOUR, MIN, World, at, none, watched  # noqa: 
 
 
 def demo_world(now_ms: int | None = None) -> World:
-    """About 30 items, each in a state worth seeing (the comment says which)."""
+    """32 recordings, each in a state worth seeing (the comment says which)."""
     w = World(now_ms=now_ms)
     show = "Castle"
     # in sync already
@@ -86,8 +88,22 @@ def demo_world(now_ms: int | None = None) -> World:
     twin = w.episode("Twins", 1, 1, "First", file_name="Twins-S01E01.mpg", plex=watched())
     w.episode("Twins", 1, 2, "Second", file_name="Twins-S01E01.mpg", in_plex=False,
               sage=watched(ago=DAY))
+    # a recording no Plex library holds (counted in the total as not in Plex)
+    w.episode(show, 7, 13, "Sleeper", in_plex=False, sage=none())
     assert twin.rating_key is not None
     return w
+
+
+def numbers(world: World) -> str:
+    """What the sandbox's numbers are, so that the report's and --check's agree with it."""
+    items = world.items
+    sage = sum(1 for i in items if i.media_file_id is not None)
+    plex = sum(1 for i in items if i.rating_key is not None)
+    both = sum(1 for i in items if i.media_file_id is not None and i.rating_key is not None)
+    return (f"sandbox: {len(items)} recordings: {sage} in SageTV (media files: what --check "
+            f"counts), {plex} in Plex (the report's videos); {both} on both, {plex - both} "
+            f"only in Plex (not in SageTV), {sage - both} only in SageTV (one shares a Plex "
+            "item's file name: ambiguous; the other is counted as not in Plex)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep the fake servers up and print the config path")
     parser.add_argument("--run", action="append", metavar="ARGS", default=[],
                         help="one sageplex_sync command line (repeat for several runs)")
-    options, rest = parser.parse_known_args(argv)
+    options, rest = parser.parse_known_args(_runs_joined(sys.argv[1:] if argv is None
+                                                         else argv))
     runs = [shlex.split(r) for r in options.run] + ([rest] if rest else [])
     if not runs and not options.serve:
         runs = [["all"]]
@@ -112,6 +129,18 @@ def main(argv: list[str] | None = None) -> int:
             return _sandbox(Path(name), runs, options.serve)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _runs_joined(argv: list[str]) -> list[str]:
+    """``--run "--check"`` as ``--run=--check``: argparse takes a value that starts with a
+    dash only when it is joined to its option."""
+    joined: list[str] = []
+    words = iter(argv)
+    for word in words:
+        if word == "--run":
+            word = "--run=" + next(words, "")
+        joined.append(word)
+    return joined
 
 
 def _stop_on_sigterm(signum: int, frame: object) -> None:
@@ -133,7 +162,7 @@ def _sandbox(folder: Path, runs: list[list[str]], serve: bool) -> int:
         seen = ", ".join(f"{location} ({section.title})" for section in sections.values()
                          for location in section.locations)
         print(f"sandbox: fake SageTV at {servers.sage.base_url}, fake Plex at "
-              f"{servers.plex.base_url}, {len(world.items)} recordings\n"
+              f"{servers.plex.base_url}\n{numbers(world)}\n"
               f"sandbox: the fake Plex sees the folders {seen}\n"
               f"sandbox: config {config}\n", file=sys.stderr)
         code = 0

@@ -205,6 +205,12 @@ READ_CASES = {
 }
 
 
+def assert_failure_said_once(r: Any, rating_key: int | None) -> None:
+    """A failed write is said on stderr too: one line, naming the (first) item."""
+    assert len(r.err.splitlines()) == 1 and r.err.startswith("sageplex-sync: error: "), r.err
+    assert "failed" in r.err and f"[{rating_key}]" in r.err
+
+
 @pytest.mark.parametrize("case", list(READ_CASES.values()), ids=list(READ_CASES))
 def test_read_failure_stops_the_run_before_any_write(world: World, start: Any,
                                                      case: ReadCase) -> None:
@@ -316,10 +322,11 @@ def test_failed_write_fails_the_item_and_the_run_goes_on(world: World, start: An
     assert "[OK]" in r.line_for(items.in_sync.rating_key)
     if case.outcome == "failed":
         assert r.code == 1
-        assert "\nFailed:\n" in r.out and "1 failed." in r.total
+        assert r.under("Failed (1):") == [failing.rating_key] and "1 failed." in r.total
+        assert_failure_said_once(r, failing.rating_key)
     else:
         assert r.code == 0
-    assert r.err == ""  # the run itself did not fail: the item line says what did
+        assert r.err == ""
     # writes are never retried blindly: the failing write went out exactly once
     write = "SetWatched" if case.server == "sage" else "scrobble"
     assert len([q for q in fake.requests(function=write) if fault.when(q)]) == 1
@@ -404,7 +411,7 @@ def test_sagetv_goes_away_during_the_writes(world: World, start: Any) -> None:
     r = env.run("all", "-s")
 
     assert r.code == 1
-    assert r.err == ""
+    assert_failure_said_once(r, items.sage1.rating_key)
     for item in (items.sage1, items.sage2):
         line = r.line_for(item.rating_key)
         assert "[failed]" in line and "cannot reach SageTV" in line
@@ -431,7 +438,7 @@ def test_plex_goes_away_during_the_writes(world: World, start: Any) -> None:
     r = env.run("TV Shows", "-s")
 
     assert r.code == 1
-    assert r.err == ""
+    assert_failure_said_once(r, plex_items[0].rating_key)
     for item in plex_items:
         line = r.line_for(item.rating_key)
         assert "[failed]" in line and "cannot reach Plex" in line
@@ -508,7 +515,7 @@ def test_position_write_failing_after_clear_watched_restores_watched(
                  if q.param("1") == f"airing:{item.airing_id}"]
     assert functions == ["ClearWatched", "SetWatchedTimes", "SetWatched"]
     assert world.sage.airing_json(item.airing_id)["IsWatched"] is True
-    assert r.err == ""
+    assert_failure_said_once(r, item.rating_key)
     assert_clean(r)
 
 

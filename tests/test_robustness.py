@@ -149,14 +149,15 @@ def test_a_malformed_sagetv_record_is_skipped_and_reported_while_the_rest_syncs(
     r = env.run("all", "-s")
 
     assert r.code == 1, r.out + r.err
-    assert r.err == ""  # the run did not fail: the report says what was skipped
+    # the report says what was skipped; why the exit code is 1 is said on stderr, once
+    assert len(r.err.splitlines()) == 1 and "1 SageTV record(s) could not be read" in r.err
     assert "1 SageTV record(s) could not be read (see the log)." in r.out
     assert "SageTV record skipped" in r.log
     assert_others_synced(env, world, r, sage_other, plex_other)
     if says:  # the victim's record was the broken one: reported, and nothing written
         line = r.line_for(victim.rating_key)
         assert "[skipped]" in line and says in line, line
-        assert "\nUnreadable:\n" in r.out and "1 unreadable" in r.total
+        assert r.under("Unreadable (1):") == [victim.rating_key] and "1 unreadable" in r.total
         assert victim.airing_id not in env.written_airings()
         assert victim.rating_key not in env.written_rating_keys()
         assert not world.sage_watched(victim)
@@ -177,7 +178,8 @@ def test_a_plex_episode_whose_view_count_is_not_a_number_is_skipped_while_the_re
     r = env.run("all", "-s")
 
     assert r.code == 1, r.out + r.err
-    assert r.err == ""
+    assert r.err == "sageplex-sync: error: 1 Plex item(s) could not be read; see the report " \
+        "above\n"
     line = r.line_for(victim.rating_key)
     assert "[skipped]" in line and "viewCount is 'abc', not a number" in line, line
     assert "1 unreadable" in r.total

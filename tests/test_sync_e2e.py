@@ -261,16 +261,15 @@ def test_report_mode_writes_nothing_and_prints_verdicts_and_summary(world: World
     assert "[SageTV out of sync]  SageTV not watched, Plex at 0:50:00" in \
         result.line_for(items["position"].rating_key)
     assert "[not in SageTV]" in result.line_for(items["missing"].rating_key)
-    summary = result.out[result.out.index("\nPLEX out of sync:"):]
-    assert summary.index("PLEX out of sync:") < summary.index("SageTV out of sync:") \
-        < summary.index("Not in SageTV:") < summary.index("Total:")
-    plex_part = summary[:summary.index("SageTV out of sync:")]
-    assert f"[{items['to_plex'].rating_key}] Bones - s01e03 - A Boy in a Tree" in plex_part
-    sage_part = summary[summary.index("SageTV out of sync:"):summary.index("Not in SageTV:")]
-    assert f"[{items['to_sage'].rating_key}]" in sage_part
-    assert f"[{items['position'].rating_key}] Ronin (1998)" in sage_part
-    missing_part = summary[summary.index("Not in SageTV:"):]
-    assert f"[{items['missing'].rating_key}] Blu-ray Rip (2010)" in missing_part
+    out = result.out
+    assert out.index("\nPLEX out of sync (1):") < out.index("\nSageTV out of sync (2):") \
+        < out.index("\nNot in SageTV (1; ") < out.index("\nIn sync (2):") < out.index("Total:")
+    assert result.under("PLEX out of sync") == [items["to_plex"].rating_key]
+    assert sorted(result.under("SageTV out of sync")) == sorted(
+        [items["to_sage"].rating_key, items["position"].rating_key])
+    assert result.under("Not in SageTV") == [items["missing"].rating_key]
+    item_lines = [ln for ln in result.lines if ln[:7].strip().isdigit()]
+    assert len(item_lines) == 6  # each item once, under the heading of what it is
     assert result.total == ("Total: 6 videos, 2 in-sync, 1 PLEX out-of-sync, "
                             "2 SageTV out-of-sync, 1 not in SageTV.")
     assert_no_secrets(result.out, result.err, result.log)
@@ -550,8 +549,8 @@ def test_item_not_in_sage_is_left_alone_and_listed(world: World, start) -> None:
 
     assert result.code == 0
     assert "[not in SageTV]" in result.line_for(missing.rating_key)
-    assert "Not in SageTV:" in result.out
-    assert f"\t[{missing.rating_key}] Blu-ray Rip (2010)" in result.out
+    assert result.under("Not in SageTV (1; ") == [missing.rating_key]
+    assert result.under("Updated on Plex (1):") == [synced.rating_key]
     assert env.written_rating_keys() == {synced.rating_key}
     assert env.sage_writes() == []
     assert world.plex_item(missing).view_offset_ms == 30 * MIN
@@ -769,12 +768,14 @@ class TestSandboxWorld:
         assert report.code == 0
         assert env.writes() == []
         item_lines = [ln for ln in report.lines if ln[:7].strip().isdigit()]
-        assert len(item_lines) == sum(1 for i in world.items if i.rating_key is not None)
-        not_ok = [ln for ln in item_lines if not ln.endswith("[OK]")]
+        plex_lines = [ln for ln in item_lines if not ln.endswith("[not in Plex]")]
+        assert len(plex_lines) == sum(1 for i in world.items if i.rating_key is not None)
+        assert len(item_lines) == len(plex_lines) + 1  # the one recording Plex does not hold
+        not_ok = [ln for ln in plex_lines if not ln.endswith("[OK]")]
         assert len(not_ok) == 3
         assert all("[not in SageTV]" in ln or "[ambiguous in SageTV]" in ln for ln in not_ok)
         assert report.total == ("Total: 30 videos, 27 in-sync, 2 not in SageTV, "
-                                "1 ambiguous in SageTV.")
+                                "1 ambiguous in SageTV; 1 SageTV recording not in Plex.")
 
 
 # -- failed writes -------------------------------------------------------------------------
@@ -797,8 +798,8 @@ def test_sage_write_that_does_nothing_fails_the_item_restores_it_and_goes_on(
     assert "[failed]" in result.line_for(moved.rating_key)
     assert "[updated]" in result.line_for(fine.rating_key)
     assert "[updated]" in result.line_for(to_plex.rating_key)
-    failed = result.out[result.out.index("\nFailed:"):result.out.index("Total:")]
-    assert f"[{rewatched.rating_key}]" in failed and f"[{moved.rating_key}]" in failed
+    assert sorted(result.under("Failed (2):")) == sorted([rewatched.rating_key,
+                                                          moved.rating_key])
     assert "2 failed" in result.total and "2 updated" in result.total
     # never less watched than before: the cleared item is watched again, the other kept
     assert "ClearWatched" in [r.function for r in env.sage_writes()]

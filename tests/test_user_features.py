@@ -147,7 +147,10 @@ def test_json_sync_reports_the_outcome_of_each_item(world: World, start) -> None
                                    "videos": 6, "in_sync": 1, "plex_out_of_sync": 2,
                                    "sage_out_of_sync": 1, "not_in_sage": 1, "ambiguous": 1,
                                    "updated": 3, "unchanged": 1},
-                       "exit_code": 0}
+                       "error": None, "exit_code": 0,
+                       "run": summary["run"]}
+    assert summary["run"].startswith("Run 1, ") and summary["run"].endswith(
+        ": sync of all sections")
     assert world.plex_item(items.to_plex).view_count == 1
     assert world.sage_watched(items.to_sage)
     assert env.writes()
@@ -165,7 +168,9 @@ def test_json_failed_write_gives_exit_1_in_the_summary_and_the_exit_code(world: 
     *entries, summary = json_lines(out)
     assert {e["media_id"]: e for e in entries}[items.to_plex.rating_key]["outcome"] == "failed"
     assert summary["exit_code"] == 1 and summary["summary"]["failed"] == 1
-    assert err == ""  # the failure is in the report, not a message
+    assert f"[{items.to_plex.rating_key}]" in summary["error"] and "HTTP 500" in summary["error"]
+    # the failure is said on stderr too, once
+    assert err.count("error:") == 1 and f"[{items.to_plex.rating_key}]" in err
 
 
 @pytest.mark.parametrize(("argv", "config", "code", "says"), [
@@ -174,7 +179,7 @@ def test_json_failed_write_gives_exit_1_in_the_summary_and_the_exit_code(world: 
     (["all", "--json"], {"plex__token": "wrong-token-42"}, 1, "refused the token"),
     (["all", "--json"], {"sagex__password": "wrong-pw-42"}, 1, "SageTV"),
 ], ids=["unknown-section", "with-list", "plex-refuses", "sage-refuses"])
-def test_json_errors_are_one_line_on_stderr_and_nothing_on_stdout(
+def test_json_errors_are_one_line_on_stderr_and_one_summary_on_stdout(
         world: World, start, argv: list[str], config: dict, code: int, says: str) -> None:
     Items(world)
     env = start(**config)
@@ -182,7 +187,12 @@ def test_json_errors_are_one_line_on_stderr_and_nothing_on_stdout(
     result = main(*argv)
 
     assert result[0] == code
-    assert result[1] == ""
+    if "-l" in argv:  # --json does not go with -l: no JSON at all
+        assert result[1] == ""
+    else:  # the run could not start: still one summary object, with the error and code
+        assert json_lines(result[1]) == [{"summary": None, "error": json_lines(result[1])[0][
+            "error"], "exit_code": code}]
+        assert says in json_lines(result[1])[0]["error"]
     assert len(result[2].splitlines()) == 1 and says in result[2]
     assert "Traceback" not in result[2]
     assert_no_secrets(*result[1:])
@@ -253,21 +263,28 @@ def test_sync_summary_headings_come_in_order_then_the_total(world: World, start)
 
     assert code == 1  # a write failed
     lines = out.splitlines()
+    assert lines[0].startswith("Run 1, ")
     headings = [ln for ln in lines if ln and not ln[0].isspace() and ln.endswith(":")]
-    assert headings == ["Updated on Plex:", "Updated on SageTV:", "Skipped:", "Failed:",
-                        "Not in SageTV:", "Ambiguous in SageTV (same file name twice):"]
+    assert headings == [
+        "Updated on Plex (2):", "Updated on SageTV (1):", "Skipped (1):", "Failed (1):",
+        "Not in SageTV (1; Plex items whose file SageTV does not have):",
+        "Ambiguous in SageTV (1; the same file name twice):"]
 
     def under(heading: str) -> list[str]:
+        """The media ids of the item lines under a heading (season lines skipped)."""
         at_ = lines.index(heading) + 1
-        rows = []
-        while at_ < len(lines) and lines[at_].startswith("\t"):
-            rows.append(lines[at_])
+        keys = []
+        while at_ < len(lines) and lines[at_]:
+            if not lines[at_].startswith("== "):
+                keys.append(int(lines[at_].split()[0]))
             at_ += 1
-        return rows
-    assert any(f"[{items.to_plex.rating_key}]" in r for r in under("Updated on Plex:"))
-    assert any(f"[{items.to_sage.rating_key}]" in r for r in under("Updated on SageTV:"))
-    assert any(f"[{skipped.rating_key}]" in r for r in under("Skipped:"))
-    assert any(f"[{failing.rating_key}]" in r for r in under("Failed:"))
+        return keys
+    assert items.to_plex.rating_key in under("Updated on Plex (2):")
+    assert under("Updated on SageTV (1):") == [items.to_sage.rating_key]
+    assert under("Skipped (1):") == [skipped.rating_key]
+    assert under("Failed (1):") == [failing.rating_key]
+    listed = [k for h in headings for k in under(h)]
+    assert len(listed) == len(set(listed)) == 2 + 1 + 1 + 1 + 1 + 1  # each item once
     assert lines[-1].startswith("Total: 8 videos, ")
     assert lines[-1].endswith(".") and "1 failed" in lines[-1] and "1 skipped" in lines[-1]
 
@@ -317,11 +334,13 @@ def test_progress_bar_is_shown_on_a_terminal(world: World, start) -> None:
     Items(world)
     env = start()
 
+    env.sage.add_fault(function="GetMediaFiles", delay_s=0.6)  # time to show the count
+
     code, out, err = _run_with_stderr_on_a_terminal(env, "all", "-s")
 
     assert code == 0
-    assert "reading Plex" in err and "items" in err  # tqdm's bar, on stderr
-    assert "writing" in err
+    assert "reading Plex: " in err and " items" in err  # the status line, on stderr
+    assert "writing" in err  # tqdm's bar
     assert "reading Plex" not in out and "Total:" in out
 
 

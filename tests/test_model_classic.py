@@ -1,4 +1,5 @@
-"""Model test (the first one, kept beside the larger one in test_model.py): random user actions on either server, random syncs, over a small world, with
+"""The first model test, kept beside the larger one in test_model.py: random user
+actions on either server, random syncs, over a small world, with
 hypothesis' stateful testing. The real tool runs (``all -s -y --state P``) against the fakes
 over real HTTP; the servers are started afresh for every example.
 

@@ -1245,7 +1245,9 @@ class SageItem:
         """What the state file and --why keep of SageTV's side."""
         return {"IsWatched": self.watched, "WatchedEndTime": self.watched_end_ms,
                 "RealWatchedEndTime": self.real_end_ms, "FileStartTime": self.file_start_ms,
-                "AiringStartTime": self.airing.start_ms, "AiringEndTime": self.airing.end_ms}
+                "AiringStartTime": self.airing.start_ms, "AiringEndTime": self.airing.end_ms,
+                # which recordings share its show flag, and which airing --watch hears of
+                "ShowExternalID": self.show_id, "AiringID": self.airing_id}
 
 
 def _field(record: dict, key: str, kind: type, where: str) -> Any:
@@ -2806,8 +2808,11 @@ class SyncRun:
         """Both servers at once: the SageTV listing is built while the Plex listings stream.
         A read that fails ends the run here, before any write."""
         background = ThreadPoolExecutor(1, thread_name_prefix="sage-listing")
+        targeted = self.targeted_files()
         try:
-            listing = background.submit(self.sage.media_files, SAGE_FIELDS, convert_media_file)
+            listing = background.submit(self.sage.media_files, SAGE_FIELDS, convert_media_file
+                                        ) if targeted is None else background.submit(
+                self.read_sage_files, targeted)
             items, unreadable = self.read_plex()
             played_fraction, played_from = self.plex.played_threshold()
             index = SageIndex(listing.result())
@@ -2827,6 +2832,41 @@ class SyncRun:
             if not entry.unreadable and entry.outcome is Outcome.UNCHANGED:
                 self.assess(entry, facts, self.bases)
         return facts
+
+    def targeted_files(self) -> list[int] | None:
+        """A media sync whose items all have bases (the continuous mode's events) reads
+        those SageTV files by id, and the recordings sharing their show flag, instead of
+        the whole listing; None: the whole listing (an item never synced, a show id)."""
+        if not (self.opts.media and self.opts.kind in (RunKind.SYNC, RunKind.WATCH)
+                and self.state is not None and not self.overrides):
+            return None
+        bases = self.state.bases()
+        files: set[int] = set()
+        shows: set[str] = set()
+        for target in self.opts.targets:
+            record = bases.get(int(target))
+            if record is None or not record.known or "ShowExternalID" not in record.sage_raw:
+                return None
+            files.add(record.media_file_id)
+            shows.add(str(record.sage_raw["ShowExternalID"] or ""))
+        shows.discard("")
+        files.update(r.media_file_id for r in bases.values()
+                     if r.sage_raw.get("ShowExternalID") in shows)
+        return sorted(files)
+
+    def read_sage_files(self, media_file_ids: list[int]) -> list[SageItem | Unreadable]:
+        """SageTV's media files by id; one that is gone (a new recording of it may have
+        another id) means the whole listing after all."""
+        records: list[SageItem | Unreadable] = []
+        for media_file_id in media_file_ids:
+            record = self.sage.media_file(media_file_id, SAGE_FIELDS)
+            if record is None:
+                log.info("SageTV no longer has media file %d: reading the listing",
+                         media_file_id)
+                return self.sage.media_files(SAGE_FIELDS, convert_media_file)
+            records.append(convert_media_file(record))
+        log.debug("SageTV media files read by id: %s", media_file_ids)
+        return records
 
     def identity(self) -> dict[str, str]:
         """Which pair of servers this is (§6.5): Plex's machine id, SageTV's address."""
@@ -4337,8 +4377,26 @@ def replay_plan(opts: Options, state: StateStore | None) -> ReplayPlan | None:
     return None
 
 
+def explained(opts: Options, run: SyncRun, facts: Facts, console: Console) -> bool:
+    """--why and --sagedata print what was read and decided, and the run ends there;
+    --plan saves the plan (and the run goes on to report it)."""
+    if opts.kind is RunKind.WHY:
+        threshold = f"{facts.played_fraction:.0%} from {facts.played_from}"
+        console.out.write("\n".join(why_text(e, threshold)
+                                    for e in why_entries(facts, opts.targets)) + "\n")
+        return True
+    if opts.kind is RunKind.SAGEDATA:
+        _print_sagedata(run, facts, console)
+        return True
+    if opts.kind is RunKind.PLAN and opts.plan_file is not None:
+        count = save_plan(opts.plan_file, facts, run.identity())
+        console.err.write(f"plan with {count} item(s) saved to {opts.plan_file}\n")
+    return False
+
+
 def run_sync(opts: Options, config: Config, console: Console, stop: threading.Event,
-             all_items: bool, as_json: bool, quiet: bool = False) -> ExitCode:
+             all_items: bool, as_json: bool, quiet: bool = False,
+             seen: list[Facts] | None = None) -> ExitCode:
     """One run from reading to the summary: read, check, plan, guard, write, remember."""
     state_path = opts.state_path or default_state_path(config.path)
     log.info("sync state: %s", state_path)
@@ -4366,17 +4424,8 @@ def run_sync(opts: Options, config: Config, console: Console, stop: threading.Ev
             console.out.flush()
         run.plan(facts)
         planned()
-        if opts.kind is RunKind.WHY:
-            threshold = f"{facts.played_fraction:.0%} from {facts.played_from}"
-            console.out.write("\n".join(why_text(e, threshold)
-                                        for e in why_entries(facts, opts.targets)) + "\n")
+        if explained(opts, run, facts, console):
             return ExitCode.OK
-        if opts.kind is RunKind.SAGEDATA:
-            _print_sagedata(run, facts, console)
-            return ExitCode.OK
-        if opts.kind is RunKind.PLAN and opts.plan_file is not None:
-            count = save_plan(opts.plan_file, facts, run.identity())
-            console.err.write(f"plan with {count} item(s) saved to {opts.plan_file}\n")
         with _failure_recorded(state, opts, console, on_failure if held else ""):
             run.guard(facts)
         if opts.decides_writes:
@@ -4387,6 +4436,8 @@ def run_sync(opts: Options, config: Config, console: Console, stop: threading.Ev
             return Report(facts.entries, wrote=opts.writes, unreadable_sage=facts.index
                           .unreadable_count, interrupted=stop.is_set(), sage_only=sage_only,
                           listed_before=listed_ids(state))
+        if seen is not None:  # --watch: what each of its runs did, for its one line
+            seen.append(facts)
         if opts.writes:
             run_id = run.remember(facts, counts=lambda: run_counts(made()))
             log.info("run %d recorded in %s", run_id, state_path)
@@ -4501,11 +4552,21 @@ def run_check(config: Config, console: Console) -> ExitCode:
             out.write(f"  played threshold {fraction:.0%} ({source}); writes: "
                       + ("allowed (owner token)\n" if owner else
                          "watch state only (a managed user's token)\n"))
+            _check_websocket_line(plex, console)
         except PlexError as exc:
             failed = True
             out.write(f"Plex: FAILED: {console.secrets.redact(str(exc))}\n")
     out.write("check failed\n" if failed else "check passed\n")
     return ExitCode.FAILED if failed else ExitCode.OK
+
+
+def _check_websocket_line(plex: PlexClient, console: Console) -> None:
+    try:
+        check_websocket(plex)
+        console.out.write("  notification websocket: opens (--watch can follow playback)\n")
+    except PlexError as exc:
+        console.out.write(f"  notification websocket: cannot be opened: "
+                          f"{console.secrets.redact(str(exc))}; --watch needs it\n")
 
 
 def _offset_words(offset_ms: int | None) -> str:
@@ -4635,6 +4696,361 @@ def error_summary(message: str, code: int) -> dict[str, Any]:
 
 
 ###############################################################################
+# Continuous mode (--watch): follow playback on both servers (rules §8) ########
+###############################################################################
+
+
+#: A pause this long means the position will not move: the item is synced.
+PAUSE_SETTLE_S = 10.0
+#: A stop or a mark is synced this long after its notification: a burst is one sync.
+STOP_SETTLE_S = 0.5
+#: An item whose sync could not run (a server away, the state locked) is tried again.
+RETRY_S = 5.0
+WATCH_INTERVAL_MIN = 60.0  # the backstop's full pass, unless --interval says otherwise
+POLL_S = 5.0  # SageTV's poll, unless --poll says otherwise
+LOOK_BACK_EXTRA_MS = 10_000  # the poll's look-back: the interval and this much more
+BACKOFF_MAX_S = 60.0
+WATCH_TICK_S = 0.1
+NOTIFICATIONS = "/:/websockets/notifications"
+MARK_ACTIVITY = "library.refresh.items"
+_PLAYING_STATES = ("playing", "buffering")
+
+
+def metadata_key(text: object) -> int | None:
+    """The rating key of '/library/metadata/N'."""
+    match = re.fullmatch(r"/library/metadata/(\d+)", str(text or ""))
+    return int(match.group(1)) if match else None
+
+
+def _int_or_none(value: object) -> int | None:
+    text = str(value or "")
+    return int(text) if text.isdigit() else None
+
+
+class DueItems:
+    """Items to sync, one due time per rating key (a burst of events is one sync); the
+    Plex listener's thread adds, the watcher's takes."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.due: dict[int, float] = {}
+        self.playing: set[int] = set()  # on Plex, now
+
+    def add(self, key: int, delay_s: float, *, sooner: bool = True) -> None:
+        """Due in ``delay_s``; ``sooner``: an earlier due time stays."""
+        when = self.clock() + delay_s
+        with self.lock:
+            current = self.due.get(key)
+            self.due[key] = min(current, when) if sooner and current is not None else when
+
+    def take(self) -> list[int]:
+        now = self.clock()
+        with self.lock:
+            ready = sorted((when, key) for key, when in self.due.items() if when <= now)
+            for _, key in ready:
+                del self.due[key]
+        return [key for _, key in ready]
+
+    # -- Plex's notifications (plex-api.md §10) --------------------------------------------
+    def on_notification(self, data: dict) -> None:
+        kind = data.get("type")
+        if kind == "playing":
+            for note in data.get("PlaySessionStateNotification") or ():
+                self._playing(note)
+        elif kind == "activity":
+            for note in data.get("ActivityNotification") or ():
+                self._activity(note)
+
+    def _playing(self, note: dict) -> None:
+        key = _int_or_none(note.get("ratingKey")) or metadata_key(note.get("key"))
+        state = note.get("state")
+        if key is None:
+            return
+        with self.lock:
+            if state in _PLAYING_STATES:  # never while it plays
+                self.playing.add(key)
+                self.due.pop(key, None)
+                return
+            self.playing.discard(key)
+        if state == "paused":
+            self.add(key, PAUSE_SETTLE_S, sooner=False)
+        elif state == "stopped":
+            self.add(key, STOP_SETTLE_S, sooner=False)
+
+    def _activity(self, note: dict) -> None:
+        activity = note.get("Activity") or {}
+        if note.get("event") != "ended" or activity.get("type") != MARK_ACTIVITY:
+            return
+        key = metadata_key((activity.get("Context") or {}).get("key"))
+        with self.lock:
+            if key is None or key in self.playing:
+                return
+        self.add(key, STOP_SETTLE_S)
+
+
+class SagePoll:
+    """SageTV's recently watched airings, polled: an airing has stopped when it left the
+    playing set, or when its watch record ended after the last poll (sagex-api.md §10)."""
+
+    def __init__(self, poll_s: float, since_ms: int) -> None:
+        self.look_back_ms = int(poll_s * 1000) + LOOK_BACK_EXTRA_MS
+        self.last_ms = since_ms  # SageTV's clock when the last poll was sent
+        self.playing: set[int] = set()
+
+    def stopped(self, sage: SageClient) -> set[int]:
+        """The airing ids that stopped since the last poll."""
+        sent_ms = sage.now_ms()
+        reply = sage.call("GetRecentlyWatched", self.look_back_ms)
+        airings = reply.get("Result")
+        if not isinstance(airings, list):
+            raise SageError(f"SageTV at {sage.server.address} sent recently watched airings "
+                            "without a 'Result' list")
+        cutoff = sage.now_ms() - self.look_back_ms
+        playing: set[int] = set()
+        ended: set[int] = set()
+        for airing in airings:
+            airing_id = _int_or_none(airing.get("AiringID")) if isinstance(airing, dict) \
+                else None
+            if airing_id is None:
+                continue
+            real_end = airing.get("RealWatchedEndTime") or 0
+            if not isinstance(real_end, int) or real_end < cutoff:
+                playing.add(airing_id)  # listed without a recent record: being played
+            elif real_end > self.last_ms:
+                ended.add(airing_id)
+        ended |= self.playing - playing
+        self.playing, self.last_ms = playing, sent_ms
+        return ended - playing
+
+
+@dataclass
+class WatchSettings:
+    poll_s: float = POLL_S
+    interval_min: float = WATCH_INTERVAL_MIN
+    all_items: bool = False
+    as_json: bool = False
+
+
+class Watcher:
+    """--watch: a full sync, then each item that stops on either server synced as a run
+    of its own, a full pass every interval and after the websocket reconnects, until
+    ``stop``. Everything runs on this thread except the Plex listener, which only notes
+    what is due."""
+
+    def __init__(self, opts: Options, config: Config, console: Console,
+                 stop: threading.Event, settings: WatchSettings) -> None:
+        self.opts, self.config, self.console, self.stop = opts, config, console, stop
+        self.settings = settings
+        self.state_path = opts.state_path or default_state_path(config.path)
+        self.due = DueItems()
+        self.down: set[str] = set()  # what has been logged as away, until it is back
+        self.listener: Any = None
+        self.connected = False
+        self.missed = False  # the websocket was down: events may have been missed
+        self.backoff_s = 1.0
+        self.next_listen = 0.0
+        self.next_poll = 0.0
+        self.next_full = 0.0
+        self.sage_poll = SagePoll(settings.poll_s, 0)
+
+    # -- the loop --------------------------------------------------------------------------
+    def run(self) -> ExitCode:
+        with SageClient(self.config.sage) as sage, PlexClient(self.config.plex) as plex:
+            self.sage_poll.last_ms = sage.now_ms()
+            self.full_pass("first full sync")
+            self.console.err.write(f"{PROG}: watching both servers (Ctrl-C to stop)\n")
+            try:
+                while not self.stop.is_set():
+                    self.step(sage, plex)
+                    self.stop.wait(WATCH_TICK_S)
+            finally:
+                if self.listener is not None:
+                    with contextlib.suppress(Exception):
+                        self.listener.stop()
+        log.info("watch mode ended")
+        return ExitCode.INTERRUPTED
+
+    def step(self, sage: SageClient, plex: PlexClient) -> None:
+        now = time.monotonic()
+        self.keep_listening(plex, now)
+        if now >= self.next_poll:
+            self.next_poll = now + self.settings.poll_s
+            self.poll_sage(sage)
+        for key in self.due.take():
+            if self.stop.is_set():
+                return
+            self.sync_item(key)
+        if time.monotonic() >= self.next_full and not self.stop.is_set():
+            self.full_pass("backstop full pass")
+
+    # -- servers away and back -------------------------------------------------------------
+    def away(self, what: str, message: str) -> None:
+        if what not in self.down:
+            self.down.add(what)
+            message = self.console.secrets.redact(message)
+            log.warning("%s: %s (retrying)", what, message)
+            self.console.err.write(f"{PROG}: {what}: {message} (retrying)\n")
+
+    def back(self, what: str) -> None:
+        if what in self.down:
+            self.down.discard(what)
+            log.info("%s: back", what)
+            self.console.err.write(f"{PROG}: {what}: back\n")
+
+    # -- Plex's websocket -----------------------------------------------------------------
+    def keep_listening(self, plex: PlexClient, now: float) -> None:
+        listener = self.listener
+        if listener is not None and listener.is_alive():
+            if not self.connected and _listener_open(listener):
+                self.connected, self.backoff_s = True, 1.0
+                self.back("Plex notifications")
+                if self.missed:  # events may have been missed while it was down
+                    self.missed, self.next_full = False, 0.0
+            return
+        if listener is not None:  # closed by the server, or never opened
+            self.listener, self.connected, self.missed = None, False, True
+            self.away("Plex notifications", "the websocket closed")
+            self.next_listen = now + self.backoff_s
+            self.backoff_s = min(self.backoff_s * 2, BACKOFF_MAX_S)
+        if now >= self.next_listen:
+            self.listen(plex, now)
+
+    def listen(self, plex: PlexClient, now: float) -> None:
+        try:
+            self.listener = plex.plex.startAlertListener(self.due.on_notification,
+                                                         callbackError=_listener_error)
+        except PlexError as exc:
+            self.missed = True
+            self.away("Plex notifications", str(exc))
+            self.next_listen = now + self.backoff_s
+            self.backoff_s = min(self.backoff_s * 2, BACKOFF_MAX_S)
+
+    # -- SageTV's poll ----------------------------------------------------------------------
+    def poll_sage(self, sage: SageClient) -> None:
+        try:
+            airings = self.sage_poll.stopped(sage)
+        except SageError as exc:
+            self.away("SageTV", str(exc))
+            return
+        self.back("SageTV")
+        if not airings:
+            return
+        by_airing = self.keys_by_airing()
+        for airing_id in sorted(airings):
+            keys = by_airing.get(airing_id)
+            if not keys:
+                log.info("SageTV airing %d stopped; never synced: the next full pass "
+                         "takes it", airing_id)
+            for key in keys or ():
+                self.due.add(key, 0)
+
+    def keys_by_airing(self) -> dict[int, list[int]]:
+        """The Plex rating keys of each SageTV airing, from the bases."""
+        try:
+            with StateStore(self.state_path, write=False) as state:
+                bases = state.bases()
+        except StateError as exc:
+            self.away("sync state", str(exc))
+            return {}
+        found: dict[int, list[int]] = collections.defaultdict(list)
+        for key, record in bases.items():
+            airing = _int_or_none(record.sage_raw.get("AiringID"))
+            if airing is not None:
+                found[airing].append(key)
+        return found
+
+    # -- runs ------------------------------------------------------------------------------
+    def full_pass(self, why: str) -> None:
+        """The same run as `all -s` (guard included); a failure is logged and retried."""
+        log.info("watch: %s", why)
+        self.next_full = time.monotonic() + self.settings.interval_min * 60
+        opts = replace(self.opts, kind=RunKind.SYNC)
+        try:
+            run_sync(opts, self.config, self.console, self.stop, self.settings.all_items,
+                     self.settings.as_json)
+            self.back("full pass")
+        except UsageError:
+            raise
+        except SyncError as exc:
+            self.away("full pass", str(exc))
+            self.next_full = time.monotonic() + min(self.settings.interval_min * 60, 30.0)
+        self.console.out.flush()
+
+    def sync_item(self, key: int) -> None:
+        """One item as a run of its own: read both sides, decide, write, read back,
+        journal, record; one dated line of output."""
+        opts = replace(self.opts, kind=RunKind.WATCH, media=True, targets=(str(key),),
+                       yes=True, prompt=False, simulate=False)
+        quiet = Console(io.StringIO(), self.console.err, None, self.console.secrets)
+        seen: list[Facts] = []
+        try:
+            run_sync(opts, self.config, quiet, self.stop, False, False, seen=seen)
+        except UsageError as exc:  # gone from Plex, or not a movie or episode
+            log.info("watch: media id %d not synced: %s", key, exc)
+            return
+        except SyncError as exc:
+            self.away(f"syncing media id {key}", str(exc))
+            self.due.add(key, RETRY_S)
+            return
+        self.back(f"syncing media id {key}")
+        for facts in seen:
+            self.say(key, facts)
+
+    def say(self, key: int, facts: Facts) -> None:
+        for entry in facts.entries:
+            if entry.plex.rating_key != key and entry.outcome is Outcome.UNCHANGED:
+                continue
+            line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {entry.plex.rating_key} " \
+                   f"{entry.plex.title}: {_watch_words(entry)}"
+            log.info("watch: %s", line)
+            self.console.out.write(line + "\n")
+        self.console.out.flush()
+
+
+def _watch_words(entry: Entry) -> str:
+    """What the item's run wrote, in words."""
+    if not entry.matched:
+        return entry_label(entry)
+    if entry.outcome is Outcome.UNCHANGED:
+        return f"nothing written (SageTV {entry.sage_status}, Plex {entry.plex_status})"
+    reason = entry_reason(entry)
+    return f"{entry.outcome.value}" + (f": {reason}" if reason else "")
+
+
+def _listener_open(listener: Any) -> bool:
+    """Whether plexapi's AlertListener has its websocket open."""
+    sock = getattr(getattr(listener, "_ws", None), "sock", None)
+    return bool(sock is not None and getattr(sock, "connected", False))
+
+
+def _listener_error(error: object) -> None:
+    log.debug("Plex notifications: %r", error)
+
+
+def run_watch(opts: Options, config: Config, console: Console, stop: threading.Event,
+              settings: WatchSettings) -> ExitCode:
+    """--watch (rules §8)."""
+    return Watcher(opts, config, console, stop, settings).run()
+
+
+def check_websocket(plex: PlexClient) -> None:
+    """--check: open Plex's notification websocket, then close it (PlexError if not)."""
+    try:
+        import websocket
+    except ImportError:
+        raise PlexError("the websocket-client package is missing (pip install "
+                        "'plexapi[alert]'): --watch cannot follow Plex") from None
+    url = plex.plex.url(NOTIFICATIONS, includeToken=True).replace("http", "ws", 1)
+    try:
+        connection = websocket.create_connection(url, timeout=plex.server.timeout_s)
+    except Exception as exc:  # websocket-client's errors, OSError
+        raise PlexError(f"{plex.where} did not open its notification websocket "
+                        f"({exc.__class__.__name__}: {exc})") from None
+    connection.close()
+
+
+###############################################################################
 # The command line: arguments, set-up and tear-down of a run, exit codes ######
 ###############################################################################
 
@@ -4732,6 +5148,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--interval", metavar="MINUTES", type=float,
                         help="sync, sleep MINUTES, repeat until stopped (needs -s)")
+    parser.add_argument("--watch", action="store_true",
+                        help="sync all (or the given sections), then follow playback on both "
+                             "servers and sync each item as it stops, until stopped")
+    parser.add_argument("--poll", metavar="SECONDS", type=float,
+                        help=f"--watch: ask SageTV every SECONDS (default {POLL_S:g})")
     parser.add_argument("-c", "--config", metavar="PATH",
                         help="config file or folder (default: $SAGEPLEX_CFG, else the Plex "
                              "Media Server data folder, else the current folder)")
@@ -4785,7 +5206,14 @@ _CONFLICTS: list[tuple[Callable[[argparse.Namespace], bool], str]] = [
      "--why, --undo and --apply take no other ids"),
     (lambda a: bool(a.plan and (a.undo is not None or a.apply or a.why)),
      "--plan saves a sync's plan; it does not go with --undo, --apply or --why"),
-    (lambda a: a.interval is not None and not (a.sync and a.interval > 0),
+    (lambda a: bool(a.watch and (a.simulate or a.prompt or a.plan or a.apply or a.why
+                                 or a.undo is not None or a.media or a.sagedata
+                                 or a.position or _admin(a))),
+     "--watch syncs sections and follows them; it does not go with -n, -p, -m, --plan, "
+     "--apply, --undo, --why, --position, --sagedata or the library commands"),
+    (lambda a: a.poll is not None and not (a.watch and a.poll > 0),
+     "--poll needs --watch and a number of seconds above 0"),
+    (lambda a: a.interval is not None and not ((a.sync or a.watch) and a.interval > 0),
      "--interval needs -s and a number of minutes above 0"),
     (lambda a: bool(a.json and (_admin(a) or a.why or a.sagedata)),
      "--json goes with a sync or report"),
@@ -4798,7 +5226,7 @@ _CONFLICTS: list[tuple[Callable[[argparse.Namespace], bool], str]] = [
                                  or a.sagedata)),
      "-q goes with a sync or report, and prints less: not with -v, --all-items or --json"),
     (lambda a: not (_admin(a) or a.id or a.why or a.undo is not None or a.apply
-                    or a.history is not None),
+                    or a.history is not None or a.watch),
      "nothing to do: give a section (id, name or all), -m media ids, -l, --check, "
      "--undo, --history, --why or a library command"),
 ]
@@ -4812,6 +5240,8 @@ def validate_args(args: argparse.Namespace) -> Options:
     if args.ignore < 0:
         raise UsageError(f"-x must be 0 or more seconds, not {args.ignore} (see --help)")
     ids = list(args.id)
+    if args.watch and not ids:
+        ids = ["all"]
     if args.why is not None:
         ids = [args.why]
     if (args.media or args.why is not None) and not all(ASCII_ID.match(i) for i in ids):
@@ -4840,7 +5270,8 @@ def validate_args(args: argparse.Namespace) -> Options:
 
 def _run_kind(args: argparse.Namespace) -> RunKind:
     """The run's kind, from the flags that name it (argparse keeps them exclusive)."""
-    named = [(args.why is not None, RunKind.WHY), (args.sagedata, RunKind.SAGEDATA),
+    named = [(args.watch, RunKind.WATCH), (args.why is not None, RunKind.WHY),
+             (args.sagedata, RunKind.SAGEDATA),
              (args.undo is not None, RunKind.UNDO), (bool(args.apply), RunKind.APPLY),
              (bool(args.plan), RunKind.PLAN), (bool(args.sync or args.simulate), RunKind.SYNC)]
     return next((kind for wanted, kind in named if wanted), RunKind.REPORT)
@@ -4942,6 +5373,10 @@ def _dispatch(args: argparse.Namespace, opts: Options, console: Console,
         return run_check(config, console)
     if _admin(args):
         return run_admin(args, config, console)
+    if args.watch:
+        return run_watch(opts, config, console, stop, WatchSettings(
+            args.poll or POLL_S, args.interval or WATCH_INTERVAL_MIN,
+            args.all_items or args.verbose, args.json))
     if args.interval is not None:
         return run_rounds(opts, config, console, stop, args.interval, args.all_items
                           or args.verbose, args.json, args.quiet)
@@ -4950,7 +5385,8 @@ def _dispatch(args: argparse.Namespace, opts: Options, console: Console,
 
 
 def main(argv: list[str] | None = None, *, out: TextIO | None = None,
-         err: TextIO | None = None, stdin: TextIO | None = None) -> int:
+         err: TextIO | None = None, stdin: TextIO | None = None,
+         stop: threading.Event | None = None) -> int:
     """Run the command line; the one place exceptions become messages and exit codes."""
     out = out or sys.stdout
     err = err or sys.stderr
@@ -4971,7 +5407,7 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None,
                        "--json" in words and "--json" not in str(exc))
     progress = _isatty(err) and not args.no_progress and not args.verbose
     console = Console(out, err, stdin, secrets, progress, terminal)
-    stop = threading.Event()
+    stop = stop if stop is not None else threading.Event()  # a test's, or the signals'
     with logging_to(args.verbose, err, secrets), stopping_on_signals(stop):
         log.info("***** sageplex_sync %s %s *****", __version__, list(opts.argv))
         try:

@@ -1,0 +1,217 @@
+"""--watch end to end: the real tool follows the fake Plex's notification websocket and
+polls the fake SageTV's GetRecentlyWatched, in a thread stopped by an injected event, and
+the tests act as the user on each side and assert on what the other side shows."""
+
+from __future__ import annotations
+
+import io
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+import sageplex_sync
+from tests.conftest import Env, assert_no_secrets
+from tests.fakes.world import MIN, Item, World, none
+from tests.user import User
+
+POLL_S = 0.5
+TOLERANCE_MS = 2_000
+
+
+def eventually(predicate: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def near(actual: int, expected: int) -> bool:
+    return abs(actual - expected) < TOLERANCE_MS
+
+
+@dataclass
+class Watching:
+    """The tool in --watch mode in a thread; ``stop`` ends it as SIGTERM would."""
+
+    env: Env
+    user: User
+    args: list[str]
+    stop: threading.Event = field(default_factory=threading.Event)
+    out: io.StringIO = field(default_factory=io.StringIO)
+    err: io.StringIO = field(default_factory=io.StringIO)
+    code: int | None = None
+    thread: threading.Thread | None = None
+
+    def start(self) -> Watching:
+        connected = self.env.world.plex.websocket_connections
+        self.thread = threading.Thread(target=self._run, daemon=True, name="watch")
+        self.thread.start()
+        assert eventually(lambda: "watching both servers" in self.err.getvalue(), 15), \
+            self.err.getvalue()
+        assert eventually(lambda: self.env.world.plex.websocket_connections > connected, 5)
+        time.sleep(0.2)  # the listener is connected before the first event
+        self.env.clear_logs()
+        return self
+
+    def _run(self) -> None:
+        self.code = sageplex_sync.main(["--watch", "--poll", str(POLL_S), *self.args],
+                                       out=self.out, err=self.err, stdin=sys.stdin,
+                                       stop=self.stop)
+
+    def end(self) -> int | None:
+        self.stop.set()
+        assert self.thread is not None
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "--watch did not end on stop"
+        return self.code
+
+
+@pytest.fixture
+def item(world: World) -> Item:
+    return world.episode("Castle", 1, 1, "Pilot", duration_ms=45 * MIN, sage=none(),
+                         plex=none())
+
+
+@pytest.fixture
+def watching(start: Callable[..., Env], item: Item, world: World
+             ) -> Iterator[Callable[..., Watching]]:
+    started: list[Watching] = []
+
+    def _watch(*args: str) -> Watching:
+        env = start()
+        watch = Watching(env, User(world, env.plex), list(args)).start()
+        started.append(watch)
+        return watch
+
+    yield _watch
+    for watch in started:
+        watch.end()
+
+
+def test_plex_stop_reaches_sagetv_in_seconds_never_while_playing_and_costs_no_listing(
+        watching: Callable[..., Watching], item: Item, world: World) -> None:
+    w = watching()
+    w.user.plex_play(item, 10 * MIN)
+    w.user.plex_play(item, 11 * MIN)
+    time.sleep(1.0)
+    assert w.env.sage_writes() == [], "written while it plays"
+    stopped = time.monotonic()
+    w.user.plex_stop(item, 12 * MIN)
+    assert eventually(lambda: near(world.sage_position_ms(item), 12 * MIN), 5), w.out.getvalue()
+    assert time.monotonic() - stopped < 5
+    time.sleep(0.5)
+    # an event is a run of its own, but costs no full listing on either side
+    assert w.env.sage.requests("GetMediaFiles") == []
+    assert w.env.plex.requests(path="/library/sections") == []
+    line = next(ln for ln in w.out.getvalue().splitlines() if f" {item.rating_key} " in ln)
+    assert line[:4].isdigit() and "Pilot" in line and "updated" in line
+    assert w.end() == sageplex_sync.ExitCode.INTERRUPTED
+    assert_no_secrets(w.out.getvalue(), w.err.getvalue(), w.env.log_path.read_text())
+
+
+def test_a_long_pause_is_synced(watching: Callable[..., Watching], item: Item, world: World,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sageplex_sync, "PAUSE_SETTLE_S", 1.0)
+    w = watching()
+    w.user.plex_play(item, 14 * MIN)
+    w.user.plex_pause(item, 15 * MIN)
+    time.sleep(0.5)
+    assert w.env.sage_writes() == []  # not yet: a short pause is not the end
+    assert eventually(lambda: near(world.sage_position_ms(item), 15 * MIN), 4)
+
+
+def test_a_pause_then_playing_again_is_not_synced(
+        watching: Callable[..., Watching], item: Item, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sageplex_sync, "PAUSE_SETTLE_S", 0.5)
+    w = watching()
+    w.user.plex_play(item, 14 * MIN)
+    w.user.plex_pause(item, 15 * MIN)
+    w.user.plex_play(item, 15 * MIN)
+    time.sleep(1.5)
+    assert w.env.sage_writes() == []
+
+
+def test_a_manual_mark_and_unmark_on_plex_reach_sagetv(
+        watching: Callable[..., Watching], item: Item, world: World) -> None:
+    w = watching()
+    w.user.plex_finish(item)
+    assert eventually(lambda: world.sage_watched(item), 5), w.out.getvalue()
+    w.user.plex_unwatch(item)
+    assert eventually(lambda: not world.sage_watched(item), 5), w.out.getvalue()
+
+
+def test_a_sagetv_stop_reaches_plex_within_a_poll_and_seconds(
+        watching: Callable[..., Watching], item: Item, world: World) -> None:
+    w = watching()
+    w.user.sage_play(item, 5 * MIN)
+    w.user.sage_play(item, 8 * MIN)
+    time.sleep(3 * POLL_S)
+    assert w.env.plex_writes() == [], "written while it plays"
+    stopped = time.monotonic()
+    w.user.sage_stop(item, 20 * MIN)
+    assert eventually(lambda: near(world.plex_item(item).view_offset_ms, 20 * MIN),
+                      POLL_S + 5), w.out.getvalue() + w.err.getvalue()
+    assert time.monotonic() - stopped < POLL_S + 5
+    assert w.env.sage.requests("GetMediaFiles") == []
+    assert w.env.plex.requests(path="/library/sections") == []
+
+
+def test_websocket_dropped_reconnects_and_the_backstop_syncs_what_was_missed(
+        watching: Callable[..., Watching], item: Item, world: World) -> None:
+    w = watching()
+    world.plex.refuse_websockets(1.5)
+    world.plex.drop_websockets(abrupt=True)
+    time.sleep(0.3)
+    w.user.plex_stop(item, 17 * MIN)  # its notification goes nowhere
+    assert eventually(lambda: near(world.sage_position_ms(item), 17 * MIN), 10), \
+        w.err.getvalue()
+    assert "Plex notifications" in w.err.getvalue()
+    # and the events flow again
+    w.user.plex_stop(item, 21 * MIN)
+    assert eventually(lambda: near(world.sage_position_ms(item), 21 * MIN), 5)
+
+
+def test_a_server_down_for_a_while_does_not_end_the_mode(
+        watching: Callable[..., Watching], item: Item, world: World) -> None:
+    w = watching()
+    w.env.sage.stop()
+    time.sleep(3 * POLL_S)
+    w.user.plex_stop(item, 13 * MIN)  # its sync fails while SageTV is away, and is retried
+    time.sleep(1.0)
+    w.env.sage.start()
+    assert eventually(lambda: near(world.sage_position_ms(item), 13 * MIN),
+                      sageplex_sync.RETRY_S + 5), w.err.getvalue()
+    assert w.thread is not None and w.thread.is_alive()
+    assert w.err.getvalue().count("SageTV: ") == 1, w.err.getvalue()  # logged once
+
+
+def test_a_manual_sync_runs_while_watching(watching: Callable[..., Watching], item: Item,
+                                            world: World) -> None:
+    w = watching()
+    result = w.env.run("all", "-s")
+    assert result.code == 0, result.err
+    w.user.plex_stop(item, 12 * MIN)
+    assert eventually(lambda: near(world.sage_position_ms(item), 12 * MIN), 5)
+
+
+def test_watch_refuses_options_that_do_not_go_with_it(start: Callable[..., Env]) -> None:
+    start()
+    for extra in (["-n"], ["-p"], ["-m", "1"], ["--plan", "x.json"], ["--why", "1"],
+                  ["--undo"], ["--apply", "x.json"]):
+        err = io.StringIO()
+        code = sageplex_sync.main(["--watch", *extra], out=io.StringIO(), err=err,
+                                  stdin=sys.stdin)
+        assert code == sageplex_sync.ExitCode.USAGE, (extra, err.getvalue())
+
+
+def test_check_reports_the_websocket(start: Callable[..., Env]) -> None:
+    env = start()
+    result = env.run("--check")
+    assert "notification websocket: opens" in result.out, result.out
+    assert_no_secrets(result.out, result.err)

@@ -1508,6 +1508,16 @@ class SageIndex:
                                            else o for o in self._by_show[item.show_id]]
 
 
+def sage_last_watched(item: SageItem, index: SageIndex | None) -> int:
+    """When SageTV's side was last watched (its server's clock). A recording watched only
+    through its show's flag carries no stamp of its own: the flag was set when a sibling
+    was last watched through, so that is its time (who is newer, §3.1)."""
+    if not item.watched or item.watched_completely or not item.show_id or index is None:
+        return item.real_end_ms
+    return max([item.real_end_ms] + [s.real_end_ms for s in index.siblings(item)
+                                     if s.watched and s.watched_completely])
+
+
 class Unreadable(NamedTuple):
     """A record that could not be read: why, and the file names it gave, if any."""
 
@@ -2996,7 +3006,8 @@ class SyncRun:
             entry.sage_status = sage_status(item, entry.segments, bounds)
             entry.plex_status = classify(plex.watched, plex.position_ms, bounds, is_sage=False)
         sage_offset, plex_offset = self._offsets
-        entry.sage_last_ms = item.real_end_ms - sage_offset if item.real_end_ms > 0 else 0
+        sage_last_ms = sage_last_watched(item, self.index)
+        entry.sage_last_ms = sage_last_ms - sage_offset if sage_last_ms > 0 else 0
         entry.plex_last_ms = plex.last_viewed_ms - plex_offset if plex.last_viewed_ms > 0 else 0
 
     def clock_offsets(self) -> tuple[int, int]:
@@ -3102,6 +3113,9 @@ class SyncRun:
                           leader.plex_last_ms, leader.base,
                           sage_stamp_ms=leader.sage.real_end_ms,
                           plex_stamp_ms=leader.plex.last_viewed_ms)
+        if len(members) > 1 and decision.verdict is Verdict.IN_SYNC:
+            # The leader agrees with SageTV: every twin gets that state (§4).
+            decision = replace(decision, to_plex=leader.plex_status)
         return decision, leader.plex_last_ms
 
     def replay_decision(self, members: list[Entry], replays: list[tuple[Entry, Replay]]

@@ -1508,6 +1508,11 @@ class SageIndex:
                                            else o for o in self._by_show[item.show_id]]
 
 
+def local_time(server_ms: int, offset_ms: int) -> int:
+    """A server's stamp on this computer's clock (§3.1); 0 stays "never"."""
+    return server_ms - offset_ms if server_ms > 0 else 0
+
+
 def sage_last_watched(item: SageItem, index: SageIndex | None) -> int:
     """When SageTV's side was last watched (its server's clock). A recording watched only
     through its show's flag carries no stamp of its own: the flag was set when a sibling
@@ -1821,7 +1826,8 @@ def sage_write(item: SageItem, segments: Sequence[tuple[int, int]], current: Sta
 
 
 def moves_back(current: Status, result: Status) -> bool:
-    """An un-watch or a position made earlier (what the guard counts)."""
+    """An un-watch or a position made earlier: what the guard counts, and what a write that
+    failed half way must never leave an item with (its earlier steps are put back)."""
     if current == result:
         return False
     if current.kind is Kind.WATCHED:
@@ -3006,9 +3012,8 @@ class SyncRun:
             entry.sage_status = sage_status(item, entry.segments, bounds)
             entry.plex_status = classify(plex.watched, plex.position_ms, bounds, is_sage=False)
         sage_offset, plex_offset = self._offsets
-        sage_last_ms = sage_last_watched(item, self.index)
-        entry.sage_last_ms = sage_last_ms - sage_offset if sage_last_ms > 0 else 0
-        entry.plex_last_ms = plex.last_viewed_ms - plex_offset if plex.last_viewed_ms > 0 else 0
+        entry.sage_last_ms = local_time(sage_last_watched(item, self.index), sage_offset)
+        entry.plex_last_ms = local_time(plex.last_viewed_ms, plex_offset)
 
     def clock_offsets(self) -> tuple[int, int]:
         """Both servers' clock offsets; two that differ by no more than the Date header's
@@ -3277,8 +3282,7 @@ class SyncRun:
         entry.notes += (f"decided again: SageTV's write to media file {others or 'it'} "
                         f"changed it to {now} (a shared show flag)",)
         entry.sage, entry.sage_status = fresh, now
-        entry.sage_last_ms = fresh.real_end_ms - self._offsets[0] \
-            if fresh.real_end_ms > 0 else 0
+        entry.sage_last_ms = local_time(sage_last_watched(fresh, self.index), self._offsets[0])
         if entry.base is not None:
             entry.base = replace(entry.base, sage=now, pending=None, pending_on=None,
                                  sage_last_ms=fresh.real_end_ms)
@@ -3747,13 +3751,7 @@ class Applier:
         raise SageError(reason)
 
     def _less_watched(self, now: Status) -> bool:
-        before = self.entry.sage_status
-        if before.kind is Kind.WATCHED:
-            return now.kind is not Kind.WATCHED
-        return before.kind is Kind.PROGRESS and (
-            now.kind is Kind.NONE or (now.kind is Kind.PROGRESS
-                                      and now.position_ms + POSITION_TOLERANCE_MS
-                                      < before.position_ms))
+        return moves_back(self.entry.sage_status, now)
 
     def _restore(self) -> str:
         item = self.entry.sage

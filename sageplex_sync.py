@@ -2814,8 +2814,8 @@ class SyncRun:
         self.guard_items = guard_items
         #: The run an undo puts back (for the history), once known.
         self.overrides_run: int | None = None
-        #: The SageTV media files read back after the writes.
-        self.reread_files: set[int] = set()
+        #: The SageTV media files read back after the writes, as they were read before.
+        self.before_writes: dict[int, dict] = {}
         #: Media ids an undo or a plan names that Plex no longer has.
         self.gone: list[int] = []
 
@@ -3328,11 +3328,14 @@ class SyncRun:
         Plex side as it was, so the next sync never takes the change for the user's."""
         in_run = {e.plex.rating_key for e in facts.entries}
         for key, record in self.bases.items():
-            if key in in_run or not record.known:
+            before = self.before_writes.get(record.media_file_id)
+            if key in in_run or not record.known or before is None:
                 continue
             now = facts.index.items.get(record.media_file_id)
-            if now is None or now.raw() == record.sage_raw or \
-                    record.media_file_id not in self.reread_files:
+            # Only the writes' doing is taken in: a recording the user changed since its base
+            # keeps the base, so the user's change is still seen as theirs.
+            if now is None or _same_watch(now.raw(), before) \
+                    or not _same_watch(before, record.sage_raw):
                 continue
             sage = WATCHED if now.watched else record.sage if now.watched_end_ms else NOT_WATCHED
             yield key, replace(record, sage=sage, sage_raw=now.raw(), pending=None)
@@ -3356,7 +3359,8 @@ class SyncRun:
             else:  # its own read-back after the write is final: nothing else wrote to it
                 facts.index.replace(entry.sage_after_item)
                 read_back.add(entry.sage.media_file_id)
-        self.reread_files = sage_ids | read_back
+        self.before_writes = {i: facts.index.items[i].raw() for i in sage_ids
+                              if i in facts.index.items}
         for media_file_id, item_or_error in self.read_sage_again(sage_ids).items():
             if isinstance(item_or_error, SyncError):
                 sage_ids.discard(media_file_id)
@@ -3468,6 +3472,12 @@ def _fail_unread(written: list[Entry], exc: SyncError, *, sage: bool) -> None:
         if entry.outcome is Outcome.UPDATED and any(_is_sage(w) == sage for w in entry.writes):
             entry.outcome = Outcome.FAILED
             entry.detail += f"; reading it back failed: {exc}"
+
+
+def _same_watch(raw: dict, other: dict) -> bool:
+    """Two SageTV records of one file show the same watch record."""
+    return all(raw.get(k) == other.get(k) for k in ("IsWatched", "WatchedEndTime",
+                                                     "RealWatchedEndTime"))
 
 
 def _entry_file_name(entry: Entry) -> str:

@@ -3089,6 +3089,8 @@ class SyncRun:
                 own = self.overrides.get(entry.plex.rating_key)
                 member_decision = (own.decision if own is not None
                                    and decision.verdict is not Verdict.SETTLED else decision)
+                if own is None and self.overrides:  # a twin the replayed run did not write
+                    member_decision = replace(decision, to_plex=None)
                 self.plan_entry(entry, member_decision, viewed_at, sage_too=position == 0)
                 if position and any(_is_sage(w) for w in members[0].writes):
                     entry.sage_expected = decision.to_sage
@@ -3112,14 +3114,18 @@ class SyncRun:
         # retried), else one whose Plex side changed, else the newest.
         pending = [m for m in members if m.base is not None and m.base.pending is not None]
         moved = [m for m in members if _plex_changed(m)]
+        if any(m not in pending for m in moved):
+            pending = []  # a twin viewed since beats a write left pending on another (§6.4)
         leader = max(pending or moved or members, key=lambda m: m.plex_last_ms)
         assert leader.sage is not None
         decision = decide(leader.sage_status, leader.plex_status, leader.sage_last_ms,
                           leader.plex_last_ms, leader.base,
                           sage_stamp_ms=leader.sage.real_end_ms,
                           plex_stamp_ms=leader.plex.last_viewed_ms)
-        if len(members) > 1 and decision.verdict is Verdict.IN_SYNC:
-            # The leader agrees with SageTV: every twin gets that state (§4).
+        if len(members) > 1 and decision.verdict is Verdict.IN_SYNC and (
+                leader.base is None or moved or _sage_changed(leader)):
+            # The leader agrees with SageTV after a change: every twin gets that state (§4);
+            # twins that differ while nothing changed are left as they are (§6).
             decision = replace(decision, to_plex=leader.plex_status)
         return decision, leader.plex_last_ms
 
@@ -3502,6 +3508,14 @@ def _plex_changed(entry: Entry) -> bool:
     return base is not None and changed(entry.plex_status, entry.plex.last_viewed_ms,
                                         base.plex, base.plex_last_ms) \
         and entry.plex_status not in base.own_plex
+
+
+def _sage_changed(entry: Entry) -> bool:
+    """Whether the user changed the item's SageTV side since its base (§6.1)."""
+    base = entry.base
+    return base is not None and entry.sage is not None and changed(
+        entry.sage_status, entry.sage.real_end_ms, base.sage, base.sage_last_ms) \
+        and entry.sage_status not in base.own_sage
 
 
 def _settled(entry: Entry) -> bool:

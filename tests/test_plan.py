@@ -237,8 +237,6 @@ def test_a_twin_with_a_pending_write_leads_over_a_newer_twin() -> None:
     assert sage_writes(failed, newer) == []
 
 
-@pytest.mark.xfail(strict=True, reason="a pending twin's decision beats a newer viewing of "
-                   "its twin (§4 + §6.4): the newer twin's resume point is unscrobbled")
 def test_a_pending_write_on_one_twin_yields_to_a_newer_viewing_on_the_other() -> None:
     # The last sync propagated SageTV's un-watch; twin 2's unscrobble took (its base is
     # new), twin 1's failed. Since then the user played twin 2 to 20:00: Plex's side of
@@ -495,8 +493,6 @@ def test_twins_are_each_put_back_to_their_own_before_state() -> None:
     assert two.writes == (PlexSetPosition(20 * MIN),)
 
 
-@pytest.mark.xfail(strict=True, reason="a twin the undone run did not write (no journal "
-                   "row, so no Replay) gets its twin's put-back, not its own before-state")
 def test_a_twin_the_undone_run_did_not_write_is_left_as_it_was() -> None:
     # The undone sync watched SageTV and twin 1; twin 2 was watched already (no write, so
     # no journal row). Its before-state is watched: the undo must not unscrobble it.

@@ -2709,11 +2709,16 @@ class Replay:
     own_plex: tuple[Status, ...] = ()
 
     def holds(self, entry: Entry) -> bool:
+        """Neither side changed since, the tool's own steps excepted: this run's, and
+        those of a later run that failed or died half way (its pending record)."""
         assert entry.sage is not None
+        base = entry.base
+        own_sage = self.own_sage + (base.own_sage if base is not None else ())
+        own_plex = self.own_plex + (base.own_plex if base is not None else ())
         sage_moved = changed(entry.sage_status, entry.sage.real_end_ms, self.sage,
-                             self.sage_stamp_ms) and entry.sage_status not in self.own_sage
+                             self.sage_stamp_ms) and entry.sage_status not in own_sage
         plex_moved = changed(entry.plex_status, entry.plex.last_viewed_ms, self.plex,
-                             self.plex_stamp_ms) and entry.plex_status not in self.own_plex
+                             self.plex_stamp_ms) and entry.plex_status not in own_plex
         return not sage_moved and not plex_moved
 
 

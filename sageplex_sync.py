@@ -2895,9 +2895,9 @@ class SyncRun:
                 "sagetv": self.sage.server.address}
 
     def twins_outside(self, items: list[PlexItem], index: SageIndex) -> list[PlexItem]:
-        """A -m run decides every Plex item holding a named item's file (§4): the twins
-        known from earlier syncs, read by media id."""
-        if not self.opts.media or not self.bases:
+        """A -m run, an undo or a plan decides every Plex item holding a named item's file
+        (§4), and records its base (§6.2): the twins known from earlier syncs, by media id."""
+        if not (self.opts.media or self.overrides) or not self.bases:
             return []
         named = {item.rating_key for item in items}
         files = {m.media_file_id for item in items for m in index.match(item)}

@@ -2708,6 +2708,13 @@ class Replay:
     own_sage: tuple[Status, ...] = ()
     own_plex: tuple[Status, ...] = ()
 
+    def same_as(self, other: Replay) -> bool:
+        """Both expect the same states and stamps (§6.1's "changed", both ways)."""
+        return not changed(self.sage, self.sage_stamp_ms, other.sage, other.sage_stamp_ms) \
+            and not changed(other.sage, other.sage_stamp_ms, self.sage, self.sage_stamp_ms) \
+            and not changed(self.plex, self.plex_stamp_ms, other.plex, other.plex_stamp_ms) \
+            and not changed(other.plex, other.plex_stamp_ms, self.plex, self.plex_stamp_ms)
+
     def holds(self, entry: Entry) -> bool:
         """Neither side changed since, the tool's own steps excepted: this run's, and
         those of a later run that failed or died half way (its pending record)."""
@@ -4289,23 +4296,50 @@ def undo_plan(state: StateStore | None, wanted: int | None) -> ReplayPlan:
     for row in state.journal(wanted):
         if row.outcome != Outcome.UPDATED.value and not row.steps_done:
             continue
-        sage_raw = row.sage_raw_after or row.sage_raw_before
-        plex_raw = row.plex_raw_after or row.plex_raw_before
         undo = Decision(Verdict.BOTH_OUT_OF_SYNC,
                         row.sage_before if row.to_sage is not None else None,
                         row.plex_before if row.to_plex is not None else None,
                         f"undo of run {wanted}",
                         plex_unplayed=not int(row.plex_raw_before.get("viewCount") or 0))
-        items[row.rating_key] = Replay(
-            row.sage_after or row.to_sage or row.sage_before,
-            row.plex_after or row.to_plex or row.plex_before,
-            _stamp(sage_raw, "RealWatchedEndTime"), _stamp(plex_raw, "lastViewedAt", 1000),
-            undo, *(((), ()) if row.outcome == Outcome.UPDATED.value  # finished: as read back
-                    else (row.own_sage, row.own_plex)))
+        items[row.rating_key] = _expect_after(row, undo)
     if not items:
         raise SyncError(f"run {wanted} changed nothing that can be undone; --history lists "
                         "the runs")
-    return ReplayPlan(items, undoes=wanted)
+    later = [r.run_id for r in runs if r.run_id > wanted]
+    return ReplayPlan(_after_later_runs(items, state, later), undoes=wanted)
+
+
+def _expect_after(row: JournalRow, decision: Decision) -> Replay:
+    """The item as a journalled write left it: as read back (a finished write), or any
+    state its own steps can have left (one that failed or died half way)."""
+    sage_raw = row.sage_raw_after or row.sage_raw_before
+    plex_raw = row.plex_raw_after or row.plex_raw_before
+    finished = row.outcome == Outcome.UPDATED.value
+    return Replay(row.sage_after or row.to_sage or row.sage_before,
+                  row.plex_after or row.to_plex or row.plex_before,
+                  _stamp(sage_raw, "RealWatchedEndTime"), _stamp(plex_raw, "lastViewedAt", 1000),
+                  decision, *(((), ()) if finished else (row.own_sage, row.own_plex)))
+
+
+def _after_later_runs(items: dict[int, Replay], state: StateStore, later: list[int]
+                      ) -> dict[int, Replay]:
+    """What the undone run left, followed through the tool's own later writes to the same
+    items: a later run that wrote an item just as the undone run left it (no viewing in
+    between) moves what the undo expects to find to what that run left (§6.4: the tool's
+    own steps are not a change)."""
+    for run_id in later:
+        for row in state.journal(run_id):
+            expected = items.get(row.rating_key)
+            if expected is None or row.outcome != Outcome.UPDATED.value:
+                continue
+            taken_on = Replay(row.sage_before, row.plex_before,
+                              _stamp(row.sage_raw_before, "RealWatchedEndTime"),
+                              _stamp(row.plex_raw_before, "lastViewedAt", 1000),
+                              expected.decision)
+            if taken_on.same_as(expected):
+                items[row.rating_key] = replace(_expect_after(row, expected.decision),
+                                                own_sage=(), own_plex=())
+    return items
 
 
 def read_plan(path: Path) -> ReplayPlan:

@@ -39,7 +39,7 @@ import threading
 import time
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from enum import Enum, IntEnum
 from pathlib import Path
@@ -433,16 +433,16 @@ class _Counter:
 
     def __call__(self, response: requests.Response, *args: object, **kwargs: object) -> None:
         self.count += 1
-        date = response.headers.get("Date")
+        # The first reply of a run sets the offset: later ones would only add jitter, and
+        # are not parsed.
+        date = response.headers.get("Date") if self.offset_ms is None else None
         if date:
             try:
                 server_ms = int(email.utils.parsedate_to_datetime(date).timestamp() * 1000)
             except (TypeError, ValueError, IndexError, OverflowError):
                 return
             # Whole seconds: the header has no finer grain, and the reply took time to come.
-            # The first reply of a run sets it: later ones would only add jitter.
-            if self.offset_ms is None:
-                self.offset_ms = round((server_ms - self.local_ms()) / 1000) * 1000
+            self.offset_ms = round((server_ms - self.local_ms()) / 1000) * 1000
 
 
 def _session(retries: Retry, counter: _Counter, pool_size: int) -> requests.Session:
@@ -743,7 +743,10 @@ class PlexClient(_Client):
     def __init__(self, server: ServerConfig, local_ms: Callable[[], int] = _local_ms) -> None:
         super().__init__(server, local_ms)
         self._plex: Any = None
+        #: The server's root (its MediaContainer's attributes), once connected.
+        self._root: dict[str, str] | None = None
         self._headers: Callable[..., dict[str, str]] = dict
+        self._base = server.base_url.rstrip("/")
         self.where = f"Plex at {server.address}"
 
     @contextlib.contextmanager
@@ -774,7 +777,8 @@ class PlexClient(_Client):
 
     @property
     def plex(self) -> Any:
-        """The plexapi PlexServer, connected on first use (one request)."""
+        """The plexapi PlexServer, connected on first use (one request): for what needs
+        plexapi's object model (adding a section, the notification websocket)."""
         if self._plex is None:
             from plexapi.server import PlexServer
 
@@ -785,19 +789,37 @@ class PlexClient(_Client):
                 raise PlexError(f"{self.where} sent an empty reply when connecting; "
                                 "is this a Plex Media Server?")
             self._plex, self._headers = server, _plexapi_internals(server)
+            self._root = {"machineIdentifier": server.machineIdentifier,
+                          "friendlyName": server.friendlyName, "version": server.version}
         return self._plex
+
+    @property
+    def root(self) -> dict[str, str]:
+        """The server's own attributes (machineIdentifier, friendlyName, version), read on
+        connecting: one request, with plexapi's headers but without its object model,
+        which listings and writes do not use."""
+        if self._root is None:
+            self._headers = _plexapi_headers(self.server.token)
+            root = self.xml("/", "when connecting")
+            attrs = {} if root is None else dict(root.attrib)
+            if attrs.get("machineIdentifier") is None and attrs.get("version") is None:
+                raise PlexError(f"{self.where} sent an empty reply when connecting; "
+                                "is this a Plex Media Server?")
+            self._root = attrs
+        return self._root
 
     def request(self, path: str, what: str, *, method: str = "get", write: bool = False,
                 headers: dict[str, str] | None = None, stream: bool = False) -> requests.Response:
         """One request to Plex: the choke point. A 2xx reply or a PlexError. A write goes
         through the session that never repeats a request that reached the server."""
-        plex = self.plex
+        if self._root is None and path != "/":
+            self.root  # noqa: B018 - connects
         session = self._writes if write else self._reads
         all_headers = self._headers(**(headers or {}))
         log.debug("%s %s", method.upper(), path)
 
         def send() -> requests.Response:
-            response = session.request(method, plex.url(path), headers=all_headers,
+            response = session.request(method, self._base + path, headers=all_headers,
                                        timeout=self.server.timeout_s, stream=stream)
             if response.status_code >= 300:
                 response.close()
@@ -970,6 +992,22 @@ class PlexClient(_Client):
     def refresh_section(self, key: int) -> None:
         self.request(f"/library/sections/{key}/refresh", f"to refresh section {key}",
                      write=True)
+
+
+def _plexapi_headers(token: str | None) -> Callable[..., dict[str, str]]:
+    """The request headers plexapi's PlexServer sends (its client identity, and the token,
+    with plexapi's own fallback to its config file), without importing its object model."""
+    import plexapi
+
+    token = plexapi.logfilter.add_secret(token or plexapi.CONFIG.get("auth.server_token"))
+
+    def headers(**more: str) -> dict[str, str]:
+        found = plexapi.BASE_HEADERS.copy()
+        if token:
+            found["X-Plex-Token"] = token
+        found.update(more)
+        return found
+    return headers
 
 
 def _plexapi_internals(server: Any) -> Callable[..., dict[str, str]]:
@@ -2870,7 +2908,7 @@ class SyncRun:
 
     def identity(self) -> dict[str, str]:
         """Which pair of servers this is (§6.5): Plex's machine id, SageTV's address."""
-        return {"plex": str(self.plex.plex.machineIdentifier or ""),
+        return {"plex": str(self.plex.root.get("machineIdentifier") or ""),
                 "sagetv": self.sage.server.address}
 
     def twins_outside(self, items: list[PlexItem], index: SageIndex) -> list[PlexItem]:
@@ -3216,10 +3254,24 @@ class SyncRun:
             self.state.step_done(self.run_id, entry.plex.rating_key, entry.steps_done)
 
     def _wait(self, futures: list[Future]) -> None:
-        """Wait for the writes; on Ctrl-C (or SIGTERM) say that those started finish."""
+        """Wait for the writes; on Ctrl-C (or SIGTERM) say that those started finish. Each
+        future counts itself done: polling thousands of futures would take each one's lock
+        over and over, and the writes finishing would queue behind it."""
+        left = [len(futures)]
+        lock = threading.Lock()
+        all_done = threading.Event()
+
+        def one_done(_: Future) -> None:
+            with lock:
+                left[0] -= 1
+                if not left[0]:
+                    all_done.set()
+        if not futures:
+            return
+        for future in futures:
+            future.add_done_callback(one_done)
         said = False
-        while not all(f.done() for f in futures):
-            wait(futures, timeout=0.2, return_when=FIRST_EXCEPTION)
+        while not all_done.wait(0.2):
             if self.stop.is_set() and not said:
                 said = True
                 self.console.err.write("\nInterrupted: finishing the writes already started "

@@ -1915,6 +1915,7 @@ CREATE TABLE IF NOT EXISTS journal (
     plex_raw_before TEXT, sage_raw_after TEXT, plex_raw_after TEXT, steps_done INTEGER,
     own_sage TEXT, own_plex TEXT);
 CREATE TABLE IF NOT EXISTS listed (kind TEXT, id INTEGER, PRIMARY KEY (kind, id));
+CREATE INDEX IF NOT EXISTS journal_item ON journal (run_id, rating_key);
 """
 #: Columns a schema-1 file lacks, added in place so that its bases carry over.
 _STATE_UPGRADE_1 = (

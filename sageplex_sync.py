@@ -45,14 +45,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from enum import Enum, IntEnum
 from pathlib import Path
-from typing import Any, NamedTuple, NoReturn, TextIO, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, TextIO, TypeVar, cast
 from xml.etree.ElementTree import Element, ParseError, fromstring
 from xml.parsers import expat
 
-import requests
-from requests.adapters import HTTPAdapter
-from urllib3 import exceptions as urllib3_errors
-from urllib3.util.retry import Retry
+if TYPE_CHECKING:
+    import requests
+    from urllib3 import exceptions as urllib3_errors
+    from urllib3.util.retry import Retry
 
 __version__ = "2.0.0"
 PROG = "sageplex-sync"
@@ -424,6 +424,27 @@ def parse_config(data: object, path: Path) -> Config:
 ###############################################################################
 
 
+class _LazyModule:
+    """A module imported where it is first used, which then takes its place among the
+    module's names: --version, --help and the commands that reach no server start without
+    requests and urllib3 (half of the tool's start-up)."""
+
+    def __init__(self, name: str, alias: str) -> None:
+        self._name, self._alias = name, alias
+
+    def __getattr__(self, attr: str) -> Any:
+        import importlib
+
+        module = importlib.import_module(self._name)
+        globals()[self._alias] = module
+        return getattr(module, attr)
+
+
+if not TYPE_CHECKING:
+    requests = _LazyModule("requests", "requests")
+    urllib3_errors = _LazyModule("urllib3.exceptions", "urllib3_errors")
+
+
 class _Counter:
     """Counts a client's replies (the benchmark reports them) and measures its server's
     clock from their Date headers."""
@@ -448,6 +469,8 @@ class _Counter:
 
 
 def _session(retries: Retry, counter: _Counter, pool_size: int) -> requests.Session:
+    from requests.adapters import HTTPAdapter
+
     session = requests.Session()
     session.hooks["response"].append(counter)
     session.trust_env = False  # a proxy from the environment has no business with a LAN server
@@ -458,26 +481,37 @@ def _session(retries: Retry, counter: _Counter, pool_size: int) -> requests.Sess
 
 
 def _read_retries(read: int = 2) -> Retry:
+    from urllib3.util.retry import Retry
+
     return Retry(total=READ_RETRIES, connect=READ_RETRIES, read=read, status=READ_RETRIES,
                  other=0, backoff_factor=RETRY_BACKOFF_S,
                  status_forcelist=(429, 500, 502, 503, 504), allowed_methods={"GET"},
                  raise_on_status=False)
 
 
-class _ListingRetry(Retry):
+def _listing_retries() -> Retry:
     """Retries of the bulk listing: as any read, except that a read timeout is not
     retried, since the server is most likely still building the first reply."""
+    from urllib3.util.retry import Retry
 
-    def increment(self, method: str | None = None, url: str | None = None,
-                  response: Any = None, error: Exception | None = None, _pool: Any = None,
-                  _stacktrace: Any = None) -> _ListingRetry:
-        if isinstance(error, urllib3_errors.ReadTimeoutError):
-            raise error
-        return cast(_ListingRetry,
-                    super().increment(method, url, response, error, _pool, _stacktrace))
+    class _ListingRetry(Retry):
+        def increment(self, method: str | None = None, url: str | None = None,
+                      response: Any = None, error: Exception | None = None,
+                      _pool: Any = None, _stacktrace: Any = None) -> _ListingRetry:
+            if isinstance(error, urllib3_errors.ReadTimeoutError):
+                raise error
+            return cast(_ListingRetry, super().increment(method, url, response, error, _pool,
+                                                         _stacktrace))
+
+    reads = _read_retries()
+    return _ListingRetry(**{k: getattr(reads, k) for k in (
+        "total", "connect", "read", "status", "other", "backoff_factor", "status_forcelist",
+        "allowed_methods", "raise_on_status")})
 
 
 def _write_retries() -> Retry:
+    from urllib3.util.retry import Retry
+
     # Only a refused connection is retried: the request never reached the server.
     return Retry(total=2, connect=2, read=0, status=0, other=0, redirect=0,
                  backoff_factor=RETRY_BACKOFF_S, raise_on_status=False)
@@ -632,10 +666,7 @@ class SageClient(_Client):
         self.url = f"{server.base_url}/sagex/api"
         # A read timeout on the listing means the server is still building it: asking
         # again would make it build a second one beside the first.
-        listing_retries = _ListingRetry(**{k: getattr(_read_retries(), k) for k in (
-            "total", "connect", "read", "status", "other", "backoff_factor",
-            "status_forcelist", "allowed_methods", "raise_on_status")})
-        self._listing = _session(listing_retries, self._counter, 2)
+        self._listing = _session(_listing_retries(), self._counter, 2)
         for session in (self._reads, self._writes, self._listing):
             session.auth = (server.user, server.password)
 

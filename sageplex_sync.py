@@ -3289,10 +3289,14 @@ class SyncRun:
             for task in tasks.values():
                 self.run_task(task, confirm=True, bar=bar)
         else:
-            workers = self.sage.server.write_workers + self.plex.server.write_workers
-            with ThreadPoolExecutor(workers, thread_name_prefix="write") as pool:
-                futures = [pool.submit(self.run_task, task, False, bar)
-                           for task in tasks.values()]
+            # A pool per server, for the tasks that begin with its write: a task waiting for
+            # one server's slot never holds a thread the other server's tasks could use.
+            with ThreadPoolExecutor(self.sage.server.write_workers,
+                                    thread_name_prefix="write-sagetv") as sage_pool, \
+                    ThreadPoolExecutor(self.plex.server.write_workers,
+                                       thread_name_prefix="write-plex") as plex_pool:
+                futures = [(sage_pool if _is_sage(task[0].writes[0]) else plex_pool).submit(
+                    self.run_task, task, False, bar) for task in tasks.values()]
                 self._wait(futures)
                 for future, task in zip(futures, tasks.values(), strict=True):
                     _settle(future, task)

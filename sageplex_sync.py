@@ -18,6 +18,7 @@ codes, so the rest can be used as a library.
 from __future__ import annotations
 
 import argparse
+import atexit
 import base64
 import codecs
 import collections
@@ -38,19 +39,20 @@ import sys
 import threading
 import time
 import unicodedata
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from enum import Enum, IntEnum
 from pathlib import Path
-from typing import Any, NamedTuple, NoReturn, TextIO, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, TextIO, TypeVar, cast
 from xml.etree.ElementTree import Element, ParseError, fromstring
 from xml.parsers import expat
 
-import requests
-from requests.adapters import HTTPAdapter
-from urllib3 import exceptions as urllib3_errors
-from urllib3.util.retry import Retry
+if TYPE_CHECKING:
+    import requests
+    from urllib3 import exceptions as urllib3_errors
+    from urllib3.util.retry import Retry
 
 __version__ = "2.0.0"
 PROG = "sageplex-sync"
@@ -422,6 +424,27 @@ def parse_config(data: object, path: Path) -> Config:
 ###############################################################################
 
 
+class _LazyModule:
+    """A module imported where it is first used, which then takes its place among the
+    module's names: --version, --help and the commands that reach no server start without
+    requests and urllib3 (half of the tool's start-up)."""
+
+    def __init__(self, name: str, alias: str) -> None:
+        self._name, self._alias = name, alias
+
+    def __getattr__(self, attr: str) -> Any:
+        import importlib
+
+        module = importlib.import_module(self._name)
+        globals()[self._alias] = module
+        return getattr(module, attr)
+
+
+if not TYPE_CHECKING:
+    requests = _LazyModule("requests", "requests")
+    urllib3_errors = _LazyModule("urllib3.exceptions", "urllib3_errors")
+
+
 class _Counter:
     """Counts a client's replies (the benchmark reports them) and measures its server's
     clock from their Date headers."""
@@ -433,19 +456,21 @@ class _Counter:
 
     def __call__(self, response: requests.Response, *args: object, **kwargs: object) -> None:
         self.count += 1
-        date = response.headers.get("Date")
+        # The first reply of a run sets the offset: later ones would only add jitter, and
+        # are not parsed.
+        date = response.headers.get("Date") if self.offset_ms is None else None
         if date:
             try:
                 server_ms = int(email.utils.parsedate_to_datetime(date).timestamp() * 1000)
             except (TypeError, ValueError, IndexError, OverflowError):
                 return
             # Whole seconds: the header has no finer grain, and the reply took time to come.
-            # The first reply of a run sets it: later ones would only add jitter.
-            if self.offset_ms is None:
-                self.offset_ms = round((server_ms - self.local_ms()) / 1000) * 1000
+            self.offset_ms = round((server_ms - self.local_ms()) / 1000) * 1000
 
 
 def _session(retries: Retry, counter: _Counter, pool_size: int) -> requests.Session:
+    from requests.adapters import HTTPAdapter
+
     session = requests.Session()
     session.hooks["response"].append(counter)
     session.trust_env = False  # a proxy from the environment has no business with a LAN server
@@ -456,26 +481,37 @@ def _session(retries: Retry, counter: _Counter, pool_size: int) -> requests.Sess
 
 
 def _read_retries(read: int = 2) -> Retry:
+    from urllib3.util.retry import Retry
+
     return Retry(total=READ_RETRIES, connect=READ_RETRIES, read=read, status=READ_RETRIES,
                  other=0, backoff_factor=RETRY_BACKOFF_S,
                  status_forcelist=(429, 500, 502, 503, 504), allowed_methods={"GET"},
                  raise_on_status=False)
 
 
-class _ListingRetry(Retry):
+def _listing_retries() -> Retry:
     """Retries of the bulk listing: as any read, except that a read timeout is not
     retried, since the server is most likely still building the first reply."""
+    from urllib3.util.retry import Retry
 
-    def increment(self, method: str | None = None, url: str | None = None,
-                  response: Any = None, error: Exception | None = None, _pool: Any = None,
-                  _stacktrace: Any = None) -> _ListingRetry:
-        if isinstance(error, urllib3_errors.ReadTimeoutError):
-            raise error
-        return cast(_ListingRetry,
-                    super().increment(method, url, response, error, _pool, _stacktrace))
+    class _ListingRetry(Retry):
+        def increment(self, method: str | None = None, url: str | None = None,
+                      response: Any = None, error: Exception | None = None,
+                      _pool: Any = None, _stacktrace: Any = None) -> _ListingRetry:
+            if isinstance(error, urllib3_errors.ReadTimeoutError):
+                raise error
+            return cast(_ListingRetry, super().increment(method, url, response, error, _pool,
+                                                         _stacktrace))
+
+    reads = _read_retries()
+    return _ListingRetry(**{k: getattr(reads, k) for k in (
+        "total", "connect", "read", "status", "other", "backoff_factor", "status_forcelist",
+        "allowed_methods", "raise_on_status")})
 
 
 def _write_retries() -> Retry:
+    from urllib3.util.retry import Retry
+
     # Only a refused connection is retried: the request never reached the server.
     return Retry(total=2, connect=2, read=0, status=0, other=0, redirect=0,
                  backoff_factor=RETRY_BACKOFF_S, raise_on_status=False)
@@ -535,6 +571,39 @@ def _transport_error(server: ServerConfig, exc: requests.RequestException, what:
 
 
 _ClientT = TypeVar("_ClientT", bound="_Client")
+#: A URL's path and query that requests would send as they are: nothing to quote, and
+#: escapes only as urllib.parse.quote makes them (of reserved characters, upper case).
+_PLAIN_URL_TAIL = re.compile(r"/(?:[A-Za-z0-9._~:/?\[\]@!$&'()*+,;=-]|%[0-9A-F]{2})*\Z")
+
+
+class _Prepared:
+    """Requests prepared from a template per session, method and headers: requests would
+    merge the session's settings, cookies and auth into every request afresh (a third of
+    a small request's time). A session holding cookies goes the whole way each time."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self._templates: dict[tuple, requests.PreparedRequest] = {}
+        self._base: str | None = None  # base_url as requests normalises it
+
+    def send(self, session: requests.Session, method: str, tail: str,
+             headers: dict[str, str] | None, timeout: float, stream: bool
+             ) -> requests.Response:
+        """``tail``: the path and query after the base URL, already quoted."""
+        if session.cookies or not _PLAIN_URL_TAIL.match(tail):
+            return session.request(method, self.base_url + tail, headers=headers,
+                                   timeout=timeout, stream=stream)
+        key = (id(session), method, tuple(sorted((headers or {}).items())))
+        template = self._templates.get(key)
+        if template is None:
+            template = session.prepare_request(requests.Request(
+                method.upper(), self.base_url + "/", headers=headers))
+            self._templates[key] = template
+        if self._base is None:
+            self._base = cast(str, template.url).rstrip("/")
+        prepared = template.copy()
+        prepared.url = self._base + tail
+        return session.send(prepared, timeout=timeout, stream=stream, allow_redirects=True)
 
 
 def _local_ms() -> int:
@@ -551,6 +620,7 @@ class _Client:
         pool = server.write_workers + 2
         self._reads = _session(_read_retries(), self._counter, pool)
         self._writes = _session(_write_retries(), self._counter, pool)
+        self._prepared = _Prepared(server.base_url.rstrip("/"))
 
     @property
     def request_count(self) -> int:
@@ -596,10 +666,7 @@ class SageClient(_Client):
         self.url = f"{server.base_url}/sagex/api"
         # A read timeout on the listing means the server is still building it: asking
         # again would make it build a second one beside the first.
-        listing_retries = _ListingRetry(**{k: getattr(_read_retries(), k) for k in (
-            "total", "connect", "read", "status", "other", "backoff_factor",
-            "status_forcelist", "allowed_methods", "raise_on_status")})
-        self._listing = _session(listing_retries, self._counter, 2)
+        self._listing = _session(_listing_retries(), self._counter, 2)
         for session in (self._reads, self._writes, self._listing):
             session.auth = (server.user, server.password)
 
@@ -622,12 +689,13 @@ class SageClient(_Client):
         if fields:
             params["filter"] = "|".join(fields)
         what = f"to {function}"
+        query = "/sagex/api?" + urllib.parse.urlencode(params)
         log.debug("sagex %s %s", function, args)
         session = self._writes if write else self._listing if listing else self._reads
         timeout = self.server.list_timeout_s if listing else self.server.timeout_s
 
         def get() -> tuple[requests.Response, bytes]:
-            with session.get(self.url, params=params, timeout=timeout, stream=True) as response:
+            with self._prepared.send(session, "get", query, None, timeout, True) as response:
                 # The body in big pieces: in requests' own 10 KB ones, a 50 MB listing
                 # spends a fifth of its read in Python.
                 return response, b"".join(response.iter_content(SAGE_READ_CHUNK))
@@ -743,6 +811,8 @@ class PlexClient(_Client):
     def __init__(self, server: ServerConfig, local_ms: Callable[[], int] = _local_ms) -> None:
         super().__init__(server, local_ms)
         self._plex: Any = None
+        #: The server's root (its MediaContainer's attributes), once connected.
+        self._root: dict[str, str] | None = None
         self._headers: Callable[..., dict[str, str]] = dict
         self.where = f"Plex at {server.address}"
 
@@ -774,7 +844,8 @@ class PlexClient(_Client):
 
     @property
     def plex(self) -> Any:
-        """The plexapi PlexServer, connected on first use (one request)."""
+        """The plexapi PlexServer, connected on first use (one request): for what needs
+        plexapi's object model (adding a section, the notification websocket)."""
         if self._plex is None:
             from plexapi.server import PlexServer
 
@@ -785,20 +856,38 @@ class PlexClient(_Client):
                 raise PlexError(f"{self.where} sent an empty reply when connecting; "
                                 "is this a Plex Media Server?")
             self._plex, self._headers = server, _plexapi_internals(server)
+            self._root = {"machineIdentifier": server.machineIdentifier,
+                          "friendlyName": server.friendlyName, "version": server.version}
         return self._plex
+
+    @property
+    def root(self) -> dict[str, str]:
+        """The server's own attributes (machineIdentifier, friendlyName, version), read on
+        connecting: one request, with plexapi's headers but without its object model,
+        which listings and writes do not use."""
+        if self._root is None:
+            self._headers = _plexapi_headers(self.server.token)
+            root = self.xml("/", "when connecting")
+            attrs = {} if root is None else dict(root.attrib)
+            if attrs.get("machineIdentifier") is None and attrs.get("version") is None:
+                raise PlexError(f"{self.where} sent an empty reply when connecting; "
+                                "is this a Plex Media Server?")
+            self._root = attrs
+        return self._root
 
     def request(self, path: str, what: str, *, method: str = "get", write: bool = False,
                 headers: dict[str, str] | None = None, stream: bool = False) -> requests.Response:
         """One request to Plex: the choke point. A 2xx reply or a PlexError. A write goes
         through the session that never repeats a request that reached the server."""
-        plex = self.plex
+        if self._root is None and path != "/":
+            self.root  # noqa: B018 - connects
         session = self._writes if write else self._reads
         all_headers = self._headers(**(headers or {}))
         log.debug("%s %s", method.upper(), path)
 
         def send() -> requests.Response:
-            response = session.request(method, plex.url(path), headers=all_headers,
-                                       timeout=self.server.timeout_s, stream=stream)
+            response = self._prepared.send(session, method, path, all_headers,
+                                           self.server.timeout_s, stream)
             if response.status_code >= 300:
                 response.close()
                 raise self._status_error(response.status_code, what)
@@ -970,6 +1059,22 @@ class PlexClient(_Client):
     def refresh_section(self, key: int) -> None:
         self.request(f"/library/sections/{key}/refresh", f"to refresh section {key}",
                      write=True)
+
+
+def _plexapi_headers(token: str | None) -> Callable[..., dict[str, str]]:
+    """The request headers plexapi's PlexServer sends (its client identity, and the token,
+    with plexapi's own fallback to its config file), without importing its object model."""
+    import plexapi
+
+    token = plexapi.logfilter.add_secret(token or plexapi.CONFIG.get("auth.server_token"))
+
+    def headers(**more: str) -> dict[str, str]:
+        found = plexapi.BASE_HEADERS.copy()
+        if token:
+            found["X-Plex-Token"] = token
+        found.update(more)
+        return found
+    return headers
 
 
 def _plexapi_internals(server: Any) -> Callable[..., dict[str, str]]:
@@ -1857,6 +1962,7 @@ CREATE TABLE IF NOT EXISTS journal (
     plex_raw_before TEXT, sage_raw_after TEXT, plex_raw_after TEXT, steps_done INTEGER,
     own_sage TEXT, own_plex TEXT);
 CREATE TABLE IF NOT EXISTS listed (kind TEXT, id INTEGER, PRIMARY KEY (kind, id));
+CREATE INDEX IF NOT EXISTS journal_item ON journal (run_id, rating_key);
 """
 #: Columns a schema-1 file lacks, added in place so that its bases carry over.
 _STATE_UPGRADE_1 = (
@@ -2898,7 +3004,7 @@ class SyncRun:
 
     def identity(self) -> dict[str, str]:
         """Which pair of servers this is (§6.5): Plex's machine id, SageTV's address."""
-        return {"plex": str(self.plex.plex.machineIdentifier or ""),
+        return {"plex": str(self.plex.root.get("machineIdentifier") or ""),
                 "sagetv": self.sage.server.address}
 
     def twins_outside(self, items: list[PlexItem], index: SageIndex) -> list[PlexItem]:
@@ -3220,10 +3326,14 @@ class SyncRun:
             for task in tasks.values():
                 self.run_task(task, confirm=True, bar=bar)
         else:
-            workers = self.sage.server.write_workers + self.plex.server.write_workers
-            with ThreadPoolExecutor(workers, thread_name_prefix="write") as pool:
-                futures = [pool.submit(self.run_task, task, False, bar)
-                           for task in tasks.values()]
+            # A pool per server, for the tasks that begin with its write: a task waiting for
+            # one server's slot never holds a thread the other server's tasks could use.
+            with ThreadPoolExecutor(self.sage.server.write_workers,
+                                    thread_name_prefix="write-sagetv") as sage_pool, \
+                    ThreadPoolExecutor(self.plex.server.write_workers,
+                                       thread_name_prefix="write-plex") as plex_pool:
+                futures = [(sage_pool if _is_sage(task[0].writes[0]) else plex_pool).submit(
+                    self.run_task, task, False, bar) for task in tasks.values()]
                 self._wait(futures)
                 for future, task in zip(futures, tasks.values(), strict=True):
                     _settle(future, task)
@@ -3253,10 +3363,24 @@ class SyncRun:
             self.state.step_done(self.run_id, entry.plex.rating_key, entry.steps_done)
 
     def _wait(self, futures: list[Future]) -> None:
-        """Wait for the writes; on Ctrl-C (or SIGTERM) say that those started finish."""
+        """Wait for the writes; on Ctrl-C (or SIGTERM) say that those started finish. Each
+        future counts itself done: polling thousands of futures would take each one's lock
+        over and over, and the writes finishing would queue behind it."""
+        left = [len(futures)]
+        lock = threading.Lock()
+        all_done = threading.Event()
+
+        def one_done(_: Future) -> None:
+            with lock:
+                left[0] -= 1
+                if not left[0]:
+                    all_done.set()
+        if not futures:
+            return
+        for future in futures:
+            future.add_done_callback(one_done)
         said = False
-        while not all(f.done() for f in futures):
-            wait(futures, timeout=0.2, return_when=FIRST_EXCEPTION)
+        while not all_done.wait(0.2):
             if self.stop.is_set() and not said:
                 said = True
                 self.console.err.write("\nInterrupted: finishing the writes already started "
@@ -4469,6 +4593,19 @@ def explained(opts: Options, run: SyncRun, facts: Facts, console: Console) -> bo
     return False
 
 
+#: The command's own run (``main()`` reading sys.argv) leaves what a run read to the
+#: process's exit instead of freeing it object by object as the run returns (a tenth of
+#: a 100,000-item check): a list that holds itself, frozen out of the collector's way at
+#: the end. A library call (``main(argv)``, ``run_sync``) frees it as usual.
+_left_to_exit: list[object] | None = None
+
+
+def _leave_to_exit(*objects: object) -> None:
+    """The last run's only: --watch and --interval free each run's as the next ends."""
+    if _left_to_exit is not None:
+        _left_to_exit[1:] = objects
+
+
 def run_sync(opts: Options, config: Config, console: Console, stop: threading.Event,
              all_items: bool, as_json: bool, quiet: bool = False,
              seen: list[Facts] | None = None) -> ExitCode:
@@ -4524,6 +4661,7 @@ def run_sync(opts: Options, config: Config, console: Console, stop: threading.Ev
         log.info("%s", report.total_line())
         log.info("done: exit %d (%d SageTV and %d Plex requests)", report.exit_code(),
                  sage.request_count, plex.request_count)
+        _leave_to_exit(facts, report, run)
         return report.exit_code()
 
 
@@ -5471,6 +5609,8 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None,
     stdin = stdin if stdin is not None else sys.stdin
     secrets = Secrets()
     words = list(argv if argv is not None else sys.argv[1:])
+    if argv is None:
+        _exit_keeps_whats_read()
     try:
         args = build_parser().parse_args(words)
         opts = replace(validate_args(args), argv=tuple(words))
@@ -5511,6 +5651,17 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None,
             console.close()
             with contextlib.suppress(BrokenPipeError, ValueError):
                 out.flush()
+
+
+def _exit_keeps_whats_read() -> None:
+    """The command line's runs leave what they read to the process's exit: the list of it
+    holds itself, and what is left when the interpreter finishes is frozen, so that neither
+    dropping the module's names nor the last collection frees it object by object."""
+    global _left_to_exit
+    if _left_to_exit is None:
+        _left_to_exit = []
+        _left_to_exit.append(_left_to_exit)
+        atexit.register(gc.freeze)
 
 
 def _failed(message: str, code: int, out: TextIO, err: TextIO, as_json: bool) -> int:

@@ -2826,6 +2826,10 @@ class Replay:
     #: States the replayed run's own unfinished steps can have left (a killed run).
     own_sage: tuple[Status, ...] = ()
     own_plex: tuple[Status, ...] = ()
+    #: The raw values behind ``sage`` and ``plex``, classified again under this run's
+    #: bounds (§6.1: a changed setting is not a change); empty: the states as stored.
+    sage_raw: dict = field(default_factory=dict)
+    plex_raw: dict = field(default_factory=dict)
 
     def same_as(self, other: Replay) -> bool:
         """Both expect the same states and stamps (§6.1's "changed", both ways)."""
@@ -2841,9 +2845,11 @@ class Replay:
         base = entry.base
         own_sage = self.own_sage + (base.own_sage if base is not None else ())
         own_plex = self.own_plex + (base.own_plex if base is not None else ())
-        sage_moved = changed(entry.sage_status, entry.sage.real_end_ms, self.sage,
+        then_sage = raw_sage_status(self.sage_raw, self.sage, entry)
+        then_plex = raw_plex_status(self.plex_raw, self.plex, entry)
+        sage_moved = changed(entry.sage_status, entry.sage.real_end_ms, then_sage,
                              self.sage_stamp_ms) and entry.sage_status not in own_sage
-        plex_moved = changed(entry.plex_status, entry.plex.last_viewed_ms, self.plex,
+        plex_moved = changed(entry.plex_status, entry.plex.last_viewed_ms, then_plex,
                              self.plex_stamp_ms) and entry.plex_status not in own_plex
         return not sage_moved and not plex_moved
 
@@ -4455,7 +4461,9 @@ def _expect_after(row: JournalRow, decision: Decision) -> Replay:
     return Replay(row.sage_after or row.to_sage or row.sage_before,
                   row.plex_after or row.to_plex or row.plex_before,
                   _stamp(sage_raw, "RealWatchedEndTime"), _stamp(plex_raw, "lastViewedAt", 1000),
-                  decision, *(((), ()) if finished else (row.own_sage, row.own_plex)))
+                  decision, *(((), ()) if finished else (row.own_sage, row.own_plex)),
+                  sage_raw=row.sage_raw_after if finished else {},
+                  plex_raw=row.plex_raw_after if finished else {})
 
 
 def _after_later_runs(items: dict[int, Replay], state: StateStore, later: list[int]
@@ -4490,7 +4498,8 @@ def read_plan(path: Path) -> ReplayPlan:
             items[int(item["media_id"])] = Replay(
                 Status.from_text(item["sage"]), Status.from_text(item["plex"]),
                 int(item.get("sage_stamp_ms") or 0), int(item.get("plex_stamp_ms") or 0),
-                decision)
+                decision, sage_raw=dict(item.get("sage_raw") or {}),
+                plex_raw=dict(item.get("plex_raw") or {}))
         servers = data.get("servers") or {}
         if not isinstance(servers, dict):
             raise TypeError("servers")
@@ -4516,6 +4525,7 @@ def save_plan(path: Path, facts: Facts, servers: dict[str, str]) -> int:
               "sage": e.sage_status.to_text(), "plex": e.plex_status.to_text(),
               "sage_stamp_ms": e.sage.real_end_ms if e.sage else 0,
               "plex_stamp_ms": e.plex.last_viewed_ms,
+              "sage_raw": e.sage.raw() if e.sage else {}, "plex_raw": e.plex.raw(),
               "to_sage": e.decision.to_sage.to_text() if e.decision.to_sage else None,
               "to_plex": e.decision.to_plex.to_text() if e.decision.to_plex else None,
               "rule": e.decision.rule, "writes": [str(w) for w in e.writes]}

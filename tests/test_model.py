@@ -773,7 +773,8 @@ class SyncModel(RuleBasedStateMachine):
                      and self.unchanged_since(n, then[n], now[n], self.plan_time)}
         targets = {n: [t for t in self.plan_targets[n]] for n in unchanged}
         expected = self.expect(unchanged, targets)
-        argv = ["--apply", str(path), "--state", str(self.state_file)] + (["-y"] if yes else [])
+        # Runs with today's -x, as the model classifies with it.
+        argv = ["--apply", str(path), *self.common(yes)]
         code, out = self.run(*argv)
         assert code == 0, out
         self.after_success("apply", unchanged, expected, now, out)
@@ -835,7 +836,7 @@ class SyncModel(RuleBasedStateMachine):
                 expected[name].plex[key] = self.plex_after(key, state, b)
                 if plex_cls(now[name].plex[key], b) != state:
                     expected[name].plex_write.add(key)
-        code, out = self.run("--undo", *number, "--state", str(self.state_file))
+        code, out = self.run("--undo", *number, *self.common(False))
         assert code == 0, out
         for name in restore:
             self.log.append(f"  undo restores {name}")

@@ -442,6 +442,11 @@ class SyncModel(RuleBasedStateMachine):
     @rule(ignore_s=st.sampled_from([30, 60, 120]), played=st.sampled_from([0.8, 0.9, 0.95]))
     def change_settings(self, ignore_s: int, played: float) -> None:
         self.log.append(f"settings: -x {ignore_s}, Plex threshold {played:.0%}")
+        if ignore_s != self.ignore_s:
+            # A plan's positions are written as planned: one made with another -x may hold
+            # a position that today's -x ignores. The model applies a plan under the -x it
+            # was made with (the server's threshold may change in between).
+            self.plan = None
         self.ignore_s = ignore_s
         self.played = played
         self.world.plex.played_threshold = played

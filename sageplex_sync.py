@@ -2881,6 +2881,16 @@ def raw_plex_status(raw: dict, fallback: Status, entry: Entry) -> Status:
     return classify(watched, offset_ms, bounds, is_sage=False)
 
 
+def at_today(target: Status | None, entry: Entry) -> Status | None:
+    """A target position decided in an earlier run, as this run's bounds read it: with
+    another -x or played threshold it may be no resume point any more (§6.1)."""
+    if target is None or target.kind is not Kind.PROGRESS:
+        return target
+    bounds = entry.bounds
+    assert bounds is not None
+    return classify(False, target.position_ms, bounds, is_sage=False)
+
+
 def _raw_has_position(raw: dict) -> bool:
     return bool(int(raw.get("viewOffset") or 0)) or (
         not raw.get("IsWatched") and bool(int(raw.get("WatchedEndTime") or 0)))
@@ -2899,7 +2909,8 @@ def base_of(record: BaseRecord, entry: Entry) -> Base:
         return base
     on_sage = raw_sage_status(pending.sage_raw, sage, entry)
     on_plex = raw_plex_status(pending.plex_raw, plex, entry)
-    return replace(base, pending=(pending.to_sage, pending.to_plex),
+    return replace(base, pending=(at_today(pending.to_sage, entry),
+                                  at_today(pending.to_plex, entry)),
                    pending_on=(on_sage, on_plex),
                    pending_sage_ms=int(pending.sage_raw.get("RealWatchedEndTime") or 0),
                    pending_plex_ms=int(pending.plex_raw.get("lastViewedAt") or 0) * 1000,
@@ -3224,8 +3235,11 @@ class SyncRun:
                 # One SageTV write for the recording: the first of the items holding it;
                 # an undo puts each twin back to its own before-state.
                 own = self.overrides.get(entry.plex.rating_key)
-                member_decision = (own.decision if own is not None
-                                   and decision.verdict is not Verdict.SETTLED else decision)
+                member_decision = (replace(own.decision,
+                                           to_sage=at_today(own.decision.to_sage, entry),
+                                           to_plex=at_today(own.decision.to_plex, entry))
+                                   if own is not None and decision.verdict is not
+                                   Verdict.SETTLED else decision)
                 if own is None and self.overrides:  # a twin the replayed run did not write
                     member_decision = replace(decision, to_plex=None)
                 self.plan_entry(entry, member_decision, viewed_at, sage_too=position == 0)
@@ -3272,7 +3286,9 @@ class SyncRun:
         (§6.4): then the item is skipped and left to the next sync."""
         moved = [(m, r) for m, r in replays if not r.holds(m)]
         if not moved:
-            return replays[0][1].decision, 0
+            decision = replays[0][1].decision
+            return replace(decision, to_sage=at_today(decision.to_sage, members[0]),
+                           to_plex=at_today(decision.to_plex, members[0])), 0
         for member in members:  # the user's own change is kept, and left to a sync
             member.outcome, member.keep_base = Outcome.SKIPPED, True
         for member, replay in moved:

@@ -38,7 +38,7 @@ take a position at or under 60 s (with ``-x`` under 60: skipped, Plex keeps its 
 a Plex server whose scrobble keeps the resume point leaves "watched, resume at p" (§9.3 of the
 Plex reference); a run killed after finishing an item may or may not have recorded its base.
 
-``SAGEPLEX_MODEL_EXAMPLES`` (default 60: about 60 s on a busy 2-core machine) sets the
+``SAGEPLEX_MODEL_EXAMPLES`` (default 50; CI runs the derandomized half, about 30 s) sets the
 examples, half of them derandomized (the same every run) and half new; ``SAGEPLEX_MODEL_STEPS``
 (default 30) the steps per example; shrinking is on (``SAGEPLEX_MODEL_SHRINK=0`` turns it off).
 """
@@ -79,14 +79,14 @@ from tests.user import NONE, WATCHED, State, User, progress
 SHARED_FLAG = "EP0000555001"
 PLEX_MIN_PROGRESS_MS = 60_000  # Plex ignores a timeline at or under this (§3.2)
 TOLERANCE_MS = 2_000
-EXAMPLES = int(os.environ.get("SAGEPLEX_MODEL_EXAMPLES", "60"))
-#: The random sequences still report disagreements between this reference model and the
-#: tool that are not yet triaged (the model's or the tool's: see the README's "Model test"
-#: notes), so they run when asked for (SAGEPLEX_MODEL_EXAMPLES set); CI runs the pinned
-#: sequences here and the first model test (test_model_classic.py).
+EXAMPLES = int(os.environ.get("SAGEPLEX_MODEL_EXAMPLES", "50"))
+#: New random sequences every run find, now and then, a disagreement not yet settled
+#: (recordings sharing a show flag both written by one undo; see the closing note of the
+#: session that built this): CI runs the derandomized batch, which is the same every run,
+#: and the pinned sequences; the random batch runs when SAGEPLEX_MODEL_EXAMPLES is set.
 random_sequences = pytest.mark.skipif(
     "SAGEPLEX_MODEL_EXAMPLES" not in os.environ,
-    reason="the extended random model runs with SAGEPLEX_MODEL_EXAMPLES=N (untriaged)")
+    reason="the random model batch runs with SAGEPLEX_MODEL_EXAMPLES=N")
 STEPS = int(os.environ.get("SAGEPLEX_MODEL_STEPS", "30"))
 SHRINK = os.environ.get("SAGEPLEX_MODEL_SHRINK", "1") != "0"
 MAIN = Path(sageplex_sync.__file__).resolve()
@@ -992,7 +992,6 @@ def no_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
 
 
-@random_sequences
 def test_model_fixed_seed() -> None:
     """The same sequences every run (hypothesis derandomized)."""
     run_state_machine_as_test(SyncModel, settings=machine_settings(max(1, EXAMPLES // 2), True))

@@ -2943,7 +2943,7 @@ class SyncRun:
     def __init__(self, opts: Options, sage: SageClient, plex: PlexClient,
                  state: StateStore | None, console: Console, stop: threading.Event,
                  overrides: dict[int, Replay] | None = None,
-                 guard_items: int = GUARD_ITEMS) -> None:
+                 guard_items: int = GUARD_ITEMS, undoes: int | None = None) -> None:
         self.opts = opts
         self.sage = sage
         self.plex = plex
@@ -2960,8 +2960,8 @@ class SyncRun:
         self.run_id = 0
         self.bases: dict[int, BaseRecord] = {}
         self.guard_items = guard_items
-        #: The run an undo puts back (for the history), once known.
-        self.overrides_run: int | None = None
+        #: The run an undo puts back (the history marks it undone).
+        self.undoes = undoes
         #: The SageTV media files read back after the writes, as they were read before.
         self.before_writes: dict[int, dict] = {}
         #: Media ids an undo or a plan names that Plex no longer has.
@@ -3493,7 +3493,7 @@ class SyncRun:
             ((entry.plex.rating_key, record) for entry in facts.entries
              if entry.matched and (record := _base_record(entry)) is not None),
             self.side_effect_bases(facts))
-        undoes = self.overrides_run if self.opts.kind is RunKind.UNDO else None
+        undoes = self.undoes if self.opts.kind is RunKind.UNDO else None
         return self.state.finish_run(self.run_id, self.opts.kind.value, self.opts.argv, bases,
                                      [_journal_row(entry) for entry in written],
                                      counts=counts() if counts is not None else None,
@@ -4661,8 +4661,8 @@ def run_sync(opts: Options, config: Config, console: Console, stop: threading.Ev
         full = not opts.media and any(t.lower() == "all" for t in opts.targets)
         replay = replay_plan(opts, state)
         run = SyncRun(opts, sage, plex, state, console, stop,
-                      replay.items if replay is not None else None, config.guard_items)
-        run.overrides_run = replay.undoes if replay is not None else None
+                      replay.items if replay is not None else None, config.guard_items,
+                      replay.undoes if replay is not None else None)
         with _failure_recorded(state, opts, console, on_failure):
             with console.waiting("waiting for SageTV's listing"):
                 facts = run.read()

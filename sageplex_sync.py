@@ -4471,15 +4471,18 @@ def undo_plan(state: StateStore | None, wanted: int | None) -> ReplayPlan:
 def _expect_after(row: JournalRow, decision: Decision) -> Replay:
     """The item as a journalled write left it: as read back (a finished write), or any
     state its own steps can have left (one that failed or died half way)."""
+    if row.outcome != Outcome.UPDATED.value:
+        # Not finished: each side as it was before, or as one of its steps left it.
+        return Replay(row.sage_before, row.plex_before,
+                      _stamp(row.sage_raw_before, "RealWatchedEndTime"),
+                      _stamp(row.plex_raw_before, "lastViewedAt", 1000), decision,
+                      row.own_sage, row.own_plex, sage_raw=row.sage_raw_before,
+                      plex_raw=row.plex_raw_before)
     sage_raw = row.sage_raw_after or row.sage_raw_before
     plex_raw = row.plex_raw_after or row.plex_raw_before
-    finished = row.outcome == Outcome.UPDATED.value
-    return Replay(row.sage_after or row.to_sage or row.sage_before,
-                  row.plex_after or row.to_plex or row.plex_before,
+    return Replay(row.sage_after or row.sage_before, row.plex_after or row.plex_before,
                   _stamp(sage_raw, "RealWatchedEndTime"), _stamp(plex_raw, "lastViewedAt", 1000),
-                  decision, *(((), ()) if finished else (row.own_sage, row.own_plex)),
-                  sage_raw=row.sage_raw_after if finished else {},
-                  plex_raw=row.plex_raw_after if finished else {})
+                  decision, sage_raw=row.sage_raw_after, plex_raw=row.plex_raw_after)
 
 
 def _after_later_runs(items: dict[int, Replay], state: StateStore, later: list[int]

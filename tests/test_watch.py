@@ -146,6 +146,18 @@ def test_a_manual_mark_and_unmark_on_plex_reach_sagetv(
     assert eventually(lambda: not world.sage_watched(item), 5), w.out.getvalue()
 
 
+def test_a_manual_sagetv_mark_waits_for_the_timed_backstop_pass(
+        watching: Callable[..., Watching], item: Item, world: World) -> None:
+    """SageTV's "mark watched" stamps no watch time, so GetRecentlyWatched never lists it:
+    the full pass every --interval minutes (here 0.05, 3 s) finds it; until then nothing."""
+    w = watching("--interval", "0.05")
+    world.sage.set_watched(item.airing_id)  # the UI's mark: no RealWatchedEndTime
+    time.sleep(2 * POLL_S)
+    assert world.plex_item(item).view_count == 0  # no poll saw it
+    assert eventually(lambda: world.plex_item(item).view_count == 1, 10), w.out.getvalue()
+    assert w.env.sage.requests(function="GetMediaFiles"), "the pass is a full listing"
+
+
 def test_a_sagetv_stop_reaches_plex_within_a_poll_and_seconds(
         watching: Callable[..., Watching], item: Item, world: World) -> None:
     w = watching()

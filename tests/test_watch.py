@@ -227,3 +227,44 @@ def test_check_reports_the_websocket(start: Callable[..., Env]) -> None:
     result = env.run("--check")
     assert "notification websocket: opens" in result.out, result.out
     assert_no_secrets(result.out, result.err)
+
+
+@pytest.mark.parametrize("seed", [7, 11])
+def test_random_stops_on_either_side_while_watching_keep_both_sides_in_step(
+        watching: Callable[..., Watching], item: Item, world: World, seed: int) -> None:
+    """A random evening: stops on either server, on either of two items, at positions
+    anywhere from 2 to 40 minutes (back and forth on Plex, forward on SageTV, whose watch
+    record keeps the furthest point). After each stop the other server shows
+    the same resume point within seconds, the side it was made on keeps it (nothing the
+    user did last is lost), and the other item is left as it was."""
+    import random
+
+    other = world.movie("Ronin", year=1998, duration_ms=90 * MIN, sage=none(), plex=none())
+    w = watching()
+    chooser = random.Random(seed)
+    shows = {item.title: 0, other.title: 0}  # each item's resume point, as the user left it
+    for _ in range(6):
+        target = chooser.choice([item, other])
+        position = chooser.randrange(2 * MIN, 40 * MIN, 7_919)
+        on_plex = chooser.random() < 0.5
+        if on_plex:
+            w.user.plex_play(target, position - MIN)
+            w.user.plex_stop(target, position)
+        else:
+            # SageTV merges a viewing into the recording's watch record: stopping short of
+            # the resume point leaves it where it was. Its stops go forward.
+            position = max(position, shows[target.title] + 2 * MIN)
+            w.user.sage_play(target, position - MIN)
+            w.user.sage_stop(target, position)
+        shows[target.title] = position
+        for each in (item, other):
+            want = shows[each.title]
+            assert eventually(lambda each=each, want=want: near(
+                world.sage_position_ms(each), want) and near(
+                world.plex_item(each).view_offset_ms, want), POLL_S + 5), (
+                f"{each.title}: SageTV {world.sage_position_ms(each)}, Plex "
+                f"{world.plex_item(each).view_offset_ms}, wanted {want} after a stop on "
+                f"{'Plex' if on_plex else 'SageTV'}\n{w.out.getvalue()}{w.err.getvalue()}")
+    w.env.clear_logs()
+    time.sleep(2 * POLL_S)
+    assert w.env.writes() == [], "a quiet minute wrote something"

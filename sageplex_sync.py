@@ -1750,10 +1750,12 @@ def decide_two_way(sage: Status, plex: Status, sage_last_ms: int, plex_last_ms: 
                  + (" (same time)" if plex_last_ms == sage_last_ms else ""))
 
 
-def changed(now: Status, now_stamp_ms: int, then: Status, then_stamp_ms: int) -> bool:
+def changed(now: Status, now_stamp_ms: int, then: Status, then_stamp_ms: int,
+            own: tuple[Status, ...] = ()) -> bool:
     """§6.1: a side changed when its state differs (positions within 2 s are equal) or it
-    was viewed since (a newer stamp, even one that ends in the same state)."""
-    return now != then or now_stamp_ms > then_stamp_ms + RESTAMP_MS
+    was viewed since (a newer stamp, even one that ends in the same state), unless what it
+    shows is one of ``own``: the states the tool's own steps can have left (§6.3)."""
+    return (now != then or now_stamp_ms > then_stamp_ms + RESTAMP_MS) and now not in own
 
 
 def _pending_holds(sage: Status, plex: Status, base: Base, sage_stamp_ms: int,
@@ -1762,10 +1764,8 @@ def _pending_holds(sage: Status, plex: Status, base: Base, sage_stamp_ms: int,
     was taken on, the tool's own steps excepted (§6.3, §6.4)."""
     assert base.pending_on is not None
     on_sage, on_plex = base.pending_on
-    sage_moved = changed(sage, sage_stamp_ms, on_sage, base.pending_sage_ms) \
-        and sage not in base.own_sage
-    plex_moved = changed(plex, plex_stamp_ms, on_plex, base.pending_plex_ms) \
-        and plex not in base.own_plex
+    sage_moved = changed(sage, sage_stamp_ms, on_sage, base.pending_sage_ms, base.own_sage)
+    plex_moved = changed(plex, plex_stamp_ms, on_plex, base.pending_plex_ms, base.own_plex)
     return not sage_moved and not plex_moved
 
 
@@ -1807,10 +1807,8 @@ def _merge(sage: Status, plex: Status, sage_last_ms: int, plex_last_ms: int, bas
            sage_stamp_ms: int, plex_stamp_ms: int) -> Decision:
     """Three-way against the base (§6): who changed since the last sync wins."""
     # ``*_stamp_ms`` are the servers' own last-watched times, comparable with the base's.
-    sage_changed = changed(sage, sage_stamp_ms, base.sage, base.sage_last_ms) \
-        and sage not in base.own_sage
-    plex_changed = changed(plex, plex_stamp_ms, base.plex, base.plex_last_ms) \
-        and plex not in base.own_plex
+    sage_changed = changed(sage, sage_stamp_ms, base.sage, base.sage_last_ms, base.own_sage)
+    plex_changed = changed(plex, plex_stamp_ms, base.plex, base.plex_last_ms, base.own_plex)
     if sage_changed and plex_changed:
         two_way = decide_two_way(sage, plex, sage_last_ms, plex_last_ms)
         return replace(two_way, rule=f"both changed since the last sync; {two_way.rule}")
@@ -2848,9 +2846,9 @@ class Replay:
         then_sage = raw_sage_status(self.sage_raw, self.sage, entry)
         then_plex = raw_plex_status(self.plex_raw, self.plex, entry)
         sage_moved = changed(entry.sage_status, entry.sage.real_end_ms, then_sage,
-                             self.sage_stamp_ms) and entry.sage_status not in own_sage
+                             self.sage_stamp_ms, own_sage)
         plex_moved = changed(entry.plex_status, entry.plex.last_viewed_ms, then_plex,
-                             self.plex_stamp_ms) and entry.plex_status not in own_plex
+                             self.plex_stamp_ms, own_plex)
         return not sage_moved and not plex_moved
 
 
@@ -3677,16 +3675,14 @@ def _plex_changed(entry: Entry) -> bool:
     """Whether the user changed the item's Plex side since its base (§6.1)."""
     base = entry.base
     return base is not None and changed(entry.plex_status, entry.plex.last_viewed_ms,
-                                        base.plex, base.plex_last_ms) \
-        and entry.plex_status not in base.own_plex
+                                        base.plex, base.plex_last_ms, base.own_plex)
 
 
 def _sage_changed(entry: Entry) -> bool:
     """Whether the user changed the item's SageTV side since its base (§6.1)."""
     base = entry.base
     return base is not None and entry.sage is not None and changed(
-        entry.sage_status, entry.sage.real_end_ms, base.sage, base.sage_last_ms) \
-        and entry.sage_status not in base.own_sage
+        entry.sage_status, entry.sage.real_end_ms, base.sage, base.sage_last_ms, base.own_sage)
 
 
 def _settled(entry: Entry) -> bool:

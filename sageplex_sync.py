@@ -2830,11 +2830,10 @@ class Replay:
     plex_raw: dict = field(default_factory=dict)
 
     def same_as(self, other: Replay) -> bool:
-        """Both expect the same states and stamps (§6.1's "changed", both ways)."""
-        return not changed(self.sage, self.sage_stamp_ms, other.sage, other.sage_stamp_ms) \
-            and not changed(other.sage, other.sage_stamp_ms, self.sage, self.sage_stamp_ms) \
-            and not changed(self.plex, self.plex_stamp_ms, other.plex, other.plex_stamp_ms) \
-            and not changed(other.plex, other.plex_stamp_ms, self.plex, self.plex_stamp_ms)
+        """Both expect the same states and stamps (neither is a change of the other)."""
+        return self.sage == other.sage and self.plex == other.plex \
+            and abs(self.sage_stamp_ms - other.sage_stamp_ms) <= RESTAMP_MS \
+            and abs(self.plex_stamp_ms - other.plex_stamp_ms) <= RESTAMP_MS
 
     def holds(self, entry: Entry) -> bool:
         """Neither side changed since, the tool's own steps excepted: this run's, and

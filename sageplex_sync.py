@@ -1618,16 +1618,6 @@ def local_time(server_ms: int, offset_ms: int) -> int:
     return server_ms - offset_ms if server_ms > 0 else 0
 
 
-def sage_last_watched(item: SageItem, index: SageIndex | None) -> int:
-    """When SageTV's side was last watched (its server's clock). A recording watched only
-    through its show's flag carries no stamp of its own: the flag was set when a sibling
-    was last watched through, so that is its time (who is newer, §3.1)."""
-    if not item.watched or item.watched_completely or not item.show_id or index is None:
-        return item.real_end_ms
-    return max([item.real_end_ms] + [s.real_end_ms for s in index.siblings(item)
-                                     if s.watched and s.watched_completely])
-
-
 class Unreadable(NamedTuple):
     """A record that could not be read: why, and the file names it gave, if any."""
 
@@ -3157,7 +3147,7 @@ class SyncRun:
             entry.sage_status = sage_status(item, entry.segments, bounds)
             entry.plex_status = classify(plex.watched, plex.position_ms, bounds, is_sage=False)
         sage_offset, plex_offset = self._offsets
-        entry.sage_last_ms = local_time(sage_last_watched(item, self.index), sage_offset)
+        entry.sage_last_ms = local_time(item.real_end_ms, sage_offset)
         entry.plex_last_ms = local_time(plex.last_viewed_ms, plex_offset)
 
     def clock_offsets(self) -> tuple[int, int]:
@@ -3456,7 +3446,7 @@ class SyncRun:
         entry.notes += (f"decided again: SageTV's write to media file {others or 'it'} "
                         f"changed it to {now} (a shared show flag)",)
         entry.sage, entry.sage_status = fresh, now
-        entry.sage_last_ms = local_time(sage_last_watched(fresh, self.index), self._offsets[0])
+        entry.sage_last_ms = local_time(fresh.real_end_ms, self._offsets[0])
         if entry.base is not None:
             entry.base = replace(entry.base, sage=now, pending=None, pending_on=None,
                                  sage_last_ms=fresh.real_end_ms)

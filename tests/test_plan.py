@@ -278,16 +278,18 @@ def test_twins_plan_one_sagetv_write_and_none_for_a_twin_already_there() -> None
 
 
 # == siblings (§3.1) ===========================================================================
-def test_a_recording_watched_through_its_show_flag_is_as_new_as_its_sibling() -> None:
+def test_a_recording_watched_through_its_show_flag_has_no_time_of_its_own() -> None:
+    """§1.1: SageTV's last-watched time is the recording's own RealWatchedEndTime; one
+    watched only through its show's flag has none, so a rewatch in progress on Plex is
+    newer, whatever its sibling's time."""
     run = new_run()
     by_flag = movie(1, watched=True, completely=False, stamp=0, show_id="EP0009")
     sibling = movie(3, watched=True, stamp=NEW, show_id="EP0009")
     run.index = SageIndex([by_flag, sibling])
-    # A rewatch in progress on Plex: newer than no stamp at all, older than the sibling's.
     e = entry(run, p_at(1, 20 * MIN, MID, count=1), by_flag)
     plan(run, [e], by_flag, sibling)
-    assert e.decision.rule == "row 5: SageTV newer"
-    assert e.writes == (PlexMarkWatched(),)
+    assert e.decision.rule == "row 5: Plex newer"
+    assert e.decision.to_sage == at(20 * MIN)
 
 
 # == split recordings (§1.4, §4) ================================================================

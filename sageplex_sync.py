@@ -26,6 +26,7 @@ import contextlib
 import difflib
 import email.utils
 import gc
+import heapq
 import io
 import itertools
 import json
@@ -40,7 +41,7 @@ import threading
 import time
 import unicodedata
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from enum import Enum, IntEnum
@@ -2327,6 +2328,14 @@ class StateStore:
                                              for j in intended])
         return run_id
 
+    def intend_again(self, run_id: int, row: JournalRow) -> None:
+        """An item decided again during the run (a write to a recording sharing its show
+        flag changed it): its intended writes as they now are, before the first of them."""
+        with self._writing("nothing more was written to the servers") as db:
+            db.execute("DELETE FROM journal WHERE run_id = ? AND rating_key = ?",
+                       (run_id, row.rating_key))
+            db.execute(_JOURNAL_INSERT, _journal_values(replace(row, run_id=run_id)))
+
     def step_done(self, run_id: int, rating_key: int, steps: int) -> None:
         """One step of an item's writes reached its server. The intent was made durable
         before the first write; the steps are marked without waiting for the disk (a
@@ -2511,20 +2520,27 @@ class Outcome(Enum):
     FAILED = "failed"
 
 
-@dataclass(eq=False, slots=True)
-class Entry:
-    """One Plex item: what it matched in SageTV, both sides' states, the decision, and
-    what became of its writes."""
+class Item(NamedTuple):
+    """One Plex item as the run read it: the SageTV media file it matched, both sides'
+    states seen through the item's bounds, and its base. A value: no phase changes it
+    (a later phase that learns more makes a new one)."""
 
     plex: PlexItem
+    #: Its place in what the run read: the report lists items in this order.
+    order: int = 0
     sage: SageItem | None = None
     candidates: int = 0
+    #: Why it cannot be synced (a record unreadable on either side); '' when it can.
     unreadable: str = ""
+    #: What reading found besides: the media files an ambiguous name has, or "gone".
+    detail: str = ""
+    gone: bool = False
     segments: tuple[tuple[int, int], ...] = ()
-    #: (Plex's played fraction, -x) once matched. The bounds are worked out from them
-    #: when first asked for: most items have no position on either side and need none.
+    #: (Plex's played fraction, -x) once matched: the item's bounds follow from them.
     bounds_rule: tuple[float, int] | None = None
-    _bounds: Bounds | None = None
+    #: The bounds, when reading needed them (a position on either side); otherwise worked
+    #: out when asked for: most items have no position and need none.
+    measured_bounds: Bounds | None = None
     sage_status: Status = NOT_WATCHED
     plex_status: Status = NOT_WATCHED
     sage_last_ms: int = 0  # local clock
@@ -2532,23 +2548,6 @@ class Entry:
     base: Base | None = None
     #: The base as stored (raw values), kept for a failed write's pending record.
     base_record: BaseRecord | None = None
-    decision: Decision = Decision(Verdict.IN_SYNC)
-    writes: tuple[Write, ...] = ()
-    blocked: str = ""
-    outcome: Outcome = Outcome.UNCHANGED
-    detail: str = ""
-    notes: tuple[str, ...] = ()
-    sage_after: Status | None = None
-    plex_after: Status | None = None
-    #: The decision was not carried out and the old base stays (interrupted, declined).
-    keep_base: bool = False
-    #: What SageTV will show once another Plex item's write to the same file is done.
-    sage_expected: Status | None = None
-    #: Both sides as read back after the writes.
-    sage_after_item: SageItem | None = None
-    plex_after_item: PlexItem | None = None
-    #: How many of its writes reached their server (the journal's record).
-    steps_done: int = 0
 
     @property
     def matched(self) -> bool:
@@ -2557,16 +2556,109 @@ class Entry:
     @property
     def bounds(self) -> Bounds | None:
         """Where progress starts and "watched" begins for this item (None: not matched)."""
-        if self._bounds is None and self.sage is not None and self.bounds_rule is not None:
-            played_fraction, ignore_ms = self.bounds_rule
-            duration = self.plex.duration_ms or sum(end - start for start, end in self.segments)
-            self._bounds = item_bounds(self.sage.airing, self.segments, duration,
-                                       played_fraction, ignore_ms)
-        return self._bounds
+        if self.measured_bounds is not None or self.sage is None or self.bounds_rule is None:
+            return self.measured_bounds
+        played_fraction, ignore_ms = self.bounds_rule
+        duration = self.plex.duration_ms or sum(end - start for start, end in self.segments)
+        return item_bounds(self.sage.airing, self.segments, duration, played_fraction,
+                           ignore_ms)
+
+
+class Planned(NamedTuple):
+    """One item of the plan: its decision and the writes that carry it out, or why the
+    run leaves it alone."""
+
+    item: Item
+    decision: Decision = _IN_SYNC
+    writes: tuple[Write, ...] = ()
+    #: Why a write the decision asks for cannot be made ('' when none is blocked).
+    blocked: str = ""
+    #: What SageTV will show once another Plex item's write to the same file is done.
+    sage_expected: Status | None = None
+    #: SKIPPED when the plan already leaves the item alone (gone, changed since a replay).
+    outcome: Outcome = Outcome.UNCHANGED
+    detail: str = ""
+    notes: tuple[str, ...] = ()
+    #: The item's old base stays: the plan does not carry out its decision.
+    keep_base: bool = False
+
+    @property
+    def plex(self) -> PlexItem:
+        return self.item.plex
+
+    @property
+    def sage(self) -> SageItem | None:
+        return self.item.sage
 
     @property
     def verdict(self) -> Verdict:
         return self.decision.verdict
+
+
+class Result(NamedTuple):
+    """What became of a planned item: the outcome of its writes, and both sides as read
+    back after them."""
+
+    planned: Planned
+    outcome: Outcome = Outcome.UNCHANGED
+    detail: str = ""
+    notes: tuple[str, ...] = ()
+    #: The decision was not carried out and the old base stays (interrupted, declined).
+    keep_base: bool = False
+    #: How many of its writes reached their server (the journal's record).
+    steps_done: int = 0
+    #: Both sides as read back after the writes (None: not read back).
+    sage_after_item: SageItem | None = None
+    plex_after_item: PlexItem | None = None
+    sage_after: Status | None = None
+    plex_after: Status | None = None
+
+    # What the report reads of the item and its plan, by name.
+    @property
+    def item(self) -> Item:
+        return self.planned.item
+
+    @property
+    def plex(self) -> PlexItem:
+        return self.planned.item.plex
+
+    @property
+    def sage(self) -> SageItem | None:
+        return self.planned.item.sage
+
+    @property
+    def matched(self) -> bool:
+        return self.planned.item.matched
+
+    @property
+    def decision(self) -> Decision:
+        return self.planned.decision
+
+    @property
+    def verdict(self) -> Verdict:
+        return self.planned.decision.verdict
+
+    @property
+    def writes(self) -> tuple[Write, ...]:
+        return self.planned.writes
+
+    @property
+    def sage_status(self) -> Status:
+        return self.planned.item.sage_status
+
+    @property
+    def plex_status(self) -> Status:
+        return self.planned.item.plex_status
+
+
+def result_of(planned: Planned) -> Result:
+    """A planned item's result when nothing is written for it."""
+    return Result(planned, planned.outcome, planned.detail, planned.notes, planned.keep_base)
+
+
+def quiet_result(item: Item) -> Result:
+    """An item in sync with nothing decided, as the report lists it (--all-items)."""
+    return Result(Planned(item))
 
 
 class Console:
@@ -2791,14 +2883,37 @@ def sage_status(item: SageItem, segments: Sequence[tuple[int, int]], bounds: Bou
     return classify(item.watched, position, bounds, is_sage=True)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Facts:
-    """Everything the run read, before any decision."""
+    """Everything the run read, before any decision. The later phases only read it (the
+    SageTV index groups recordings by show once, before the write pool starts)."""
 
-    entries: list[Entry]
+    items: tuple[Item, ...]
     index: SageIndex
     played_fraction: float
     played_from: str
+    #: The servers' clock offsets (ms): SageTV's, Plex's.
+    offsets: tuple[int, int] = (0, 0)
+    #: The stored bases by Plex media id, the items of unfinished runs made pending.
+    bases: Mapping[int, BaseRecord] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every item decided, one decision per SageTV recording (§4). ``decided``: the items
+    the run decides or reports, in listing order; ``quiet``: the matched items whose two
+    sides agree with nothing pending (most of a library): nothing to decide or write."""
+
+    decided: tuple[Planned, ...]
+    quiet: tuple[Item, ...] = ()
+
+    def every(self) -> Iterator[Planned | Item]:
+        """Both, in listing order."""
+        return heapq.merge(self.decided, self.quiet, key=_listing_order)
+
+
+def _listing_order(value: Planned | Item) -> int:
+    return value.item.order if isinstance(value, Planned) else value.order
 
 
 @dataclass(frozen=True)
@@ -2825,23 +2940,23 @@ class Replay:
             and abs(self.sage_stamp_ms - other.sage_stamp_ms) <= RESTAMP_MS \
             and abs(self.plex_stamp_ms - other.plex_stamp_ms) <= RESTAMP_MS
 
-    def holds(self, entry: Entry) -> bool:
+    def holds(self, item: Item) -> bool:
         """Neither side changed since, the tool's own steps excepted: this run's, and
         those of a later run that failed or died half way (its pending record)."""
-        assert entry.sage is not None
-        base = entry.base
+        assert item.sage is not None
+        base = item.base
         own_sage = self.own_sage + (base.own_sage if base is not None else ())
         own_plex = self.own_plex + (base.own_plex if base is not None else ())
-        then_sage = raw_sage_status(self.sage_raw, self.sage, entry)
-        then_plex = raw_plex_status(self.plex_raw, self.plex, entry)
-        sage_moved = changed(entry.sage_status, entry.sage.real_end_ms, then_sage,
+        then_sage = raw_sage_status(self.sage_raw, self.sage, item)
+        then_plex = raw_plex_status(self.plex_raw, self.plex, item)
+        sage_moved = changed(item.sage_status, item.sage.real_end_ms, then_sage,
                              self.sage_stamp_ms, own_sage)
-        plex_moved = changed(entry.plex_status, entry.plex.last_viewed_ms, then_plex,
+        plex_moved = changed(item.plex_status, item.plex.last_viewed_ms, then_plex,
                              self.plex_stamp_ms, own_plex)
         return not sage_moved and not plex_moved
 
 
-def raw_sage_status(raw: dict, fallback: Status, entry: Entry) -> Status:
+def raw_sage_status(raw: dict, fallback: Status, item: Item) -> Status:
     """SageTV's state from stored raw values, under this run's bounds (§6.1)."""
     if "IsWatched" not in raw:
         return fallback
@@ -2850,30 +2965,30 @@ def raw_sage_status(raw: dict, fallback: Status, entry: Entry) -> Status:
     end_ms = int(raw.get("WatchedEndTime") or 0)
     if end_ms <= 0:
         return NOT_WATCHED
-    bounds = entry.bounds
+    bounds = item.bounds
     assert bounds is not None
-    return classify(False, position_from_sage_time(end_ms, entry.segments), bounds,
+    return classify(False, position_from_sage_time(end_ms, item.segments), bounds,
                     is_sage=True)
 
 
-def raw_plex_status(raw: dict, fallback: Status, entry: Entry) -> Status:
+def raw_plex_status(raw: dict, fallback: Status, item: Item) -> Status:
     """Plex's state from stored raw values, under this run's bounds (§6.1)."""
     if "viewCount" not in raw:
         return fallback
     watched, offset_ms = int(raw["viewCount"] or 0) > 0, int(raw.get("viewOffset") or 0)
     if offset_ms == 0:
         return WATCHED if watched else NOT_WATCHED
-    bounds = entry.bounds
+    bounds = item.bounds
     assert bounds is not None
     return classify(watched, offset_ms, bounds, is_sage=False)
 
 
-def at_today(target: Status | None, entry: Entry) -> Status | None:
+def at_today(target: Status | None, item: Item) -> Status | None:
     """A target position decided in an earlier run, as this run's bounds read it: with
     another -x or played threshold it may be no resume point any more (§6.1)."""
     if target is None or target.kind is not Kind.PROGRESS:
         return target
-    bounds = entry.bounds
+    bounds = item.bounds
     assert bounds is not None
     return classify(False, target.position_ms, bounds, is_sage=False)
 
@@ -2883,21 +2998,21 @@ def _raw_has_position(raw: dict) -> bool:
         not raw.get("IsWatched") and bool(int(raw.get("WatchedEndTime") or 0)))
 
 
-def base_of(record: BaseRecord, entry: Entry) -> Base:
+def base_of(record: BaseRecord, item: Item) -> Base:
     """The item's base as this run sees it: the stored raw values classified with today's
     bounds, so a changed -x or played threshold is never a change by the user."""
-    sage = raw_sage_status(record.sage_raw, record.sage, entry)
-    plex = raw_plex_status(record.plex_raw, record.plex, entry)
+    sage = raw_sage_status(record.sage_raw, record.sage, item)
+    plex = raw_plex_status(record.plex_raw, record.plex, item)
     base = Base(sage, plex, sage_last_ms=int(record.sage_raw.get("RealWatchedEndTime") or 0),
                 plex_last_ms=int(record.plex_raw.get("lastViewedAt") or 0) * 1000,
                 known=record.known)
     pending = record.pending
     if pending is None:
         return base
-    on_sage = raw_sage_status(pending.sage_raw, sage, entry)
-    on_plex = raw_plex_status(pending.plex_raw, plex, entry)
-    return replace(base, pending=(at_today(pending.to_sage, entry),
-                                  at_today(pending.to_plex, entry)),
+    on_sage = raw_sage_status(pending.sage_raw, sage, item)
+    on_plex = raw_plex_status(pending.plex_raw, plex, item)
+    return replace(base, pending=(at_today(pending.to_sage, item),
+                                  at_today(pending.to_plex, item)),
                    pending_on=(on_sage, on_plex),
                    pending_sage_ms=int(pending.sage_raw.get("RealWatchedEndTime") or 0),
                    pending_plex_ms=int(pending.plex_raw.get("lastViewedAt") or 0) * 1000,
@@ -2923,38 +3038,25 @@ def with_unfinished(bases: dict[int, BaseRecord], unfinished: Sequence[JournalRo
     return bases
 
 
-class SyncRun:
-    """One run through its phases: read everything, check the arguments against it,
-    decide every item (the plan), guard, write, then remember (base and journal)."""
+# -- 1. read ---------------------------------------------------------------------------------
+class Reader:
+    """Phase 1: read what the run needs from both servers and the state, into Facts. The
+    speed-ups live here (both servers at once, SageTV by id for a media run, segment
+    times only where a position is at stake)."""
 
     def __init__(self, opts: Options, sage: SageClient, plex: PlexClient,
-                 state: StateStore | None, console: Console, stop: threading.Event,
-                 overrides: dict[int, Replay] | None = None,
-                 guard_items: int = GUARD_ITEMS, undoes: int | None = None) -> None:
+                 state: StateStore | None, console: Console,
+                 replays: Mapping[int, Replay] | None = None) -> None:
         self.opts = opts
         self.sage = sage
         self.plex = plex
         self.state = state
         self.console = console
-        self.stop = stop
-        #: Decisions given from outside (--undo, --apply), with the states they expect.
-        self.overrides = overrides or {}
-        self.index: SageIndex | None = None  # once read
-        self._offsets = (0, 0)  # the servers' clock offsets (ms), once read
-        self._sage_slots = threading.BoundedSemaphore(sage.server.write_workers)
-        self._plex_slots = threading.BoundedSemaphore(plex.server.write_workers)
-        #: The write-ahead journal's run, once begun (0: nothing written yet).
-        self.run_id = 0
-        self.bases: dict[int, BaseRecord] = {}
-        self.guard_items = guard_items
-        #: The run an undo puts back (the history marks it undone).
-        self.undoes = undoes
-        #: The SageTV media files read back after the writes, as they were read before.
-        self.before_writes: dict[int, dict] = {}
+        #: Decisions given from outside (--undo, --apply): the items they name are read.
+        self.replays = replays or {}
         #: Media ids an undo or a plan names that Plex no longer has.
         self.gone: list[int] = []
 
-    # -- 1. read ---------------------------------------------------------------------------
     def read(self) -> Facts:
         """Both servers at once: the SageTV listing is built while the Plex listings stream.
         A read that fails ends the run here, before any write."""
@@ -2964,32 +3066,31 @@ class SyncRun:
             listing = background.submit(self.sage.media_files, SAGE_FIELDS, convert_media_file
                                         ) if targeted is None else background.submit(
                 self.read_sage_files, targeted)
-            items, unreadable = self.read_plex()
+            plex_items, unreadable = self.read_plex()
             played_fraction, played_from = self.plex.played_threshold()
             index = SageIndex(listing.result())
         finally:
             background.shutdown(wait=False, cancel_futures=True)
-        self.index = index
+        bases: dict[int, BaseRecord] = {}
         if self.state is not None:
             self.state.check_servers(self.identity())
-            self.bases = with_unfinished(self.state.bases(), self.state.journal(None))
-        items += self.twins_outside(items, index)
-        log.info("SageTV lists %d media files; Plex %d items", len(index), len(items))
-        entries = [Entry(item) for item in items] + unreadable + [
-            _gone_entry(key) for key in self.gone]
-        facts = Facts(entries, index, played_fraction, played_from)
-        self._offsets = self.clock_offsets()  # the replies so far have told them
-        for entry in entries:
-            if not entry.unreadable and entry.outcome is Outcome.UNCHANGED:
-                self.assess(entry, facts, self.bases)
-        return facts
+            bases = with_unfinished(self.state.bases(), self.state.journal(None))
+        plex_items += self.twins_outside(plex_items, index, bases)
+        log.info("SageTV lists %d media files; Plex %d items", len(index), len(plex_items))
+        offsets = self.clock_offsets()  # the replies so far have told them
+        rule = (played_fraction, self.opts.ignore_ms)
+        items = [self.assess(Item(plex, order), index, bases, rule, offsets)
+                 for order, plex in enumerate(plex_items)]
+        items += [item._replace(order=len(items) + n) for n, item in enumerate(
+            unreadable + [_gone_item(key) for key in self.gone])]
+        return Facts(tuple(items), index, played_fraction, played_from, offsets, bases)
 
     def targeted_files(self) -> list[int] | None:
         """A media sync whose items all have bases (the continuous mode's events) reads
         those SageTV files by id, and the recordings sharing their show flag, instead of
         the whole listing; None: the whole listing (an item never synced, a show id)."""
         if not (self.opts.media and self.opts.kind in (RunKind.SYNC, RunKind.WATCH)
-                and self.state is not None and not self.overrides):
+                and self.state is not None and not self.replays):
             return None
         bases = self.state.bases()
         files: set[int] = set()
@@ -3024,14 +3125,15 @@ class SyncRun:
         return {"plex": str(self.plex.root.get("machineIdentifier") or ""),
                 "sagetv": self.sage.server.address}
 
-    def twins_outside(self, items: list[PlexItem], index: SageIndex) -> list[PlexItem]:
+    def twins_outside(self, items: list[PlexItem], index: SageIndex,
+                      bases: Mapping[int, BaseRecord]) -> list[PlexItem]:
         """A -m run, an undo or a plan decides every Plex item holding a named item's file
         (§4), and records its base (§6.2): the twins known from earlier syncs, by media id."""
-        if not (self.opts.media or self.overrides) or not self.bases:
+        if not (self.opts.media or self.replays) or not bases:
             return []
         named = {item.rating_key for item in items}
         files = {m.media_file_id for item in items for m in index.match(item)}
-        keys = [key for key, record in self.bases.items()
+        keys = [key for key, record in bases.items()
                 if record.media_file_id in files and key not in named]
         twins = []
         for element in self.plex.metadata(keys) if keys else ():
@@ -3039,16 +3141,16 @@ class SyncRun:
                 twins.append(plex_item_from_element(element))
         return twins
 
-    def read_plex(self) -> tuple[list[PlexItem], list[Entry]]:
+    def read_plex(self) -> tuple[list[PlexItem], list[Item]]:
         """The Plex items to work on, each once, and those that could not be read."""
         items: dict[int, PlexItem] = {}
-        unreadable: list[Entry] = []
+        unreadable: list[Item] = []
         bar = self.console.bar(None, "reading Plex")
         for record in self.plex_videos():
             try:
                 item = plex_item_from_record(record)
             except PlexError as exc:
-                unreadable.append(_unreadable_entry(record[0], f"unreadable from Plex: {exc}"))
+                unreadable.append(_unreadable_item(record[0], f"unreadable from Plex: {exc}"))
                 continue
             items.setdefault(item.rating_key, item)
             bar.update()
@@ -3056,8 +3158,8 @@ class SyncRun:
         return list(items.values()), unreadable
 
     def plex_videos(self) -> Iterator[VideoRecord]:
-        if self.overrides:  # --undo, --apply: the items they name, those still there
-            yield from map(video_record, self.media_elements(list(self.overrides),
+        if self.replays:  # --undo, --apply: the items they name, those still there
+            yield from map(video_record, self.media_elements(list(self.replays),
                                                              gone_ok=True))
             return
         if self.opts.media and self.opts.kind is not RunKind.WHY:
@@ -3099,56 +3201,42 @@ class SyncRun:
                                  "season or show")
         return videos
 
-    def assess(self, entry: Entry, facts: Facts, bases: dict[int, BaseRecord]) -> None:
+    def assess(self, item: Item, index: SageIndex, bases: Mapping[int, BaseRecord],
+               rule: tuple[float, int], offsets: tuple[int, int]) -> Item:
         """Match one Plex item and read both sides' states through the item's bounds."""
-        matches = facts.index.match(entry.plex)
-        entry.candidates = len(matches)
+        matches = index.match(item.plex)
         if len(matches) != 1:
             if matches:
-                entry.detail = "media files " + ", ".join(str(m.media_file_id) for m in matches)
-            else:
-                entry.unreadable = facts.index.unreadable_reason(entry.plex)
-            return
-        item = entry.sage = matches[0]
-        record = bases.get(entry.plex.rating_key)
-        if item.segments is None and self._needs_segments(entry, item, record):
-            item.segments = tuple(self.sage.segment_times(item.media_file_id,
-                                                          item.segment_count))
-        self.measure(entry, item, facts.played_fraction)
-        if record is not None and record.media_file_id == item.media_file_id and (
-                not record.file_name or record.file_name == _entry_file_name(entry)):
-            entry.base, entry.base_record = base_of(record, entry), record
+                return item._replace(candidates=len(matches), detail="media files " + ", ".join(
+                    str(m.media_file_id) for m in matches))
+            return item._replace(unreadable=index.unreadable_reason(item.plex))
+        sage = matches[0]
+        record = bases.get(item.plex.rating_key)
+        if sage.segments is None and self._needs_segments(item.plex, sage, record):
+            # Read here, once: each item of a split recording then measures against them.
+            sage.segments = tuple(self.sage.segment_times(sage.media_file_id,
+                                                          sage.segment_count))
+        item = measured(item, sage, rule, offsets)
+        if record is not None and record.media_file_id == sage.media_file_id and (
+                not record.file_name or record.file_name == _item_file_name(item)):
+            if item.measured_bounds is None and (_raw_has_position(record.sage_raw)
+                                                 or _raw_has_position(record.plex_raw)):
+                item = item._replace(measured_bounds=item.bounds)  # worked out once
+            item = item._replace(base=base_of(record, item), base_record=record)
+        return item
 
-    def _needs_segments(self, entry: Entry, item: SageItem, record: BaseRecord | None
+    def _needs_segments(self, plex: PlexItem, sage: SageItem, record: BaseRecord | None
                         ) -> bool:
         """A split recording's times cost two requests a segment: they are read when a
         position is at stake (now or in the base), or when the item holds only some of
         the segments."""
-        stacked = {file_name(p) for p in item.paths} <= {file_name(p) for p in entry.plex.paths}
-        positions = (item.watched_end_ms > 0 and not item.watched) or entry.plex.position_ms > 0
-        differ = item.watched != entry.plex.watched
+        stacked = {file_name(p) for p in sage.paths} <= {file_name(p) for p in plex.paths}
+        positions = (sage.watched_end_ms > 0 and not sage.watched) or plex.position_ms > 0
+        differ = sage.watched != plex.watched
         in_base = record is not None and (_raw_has_position(record.sage_raw)
                                           or _raw_has_position(record.plex_raw))
         return not stacked or positions or differ or in_base \
-            or self.opts.position_ms is not None or bool(self.overrides)
-
-    def measure(self, entry: Entry, item: SageItem, played_fraction: float) -> None:
-        entry.segments = (covered_segments(item, entry.plex) if item.segments is not None else
-                          ((item.file_start_ms, item.file_start_ms + item.file_duration_ms),))
-        entry.bounds_rule, entry._bounds = (played_fraction, self.opts.ignore_ms), None
-        plex = entry.plex
-        if plex.position_ms == 0 and (item.watched or item.watched_end_ms == 0):
-            # No position on either side: whatever the bounds, each side is what its flag says
-            entry.sage_status = WATCHED if item.watched else NOT_WATCHED
-            entry.plex_status = WATCHED if plex.watched else NOT_WATCHED
-        else:
-            bounds = entry.bounds
-            assert bounds is not None
-            entry.sage_status = sage_status(item, entry.segments, bounds)
-            entry.plex_status = classify(plex.watched, plex.position_ms, bounds, is_sage=False)
-        sage_offset, plex_offset = self._offsets
-        entry.sage_last_ms = local_time(item.real_end_ms, sage_offset)
-        entry.plex_last_ms = local_time(plex.last_viewed_ms, plex_offset)
+            or self.opts.position_ms is not None or bool(self.replays)
 
     def clock_offsets(self) -> tuple[int, int]:
         """Both servers' clock offsets; two that differ by no more than the Date header's
@@ -3158,455 +3246,747 @@ class SyncRun:
             return sage, sage
         return sage, plex
 
-    # -- 2. check --------------------------------------------------------------------------
-    def check(self, facts: Facts) -> None:
-        """Arguments against what was read: a usage error never follows a write."""
-        position = self.opts.position_ms
-        if position is None:
-            return
-        for entry in facts.entries:
-            lengths = [("Plex", entry.plex.duration_ms)]
-            if entry.sage is not None:
-                lengths.append(("SageTV", sum(e - s for s, e in entry.segments)))
-            for side, length in lengths:
-                if 0 < length <= position:
-                    raise UsageError(
-                        f"--position {self.opts.position_text} is past the end of media id "
-                        f"{entry.plex.rating_key} on {side} ({format_hms(length)}); give a "
-                        "position inside the item")
 
-    # -- 3. plan ---------------------------------------------------------------------------
-    def plan(self, facts: Facts) -> None:
-        """Decide every item: one decision per SageTV recording."""
-        first: dict[int, Entry] = {}  # each recording's first Plex item, in listing order
-        shared: dict[int, list[Entry]] = {}  # those with more than one
-        for entry in facts.entries:
-            if entry.matched:
-                assert entry.sage is not None
-                key = entry.sage.media_file_id
-                if key not in first:
-                    first[key] = entry
-                else:
-                    shared.setdefault(key, [first[key]]).append(entry)
-            elif entry.plex.rating_key in self.overrides and entry.outcome is Outcome.UNCHANGED:
-                entry.outcome, entry.keep_base = Outcome.SKIPPED, True
-                entry.detail = "gone: " + (entry.unreadable or "SageTV no longer has its file")
-        plain = not self.overrides and self.opts.position_ms is None
-        for key, entry in first.items():
-            group = shared.get(key)
-            if group is None and plain and _settled(entry):
-                entry.decision = _IN_SYNC  # most items: nothing to decide
-                continue
-            self.plan_recording(group or [entry], facts)
+def measured(item: Item, sage: SageItem, rule: tuple[float, int], offsets: tuple[int, int]
+             ) -> Item:
+    """The Plex item matched to a SageTV media file: both sides' states through its bounds,
+    and their last-watched times on the local clock."""
+    plex = item.plex
+    segments = (covered_segments(sage, plex) if sage.segments is not None else
+                ((sage.file_start_ms, sage.file_start_ms + sage.file_duration_ms),))
+    item = item._replace(sage=sage, candidates=1, segments=segments, bounds_rule=rule,
+                         measured_bounds=None,
+                         sage_last_ms=local_time(sage.real_end_ms, offsets[0]),
+                         plex_last_ms=local_time(plex.last_viewed_ms, offsets[1]))
+    if plex.position_ms == 0 and (sage.watched or sage.watched_end_ms == 0):
+        # No position on either side: whatever the bounds, each side is what its flag says
+        return item._replace(sage_status=WATCHED if sage.watched else NOT_WATCHED,
+                             plex_status=WATCHED if plex.watched else NOT_WATCHED)
+    bounds = item.bounds
+    assert bounds is not None
+    return item._replace(measured_bounds=bounds, sage_status=sage_status(sage, segments, bounds),
+                         plex_status=classify(plex.watched, plex.position_ms, bounds,
+                                              is_sage=False))
 
-    def plan_recording(self, group: list[Entry], facts: Facts) -> None:
-        """Plex items holding the same segments are decided together; items holding
-        other segments of the recording one after the other, each against SageTV's state
-        as the previous one's writes will leave it."""
-        if len(group) == 1:  # most recordings: one Plex item
-            decision, viewed_at = self.decide_members(group)
-            self.plan_entry(group[0], decision, viewed_at)
-            return
-        spans: dict[tuple[tuple[int, int], ...], list[Entry]] = {}
-        for entry in sorted(group, key=lambda e: e.segments[0] if e.segments else (0, 0)):
-            spans.setdefault(entry.segments, []).append(entry)
-        item = group[0].sage
-        assert item is not None
-        for members in spans.values():
-            if item is not group[0].sage:
-                for entry in members:
-                    entry.sage = item
-                    self.measure(entry, item, facts.played_fraction)
-            decision, viewed_at = self.decide_members(members)
-            for position, entry in enumerate(members):
-                # One SageTV write for the recording: the first of the items holding it;
-                # an undo puts each twin back to its own before-state.
-                own = self.overrides.get(entry.plex.rating_key)
-                member_decision = (replace(own.decision,
-                                           to_sage=at_today(own.decision.to_sage, entry),
-                                           to_plex=at_today(own.decision.to_plex, entry))
-                                   if own is not None and decision.verdict is not
-                                   Verdict.SETTLED else decision)
-                if own is None and self.overrides:  # a twin the replayed run did not write
-                    member_decision = replace(decision, to_plex=None)
-                self.plan_entry(entry, member_decision, viewed_at, sage_too=position == 0)
-                if position and any(_is_sage(w) for w in members[0].writes):
-                    entry.sage_expected = decision.to_sage
-            written = next((w for w in members[0].writes if not isinstance(
-                w, (PlexMarkWatched, PlexMarkUnwatched, PlexSetPosition))), None)
-            if written is not None:
-                item = after_sage_write(item, written)
 
-    def decide_members(self, members: list[Entry]) -> tuple[Decision, int]:
-        """One decision for Plex items that hold the same file: Plex's state is the newest
-        of theirs, or, with a base, the one that changed."""
-        first = members[0]
-        replays = [(m, self.overrides[m.plex.rating_key]) for m in members
-                   if m.plex.rating_key in self.overrides]
-        if replays:
-            return self.replay_decision(members, replays)
-        if self.opts.position_ms is not None:
-            return decide_position(first.sage_status, first.plex_status,
-                                   self.opts.position_ms), 0
-        # Twins: one with a write still pending leads (a failed write to the second is
-        # retried), else one whose Plex side changed, else the newest.
-        pending = [m for m in members if m.base is not None and m.base.pending is not None]
-        moved = [m for m in members if _plex_changed(m)]
-        if any(m not in pending for m in moved):
-            pending = []  # a twin viewed since beats a write left pending on another (§6.4)
-        leader = max(pending or moved or members, key=lambda m: m.plex_last_ms)
-        assert leader.sage is not None
-        decision = decide(leader.sage_status, leader.plex_status, leader.sage_last_ms,
-                          leader.plex_last_ms, leader.base,
-                          sage_stamp_ms=leader.sage.real_end_ms,
-                          plex_stamp_ms=leader.plex.last_viewed_ms)
-        if len(members) > 1 and decision.verdict is Verdict.IN_SYNC and (
-                leader.base is None or moved or _sage_changed(leader)):
-            # The leader agrees with SageTV after a change: every twin gets that state (§4);
-            # twins that differ while nothing changed are left as they are (§6).
-            decision = replace(decision, to_plex=leader.plex_status)
-        return decision, leader.plex_last_ms
+def _item_file_name(item: Item) -> str:
+    return file_name(item.plex.paths[0]) if item.plex.paths else ""
 
-    def replay_decision(self, members: list[Entry], replays: list[tuple[Entry, Replay]]
-                        ) -> tuple[Decision, int]:
-        """--undo and --apply: the decision given, unless the user changed a side since
-        (§6.4): then the item is skipped and left to the next sync."""
-        moved = [(m, r) for m, r in replays if not r.holds(m)]
-        if not moved:
-            decision = replays[0][1].decision
-            return replace(decision, to_sage=at_today(decision.to_sage, members[0]),
-                           to_plex=at_today(decision.to_plex, members[0])), 0
-        for member in members:  # the user's own change is kept, and left to a sync
-            member.outcome, member.keep_base = Outcome.SKIPPED, True
-        for member, replay in moved:
-            member.detail = (f"changed since (it was SageTV {replay.sage}, Plex "
-                             f"{replay.plex}; now SageTV {member.sage_status}, Plex "
-                             f"{member.plex_status})")
-        return Decision(Verdict.SETTLED, None, None, replays[0][1].decision.rule), 0
 
-    def plan_entry(self, entry: Entry, decision: Decision, viewed_at_ms: int,
-                   sage_too: bool = True) -> None:
-        assert entry.sage is not None
-        verdict = _member_verdict(entry, decision)
-        entry.decision = decision if verdict is decision.verdict else \
-            replace(decision, verdict=verdict)
-        if decision.to_sage is None and decision.to_plex is None:
-            entry.writes, entry.blocked = (), ""
-            return  # nothing to write (most items)
-        writes: list[Write] = []
-        if decision.to_sage is not None and sage_too:
-            write = sage_write(entry.sage, entry.segments, entry.sage_status, decision.to_sage,
-                               viewed_at_ms)
-            writes += [write] if write is not None else []
-        if decision.to_plex is not None:
-            plex_change, entry.blocked = plex_write(entry.plex_status, decision.to_plex)
-            writes += plex_writes(plex_change, entry.plex.view_count, entry.plex.position_ms,
-                                  unplayed_first=decision.plex_unplayed)
-        entry.writes = tuple(writes)
+def _gone_item(rating_key: int) -> Item:
+    stub = PlexItem(rating_key, "?", (), 0, 0, 0, 0)
+    return Item(stub, detail="gone: Plex no longer has it", gone=True)
 
-    # -- 4. guard --------------------------------------------------------------------------
-    def guard(self, facts: Facts) -> None:
-        """A plan that un-watches or moves back many items asks first (or needs -y)."""
-        backward = [e for e in facts.entries if e.writes and _moves_back(e)]
-        matched = sum(1 for e in facts.entries if e.matched)
-        limit = self.guard_items
-        if not limit or len(backward) <= limit or self.opts.yes or not self.opts.writes:
-            return
-        question = (f"This sync would un-watch or move back {len(backward)} items (of "
-                    f"{matched}), for example [{backward[0].plex.rating_key}] "
-                    f"{backward[0].plex.title}. Go ahead?")
-        if self.console.can_ask:
-            if self.console.ask(question):
-                return
-            raise SyncError("not confirmed: nothing was written")
-        raise SyncError(f"this sync would un-watch or move back {len(backward)} items (more "
-                        f"than {limit}); nothing was written. Check with -n, then add -y to "
-                        "go ahead")
 
-    # -- 5. write --------------------------------------------------------------------------
-    def write(self, facts: Facts) -> None:
-        """Carry out the plan: items that share a SageTV airing or show flag one after the
-        other in one task, independent ones in parallel, a few per server at a time."""
-        tasks: dict[object, list[Entry]] = {}
-        for entry in facts.entries:
-            if not entry.writes:
-                if entry.blocked and entry.decision.verdict is not Verdict.IN_SYNC:
-                    entry.outcome, entry.detail = Outcome.SKIPPED, entry.blocked
-                continue
-            if self.opts.simulate or self.opts.plan_file is not None:
-                entry.outcome = Outcome.SIMULATED
-                entry.detail = "would " + "; then ".join(str(w) for w in entry.writes)
-                continue
-            assert entry.sage is not None
-            tasks.setdefault(entry.sage.show_id or entry.sage.media_file_id, []).append(entry)
-        if not tasks:
-            return
-        facts.index.group_shows()  # built whole before the pool starts, then only read
-        self.journal_intent([e for task in tasks.values() for e in task], facts)
-        bar = self.console.bar(sum(len(t) for t in tasks.values()), "writing")
-        if self.opts.prompt:
-            for task in tasks.values():
-                self.run_task(task, confirm=True, bar=bar)
+def _unreadable_item(attrs: dict[str, str], reason: str) -> Item:
+    key = attrs.get("ratingKey") or ""
+    stub = PlexItem(int(key) if ASCII_ID.match(key) else 0, attrs.get("title") or "?", (),
+                    0, 0, 0, 0)
+    return Item(stub, unreadable=reason)
+
+
+# -- 2. check --------------------------------------------------------------------------------
+def check_arguments(facts: Facts, opts: Options) -> None:
+    """The arguments against what was read: a usage error never follows a write."""
+    position = opts.position_ms
+    if position is None:
+        return
+    for item in facts.items:
+        lengths = [("Plex", item.plex.duration_ms)]
+        if item.sage is not None:
+            lengths.append(("SageTV", sum(e - s for s, e in item.segments)))
+        for side, length in lengths:
+            if 0 < length <= position:
+                raise UsageError(
+                    f"--position {opts.position_text} is past the end of media id "
+                    f"{item.plex.rating_key} on {side} ({format_hms(length)}); give a "
+                    "position inside the item")
+
+
+# -- 3. plan (pure: no I/O) ----------------------------------------------------------------
+def plan_run(facts: Facts, opts: Options, replays: Mapping[int, Replay] | None = None
+             ) -> Plan:
+    """Decide every item: one decision per SageTV recording (§4). Pending retries,
+    --position, --undo and --apply (``replays``) are decided here too."""
+    replays = replays or {}
+    first: dict[int, Item] = {}  # each recording's first Plex item, in listing order
+    shared: dict[int, list[Item]] = {}  # those with more than one
+    planned: list[Planned] = []
+    for item in facts.items:
+        if item.matched:
+            assert item.sage is not None
+            key = item.sage.media_file_id
+            if key not in first:
+                first[key] = item
+            else:
+                shared.setdefault(key, [first[key]]).append(item)
         else:
-            # A pool per server, for the tasks that begin with its write: a task waiting for
-            # one server's slot never holds a thread the other server's tasks could use.
-            with ThreadPoolExecutor(self.sage.server.write_workers,
-                                    thread_name_prefix="write-sagetv") as sage_pool, \
-                    ThreadPoolExecutor(self.plex.server.write_workers,
-                                       thread_name_prefix="write-plex") as plex_pool:
-                futures = [(sage_pool if _is_sage(task[0].writes[0]) else plex_pool).submit(
-                    self.run_task, task, False, bar) for task in tasks.values()]
-                self._wait(futures)
-                for future, task in zip(futures, tasks.values(), strict=True):
-                    _settle(future, task)
-        bar.close()
+            planned.append(_unmatched(item, replays))
+    plain = not replays and opts.position_ms is None
+    quiet: list[Item] = []
+    for key, item in first.items():
+        group = shared.get(key)
+        if group is None and plain and _settled(item):
+            quiet.append(item)  # most items: nothing to decide
+            continue
+        planned += plan_recording(group or [item], facts, opts, replays)
+    planned.sort(key=_listing_order)
+    return Plan(tuple(planned), tuple(quiet))
 
-    def journal_intent(self, writing: list[Entry], facts: Facts) -> None:
+
+def _unmatched(item: Item, replays: Mapping[int, Replay]) -> Planned:
+    """An item the run cannot decide: reported as it is; one an undo or a plan names is
+    skipped (its old base stays)."""
+    if item.gone:
+        return Planned(item, outcome=Outcome.SKIPPED, detail=item.detail, keep_base=True)
+    if item.plex.rating_key in replays:
+        return Planned(item, outcome=Outcome.SKIPPED, keep_base=True, detail="gone: " + (
+            item.unreadable or "SageTV no longer has its file"))
+    return Planned(item, detail=item.detail)
+
+
+def plan_recording(group: list[Item], facts: Facts, opts: Options,
+                   replays: Mapping[int, Replay]) -> list[Planned]:
+    """Plex items holding the same segments are decided together; items holding other
+    segments of the recording one after the other, each against SageTV's state as the
+    previous one's writes will leave it."""
+    if len(group) == 1:  # most recordings: one Plex item
+        decision, viewed_at, skipped = decide_members(group, opts, replays)
+        return [plan_item(group[0], decision, viewed_at, skipped=skipped)]
+    spans: dict[tuple[tuple[int, int], ...], list[Item]] = {}
+    for item in sorted(group, key=lambda i: i.segments[0] if i.segments else (0, 0)):
+        spans.setdefault(item.segments, []).append(item)
+    sage = group[0].sage
+    assert sage is not None
+    planned: list[Planned] = []
+    for members in spans.values():
+        if sage is not group[0].sage:  # as the previous part's writes leave it
+            members = [measured(m, sage, m.bounds_rule or (facts.played_fraction,
+                                                           opts.ignore_ms), facts.offsets)
+                       for m in members]
+        planned += _plan_members(members, opts, replays)
+        written = next((w for w in planned[-len(members)].writes if _is_sage(w)), None)
+        if written is not None:
+            sage = after_sage_write(sage, cast(SageWrite, written))
+    return planned
+
+
+def _plan_members(members: list[Item], opts: Options, replays: Mapping[int, Replay]
+                  ) -> list[Planned]:
+    """One decision for the Plex items that hold the same segments (twins): one SageTV
+    write for the recording, by the first of them; an undo puts each twin back to its
+    own before-state."""
+    decision, viewed_at, skipped = decide_members(members, opts, replays)
+    planned: list[Planned] = []
+    for position, item in enumerate(members):
+        own = replays.get(item.plex.rating_key)
+        member_decision = decision
+        if own is not None and decision.verdict is not Verdict.SETTLED:
+            member_decision = replace(own.decision, to_sage=at_today(own.decision.to_sage, item),
+                                      to_plex=at_today(own.decision.to_plex, item))
+        elif own is None and replays:  # a twin the replayed run did not write
+            member_decision = replace(decision, to_plex=None)
+        one = plan_item(item, member_decision, viewed_at, sage_too=position == 0,
+                        skipped=skipped)
+        if position and any(_is_sage(w) for w in planned[0].writes):
+            one = one._replace(sage_expected=decision.to_sage)
+        planned.append(one)
+    return planned
+
+
+def decide_members(members: list[Item], opts: Options, replays: Mapping[int, Replay]
+                   ) -> tuple[Decision, int, dict[int, str] | None]:
+    """One decision for Plex items that hold the same file: Plex's state is the newest
+    of theirs, or, with a base, the one that changed. Also the time the viewing was made,
+    and (a replay that no longer holds) the items skipped, with why."""
+    first = members[0]
+    replayed = [(m, replays[m.plex.rating_key]) for m in members
+                if m.plex.rating_key in replays]
+    if replayed:
+        return replay_decision(members, replayed)
+    if opts.position_ms is not None:
+        return decide_position(first.sage_status, first.plex_status, opts.position_ms), 0, None
+    # Twins: one with a write still pending leads (a failed write to the second is
+    # retried), else one whose Plex side changed, else the newest.
+    pending = [m for m in members if m.base is not None and m.base.pending is not None]
+    moved = [m for m in members if _plex_changed(m)]
+    if any(m not in pending for m in moved):
+        pending = []  # a twin viewed since beats a write left pending on another (§6.4)
+    leader = max(pending or moved or members, key=lambda m: m.plex_last_ms)
+    assert leader.sage is not None
+    decision = decide(leader.sage_status, leader.plex_status, leader.sage_last_ms,
+                      leader.plex_last_ms, leader.base, sage_stamp_ms=leader.sage.real_end_ms,
+                      plex_stamp_ms=leader.plex.last_viewed_ms)
+    if len(members) > 1 and decision.verdict is Verdict.IN_SYNC and (
+            leader.base is None or moved or _sage_changed(leader)):
+        # The leader agrees with SageTV after a change: every twin gets that state (§4);
+        # twins that differ while nothing changed are left as they are (§6).
+        decision = replace(decision, to_plex=leader.plex_status)
+    return decision, leader.plex_last_ms, None
+
+
+def replay_decision(members: list[Item], replayed: list[tuple[Item, Replay]]
+                    ) -> tuple[Decision, int, dict[int, str] | None]:
+    """--undo and --apply: the decision given, unless the user changed a side since
+    (§6.4): then the recording's items are skipped and left to the next sync."""
+    moved = [(m, r) for m, r in replayed if not r.holds(m)]
+    if not moved:
+        decision = replayed[0][1].decision
+        return replace(decision, to_sage=at_today(decision.to_sage, members[0]),
+                       to_plex=at_today(decision.to_plex, members[0])), 0, None
+    skipped = dict.fromkeys((m.plex.rating_key for m in members), "")
+    for member, replay in moved:  # the user's own change is kept, and left to a sync
+        skipped[member.plex.rating_key] = (
+            f"changed since (it was SageTV {replay.sage}, Plex {replay.plex}; now SageTV "
+            f"{member.sage_status}, Plex {member.plex_status})")
+    return Decision(Verdict.SETTLED, None, None, replayed[0][1].decision.rule), 0, skipped
+
+
+def plan_item(item: Item, decision: Decision, viewed_at_ms: int, sage_too: bool = True,
+              skipped: dict[int, str] | None = None) -> Planned:
+    """The writes that bring one item to its decision (§3.1)."""
+    assert item.sage is not None
+    verdict = _member_verdict(item, decision)
+    if verdict is not decision.verdict:
+        decision = replace(decision, verdict=verdict)
+    if skipped is not None:
+        return Planned(item, decision, outcome=Outcome.SKIPPED, keep_base=True,
+                       detail=skipped.get(item.plex.rating_key, ""))
+    if decision.to_sage is None and decision.to_plex is None:
+        return Planned(item, decision)  # nothing to write (most items)
+    writes: list[Write] = []
+    blocked = ""
+    if decision.to_sage is not None and sage_too:
+        write = sage_write(item.sage, item.segments, item.sage_status, decision.to_sage,
+                           viewed_at_ms)
+        writes += [write] if write is not None else []
+    if decision.to_plex is not None:
+        plex_change, blocked = plex_write(item.plex_status, decision.to_plex)
+        writes += plex_writes(plex_change, item.plex.view_count, item.plex.position_ms,
+                              unplayed_first=decision.plex_unplayed)
+    return Planned(item, decision, tuple(writes), blocked)
+
+
+def decided_again(planned: Planned, fresh: SageItem, now: Status, facts: Facts,
+                  written: Sequence[int]) -> Planned:
+    """No decision on a stale read (§4): an item whose SageTV side an earlier write of
+    this run changed (a recording sharing its show flag) is decided again on the fresh
+    read, taking what SageTV now shows as the server's truth, never as the user's."""
+    item = planned.item
+    if now == (planned.sage_expected or item.sage_status):
+        return planned
+    others = ", ".join(str(i) for i in written if i != fresh.media_file_id)
+    note = (f"decided again: SageTV's write to media file {others or 'it'} changed it to "
+            f"{now} (a shared show flag)")
+    base = item.base
+    item = item._replace(sage=fresh, sage_status=now,
+                         sage_last_ms=local_time(fresh.real_end_ms, facts.offsets[0]),
+                         base=None if base is None else replace(
+                             base, sage=now, pending=None, pending_on=None,
+                             sage_last_ms=fresh.real_end_ms))
+    decision = decide(now, item.plex_status, item.sage_last_ms, item.plex_last_ms, item.base,
+                      sage_stamp_ms=fresh.real_end_ms, plex_stamp_ms=item.plex.last_viewed_ms)
+    again = plan_item(item, decision, item.plex_last_ms)
+    return again._replace(notes=planned.notes + (note,))
+
+
+def _plex_changed(item: Item) -> bool:
+    """Whether the user changed the item's Plex side since its base (§6.1)."""
+    base = item.base
+    return base is not None and changed(item.plex_status, item.plex.last_viewed_ms,
+                                        base.plex, base.plex_last_ms, base.own_plex)
+
+
+def _sage_changed(item: Item) -> bool:
+    """Whether the user changed the item's SageTV side since its base (§6.1)."""
+    base = item.base
+    return base is not None and item.sage is not None and changed(
+        item.sage_status, item.sage.real_end_ms, base.sage, base.sage_last_ms, base.own_sage)
+
+
+def _settled(item: Item) -> bool:
+    """Both sides show the same and no failed write waits: whatever changed, the merge
+    can only find them in sync (the same answer, without asking it)."""
+    return item.sage_status == item.plex_status and (
+        item.base is None or item.base.pending is None)
+
+
+def _member_verdict(item: Item, decision: Decision) -> Verdict:
+    if decision.verdict is Verdict.SETTLED:
+        return Verdict.SETTLED
+    to_sage = decision.to_sage is not None and item.sage_status != decision.to_sage
+    to_plex = decision.to_plex is not None and item.plex_status != decision.to_plex
+    if to_sage and to_plex:
+        return Verdict.BOTH_OUT_OF_SYNC
+    if to_sage or to_plex:
+        return Verdict.SAGE_OUT_OF_SYNC if to_sage else Verdict.PLEX_OUT_OF_SYNC
+    return Verdict.IN_SYNC if item.sage_status == item.plex_status else Verdict.SETTLED
+
+
+def _moves_back(planned: Planned) -> bool:
+    decision, item = planned.decision, planned.item
+    return bool((decision.to_sage is not None and moves_back(item.sage_status, decision.to_sage))
+                or (decision.to_plex is not None
+                    and moves_back(item.plex_status, decision.to_plex)))
+
+
+def _is_sage(write: Write) -> bool:
+    return isinstance(write, (SageMarkWatched, SageClearWatched, SageSetPosition))
+
+
+def _writes_sage(planned: Planned) -> bool:
+    return any(_is_sage(w) for w in planned.writes)
+
+
+def own_states(planned: Planned) -> tuple[tuple[Status, ...], tuple[Status, ...]]:
+    """The states the item's writes can leave on each side, step by step: the target,
+    what an un-watch first step leaves, and what a restore puts back (§6.3)."""
+    decision, item = planned.decision, planned.item
+    own_sage: tuple[Status, ...] = ()
+    own_plex: tuple[Status, ...] = ()
+    for write in planned.writes:
+        if isinstance(write, SageSetPosition):
+            own_sage += (classify_position(write.position_ms, item),)
+            if write.clear_first:
+                own_sage += (NOT_WATCHED, item.sage_status)
+        elif _is_sage(write) and decision.to_sage is not None:
+            own_sage += (decision.to_sage,)
+        elif isinstance(write, PlexMarkUnwatched) and len(planned.writes) > 1:
+            own_plex += (NOT_WATCHED, item.plex_status)
+        elif decision.to_plex is not None:
+            own_plex += (decision.to_plex,)
+    return own_sage, own_plex
+
+
+def classify_position(position_ms: int, item: Item) -> Status:
+    bounds = item.bounds
+    assert bounds is not None
+    return classify(False, position_ms, bounds, is_sage=True)
+
+
+# -- 4. guard --------------------------------------------------------------------------------
+def guard(plan: Plan, opts: Options, console: Console, limit: int) -> None:
+    """A plan that un-watches or moves back many items asks first (or needs -y)."""
+    backward = [p for p in plan.decided if p.writes and _moves_back(p)]
+    if not limit or len(backward) <= limit or opts.yes or not opts.writes:
+        return
+    matched = len(plan.quiet) + sum(1 for p in plan.decided if p.item.matched)
+    question = (f"This sync would un-watch or move back {len(backward)} items (of "
+                f"{matched}), for example [{backward[0].plex.rating_key}] "
+                f"{backward[0].plex.title}. Go ahead?")
+    if console.can_ask:
+        if console.ask(question):
+            return
+        raise SyncError("not confirmed: nothing was written")
+    raise SyncError(f"this sync would un-watch or move back {len(backward)} items (more "
+                    f"than {limit}); nothing was written. Check with -n, then add -y to "
+                    "go ahead")
+
+
+# -- 5. write --------------------------------------------------------------------------------
+class Writer:
+    """What the write phase's threads share, made before the first write and never
+    changed after: the clients, a few slots per server, the stop event, the journal's
+    step marks, and the recordings by show (grouped before the pool starts)."""
+
+    def __init__(self, sage: SageClient, plex: PlexClient, stop: threading.Event,
+                 index: SageIndex, step_done: Callable[[int, int], None]) -> None:
+        self.sage = sage
+        self.plex = plex
+        self.stop = stop
+        self.sage_slots = threading.BoundedSemaphore(sage.server.write_workers)
+        self.plex_slots = threading.BoundedSemaphore(plex.server.write_workers)
+        index.group_shows()
+        self.siblings = index.siblings
+        #: (Plex media id, steps done): journalled as each step reaches its server.
+        self.step_done = step_done
+
+
+def not_written(planned: Planned, opts: Options) -> Result | None:
+    """The result of an item the run does not write (None: it writes)."""
+    if planned.outcome is not Outcome.UNCHANGED or not planned.writes:
+        if planned.blocked and planned.outcome is Outcome.UNCHANGED \
+                and planned.verdict is not Verdict.IN_SYNC:
+            return Result(planned, Outcome.SKIPPED, planned.blocked, planned.notes)
+        return result_of(planned)
+    if opts.simulate or opts.plan_file is not None:
+        return Result(planned, Outcome.SIMULATED, "would " + "; then ".join(
+            str(w) for w in planned.writes), planned.notes)
+    return None
+
+
+class WritePhase:
+    """Phase 5: carry out the plan. Items that share a SageTV airing or show flag go one
+    after the other (a task), independent ones in parallel, a few per server at a time.
+    A task is cut into rounds at each SageTV write after its first: between rounds the
+    next item is read again and, if an earlier write changed it, decided again (a pure
+    step, on this thread): the pool's threads only write."""
+
+    def __init__(self, opts: Options, facts: Facts, state: StateStore | None,
+                 console: Console, clients: tuple[SageClient, PlexClient],
+                 stop: threading.Event, replaying: bool = False) -> None:
+        self.opts = opts
+        self.facts = facts
+        self.state = state
+        self.console = console
+        self.clients = clients
+        self.stop = stop
+        #: The decisions are given (--undo, --apply): checked as a whole before the run.
+        self.replaying = replaying
+        self.run_id = 0  # the write-ahead journal's run, once begun
+
+    def run(self, plan: Plan) -> list[Result]:
+        """The results, in the plan's order."""
+        results: list[Result | None] = []
+        tasks: dict[object, list[int]] = {}
+        for n, planned in enumerate(plan.decided):
+            result = not_written(planned, self.opts)
+            results.append(result)
+            if result is None:
+                assert planned.sage is not None
+                tasks.setdefault(planned.sage.show_id or planned.sage.media_file_id,
+                                 []).append(n)
+        if tasks:
+            current = list(plan.decided)
+            self.journal_intent([current[n] for task in tasks.values() for n in task])
+            writer = Writer(*self.clients, self.stop, self.facts.index, self.step_done)
+            bar = self.console.bar(sum(len(t) for t in tasks.values()), "writing")
+            for n, result in self.rounds(tasks, current, writer, bar):
+                results[n] = result
+            bar.close()
+        assert all(r is not None for r in results)
+        return cast("list[Result]", results)
+
+    def rounds(self, tasks: dict[object, list[int]], current: list[Planned], writer: Writer,
+               bar: Any) -> Iterator[tuple[int, Result]]:
+        queues = {key: collections.deque(_rounds_of(task, current)) for key, task in
+                  tasks.items()}
+        written: dict[object, list[int]] = {}  # per task: the media files written so far
+        while queues:
+            chunks = {key: queue.popleft() for key, queue in queues.items()}
+            queues = {key: queue for key, queue in queues.items() if queue}
+            failed = self.decide_again(chunks, written, current, writer)
+            for key, ran in self.run_round(chunks, current, failed, writer, bar).items():
+                for n, result, applied in ran:
+                    if applied and _writes_sage(result.planned):
+                        assert result.sage is not None
+                        written.setdefault(key, []).append(result.sage.media_file_id)
+                    yield n, result
+
+    def decide_again(self, chunks: dict[object, list[int]], written: dict[object, list[int]],
+                     current: list[Planned], writer: Writer) -> dict[int, Result]:
+        """Each round's first SageTV write of a task that wrote SageTV before: read again,
+        decided again if an earlier write changed it (§4). Returns the items that could
+        not be read (failed)."""
+        again = [(key, chunks[key][0]) for key in chunks if written.get(key)
+                 and _writes_sage(current[chunks[key][0]])]
+        if not again:
+            return {}
+        failed: dict[int, Result] = {}
+        with ThreadPoolExecutor(min(len(again), writer.sage.server.write_workers),
+                                thread_name_prefix="read-again") as pool:
+            reads = list(pool.map(lambda kn: _read_now(writer.sage, current[kn[1]].item),
+                                  again))
+        for (key, n), fresh in zip(again, reads, strict=True):
+            planned = current[n]
+            if isinstance(fresh, SyncError):
+                failed[n] = Result(planned, Outcome.FAILED,
+                                   f"reading it before the write: {fresh}", planned.notes)
+                continue
+            if self.replaying or self.opts.position_ms is not None:
+                continue  # decisions given: checked as a whole before the run (§6.4)
+            again_planned = decided_again(planned, *fresh, self.facts, written[key])
+            if again_planned is not planned:
+                current[n] = again_planned
+                self.intend_again(again_planned)
+        return failed
+
+    def run_round(self, chunks: dict[object, list[int]], current: list[Planned],
+                  failed: dict[int, Result], writer: Writer, bar: Any
+                  ) -> dict[object, list[tuple[int, Result, bool]]]:
+        def task(chunk: list[int], confirm: bool) -> list[tuple[int, Result, bool]]:
+            return [(n, *_write_one(current[n], writer, confirm, self.console, failed.get(n),
+                                    bar)) for n in chunk]
+        if self.opts.prompt:
+            return {key: task(chunk, True) for key, chunk in chunks.items()}
+        # A pool per server, for the tasks that begin with its write: a task waiting for
+        # one server's slot never holds a thread the other server's tasks could use.
+        with ThreadPoolExecutor(writer.sage.server.write_workers,
+                                thread_name_prefix="write-sagetv") as sage_pool, \
+                ThreadPoolExecutor(writer.plex.server.write_workers,
+                                   thread_name_prefix="write-plex") as plex_pool:
+            futures = {key: (sage_pool if _is_sage(current[chunk[0]].writes[0]) else plex_pool
+                             ).submit(task, chunk, False) for key, chunk in chunks.items()}
+            _wait(list(futures.values()), writer.stop, self.console)
+            return {key: _settled_task(future, chunks[key], current)
+                    for key, future in futures.items()}
+
+    def journal_intent(self, writing: list[Planned]) -> None:
         """The write-ahead journal (§6.3): every intended write, and the side effects
         expected on recordings sharing a show flag, recorded before the first write."""
         if self.state is None:
             return
         keys_by_file: dict[int, list[int]] = collections.defaultdict(list)
-        for key, record in self.bases.items():
+        for key, record in self.facts.bases.items():
             keys_by_file[record.media_file_id].append(key)
-        own_keys = {e.plex.rating_key for e in writing}
-        rows = [_journal_row(e, INTENDED) for e in writing]
-        for entry in writing:
-            if entry.sage is not None and entry.sage.show_id:
+        own_keys = {p.plex.rating_key for p in writing}
+        rows = [_journal_row(Result(p), INTENDED) for p in writing]
+        for planned in writing:
+            if planned.sage is not None and planned.sage.show_id:
                 rows += [row for row in _side_effect_rows(
-                    entry, facts.index.siblings(entry.sage), keys_by_file)
+                    planned, self.facts.index.siblings(planned.sage), keys_by_file)
                     if row.rating_key not in own_keys]
         self.run_id = self.state.begin_run(self.opts.kind.value, self.opts.argv, rows)
 
-    def step_done(self, entry: Entry) -> None:
-        """One more of the entry's writes reached its server: journalled at once."""
-        entry.steps_done += 1
+    def intend_again(self, planned: Planned) -> None:
+        """An item decided again: its journalled intent follows."""
         if self.state is not None and self.run_id:
-            self.state.step_done(self.run_id, entry.plex.rating_key, entry.steps_done)
+            self.state.intend_again(self.run_id, _journal_row(Result(planned), INTENDED))
 
-    def _wait(self, futures: list[Future]) -> None:
-        """Wait for the writes; on Ctrl-C (or SIGTERM) say that those started finish. Each
-        future counts itself done: polling thousands of futures would take each one's lock
-        over and over, and the writes finishing would queue behind it."""
-        left = [len(futures)]
-        lock = threading.Lock()
-        all_done = threading.Event()
+    def step_done(self, rating_key: int, steps: int) -> None:
+        if self.state is not None and self.run_id:
+            self.state.step_done(self.run_id, rating_key, steps)
 
-        def one_done(_: Future) -> None:
-            with lock:
-                left[0] -= 1
-                if not left[0]:
-                    all_done.set()
-        if not futures:
-            return
-        for future in futures:
-            future.add_done_callback(one_done)
-        said = False
-        while not all_done.wait(0.2):
-            if self.stop.is_set() and not said:
-                said = True
-                self.console.err.write("\nInterrupted: finishing the writes already started "
-                                       "(nothing new starts)\n")
 
-    def run_task(self, task: list[Entry], confirm: bool, bar: Any) -> None:
-        wrote_sage: list[int] = []
-        for entry in task:
-            if self.stop.is_set():
-                entry.outcome, entry.detail = Outcome.SKIPPED, "interrupted before writing"
-                entry.keep_base = True
-            elif wrote_sage and any(_is_sage(w) for w in entry.writes) \
-                    and not self._fresh(entry, wrote_sage):
-                pass  # a write to SageTV decided on a stale read: decided again, or failed
-            elif not entry.writes:
-                pass  # decided again on a fresh read: nothing left to do
-            elif confirm and not self.confirm(entry):
-                entry.outcome, entry.detail = Outcome.SKIPPED, "not confirmed"
-                entry.keep_base = True
-            else:
-                Applier(self, entry).apply()
-                if any(_is_sage(w) for w in entry.writes):
-                    assert entry.sage is not None
-                    wrote_sage.append(entry.sage.media_file_id)
-            bar.update()
+def _rounds_of(task: list[int], plan: Sequence[Planned]) -> list[list[int]]:
+    """A task cut before each SageTV write after its first."""
+    rounds: list[list[int]] = [[]]
+    wrote = False
+    for n in task:
+        if _writes_sage(plan[n]):
+            if wrote:
+                rounds.append([])
+            wrote = True
+        rounds[-1].append(n)
+    return rounds
 
-    def _fresh(self, entry: Entry, wrote_sage: list[int]) -> bool:
-        """No decision on a stale read: an earlier write of this run to the same recording
-        or to one sharing its show flag may have changed this item. If it did, the item is
-        decided again on a fresh read, taking what SageTV now shows as the server's truth
-        (not as the user's activity). False when the item cannot be read."""
-        try:
-            fresh, now = read_sage_now(self.sage, entry)
-        except SyncError as exc:
-            entry.outcome, entry.detail = Outcome.FAILED, f"reading it before the write: {exc}"
-            return False
-        if now == (entry.sage_expected or entry.sage_status) or self.overrides \
-                or self.opts.position_ms is not None:
-            return True
-        others = ", ".join(str(i) for i in wrote_sage if i != fresh.media_file_id)
-        entry.notes += (f"decided again: SageTV's write to media file {others or 'it'} "
-                        f"changed it to {now} (a shared show flag)",)
-        entry.sage, entry.sage_status = fresh, now
-        entry.sage_last_ms = local_time(fresh.real_end_ms, self._offsets[0])
-        if entry.base is not None:
-            entry.base = replace(entry.base, sage=now, pending=None, pending_on=None,
-                                 sage_last_ms=fresh.real_end_ms)
-        decision = decide(now, entry.plex_status, entry.sage_last_ms, entry.plex_last_ms,
-                          entry.base, sage_stamp_ms=fresh.real_end_ms,
-                          plex_stamp_ms=entry.plex.last_viewed_ms)
-        self.plan_entry(entry, decision, entry.plex_last_ms)
-        return True
 
-    def confirm(self, entry: Entry) -> bool:
-        writes = "; then ".join(str(w) for w in entry.writes)
-        try:
-            return self.console.ask(f"[{entry.plex.rating_key}] {entry.plex.title}: {writes}?")
-        except (KeyboardInterrupt, EOFError):
-            self.stop.set()
-            self.console.err.write("\n")
-            return False
+def _write_one(planned: Planned, writer: Writer, confirm: bool, console: Console,
+               failed: Result | None, bar: Any) -> tuple[Result, bool]:
+    """One item's writes (on a pool thread): its result, and whether any write was made."""
+    try:
+        if failed is not None:
+            return failed, False
+        if writer.stop.is_set():
+            return Result(planned, Outcome.SKIPPED, "interrupted before writing", planned.notes,
+                          keep_base=True), False
+        if not planned.writes:  # decided again on a fresh read: nothing left to do
+            return result_of(planned), False
+        if confirm and not _confirmed(planned, console, writer.stop):
+            return Result(planned, Outcome.SKIPPED, "not confirmed", planned.notes,
+                          keep_base=True), False
+        result = Applier(writer, planned).apply()
+        return result, result.outcome is not Outcome.SKIPPED
+    finally:
+        bar.update()
 
-    # -- 6. remember -----------------------------------------------------------------------
-    def remember(self, facts: Facts, counts: Callable[[], dict[str, Any]] | None = None
-                 ) -> int:
-        """Read back what was written (and the recordings sharing its show flag), check the
-        Plex writes, then record the new base and the journal in one transaction (with the
-        run's counts, made once the read-back has settled every outcome)."""
-        written = [e for e in facts.entries if e.outcome in (Outcome.UPDATED, Outcome.FAILED)]
-        self.reread(written, facts)
-        if self.state is None:
-            return 0
-        # The bases are made as they are stored: a big library's never sit in memory whole.
-        bases = itertools.chain(
-            ((entry.plex.rating_key, record) for entry in facts.entries
-             if entry.matched and (record := _base_record(entry)) is not None),
-            self.side_effect_bases(facts))
-        undoes = self.undoes if self.opts.kind is RunKind.UNDO else None
-        return self.state.finish_run(self.run_id, self.opts.kind.value, self.opts.argv, bases,
-                                     [_journal_row(entry) for entry in written],
-                                     counts=counts() if counts is not None else None,
-                                     undoes=undoes)
 
-    def side_effect_bases(self, facts: Facts) -> Iterator[tuple[int, BaseRecord]]:
-        """§6.2: the bases of items outside the run's scope that its writes changed (a
-        recording sharing a written show flag): their SageTV side as read back, their
-        Plex side as it was, so the next sync never takes the change for the user's."""
-        in_run = {e.plex.rating_key for e in facts.entries}
-        for key, record in self.bases.items():
-            before = self.before_writes.get(record.media_file_id)
-            if key in in_run or not record.known or before is None:
-                continue
-            now = facts.index.items.get(record.media_file_id)
-            # Only the writes' doing is taken in: a recording the user changed since its base
-            # keeps the base, so the user's change is still seen as theirs.
-            if now is None or _same_watch(now.raw(), before) \
-                    or not _same_watch(before, record.sage_raw):
-                continue
-            sage = WATCHED if now.watched else record.sage if now.watched_end_ms else NOT_WATCHED
-            yield key, replace(record, sage=sage, sage_raw=now.raw(), pending=None)
+def _confirmed(planned: Planned, console: Console, stop: threading.Event) -> bool:
+    writes = "; then ".join(str(w) for w in planned.writes)
+    try:
+        return console.ask(f"[{planned.plex.rating_key}] {planned.plex.title}: {writes}?")
+    except (KeyboardInterrupt, EOFError):
+        stop.set()
+        console.err.write("\n")
+        return False
 
-    def reread(self, written: list[Entry], facts: Facts) -> None:
-        """Read back the written items (and the recordings sharing a written show flag);
-        an item that cannot be read back has failed."""
-        sage_ids: set[int] = set()
-        read_back: set[int] = set()
-        sage_written = [e for e in written
-                        if e.sage is not None and any(_is_sage(w) for w in e.writes)]
-        writers = collections.Counter(e.sage.media_file_id for e in sage_written
-                                      if e.sage is not None)
-        for entry in sage_written:
-            assert entry.sage is not None
-            siblings = facts.index.siblings(entry.sage)
-            sage_ids.update(s.media_file_id for s in siblings)
-            if siblings or entry.sage_after_item is None or \
-                    writers[entry.sage.media_file_id] > 1:
-                sage_ids.add(entry.sage.media_file_id)
-            else:  # its own read-back after the write is final: nothing else wrote to it
-                facts.index.replace(entry.sage_after_item)
-                read_back.add(entry.sage.media_file_id)
-        self.before_writes = {i: facts.index.items[i].raw() for i in sage_ids
-                              if i in facts.index.items}
-        for media_file_id, item_or_error in self.read_sage_again(sage_ids).items():
-            if isinstance(item_or_error, SyncError):
-                sage_ids.discard(media_file_id)
-                _fail_unread([e for e in written if e.sage is not None
-                              and e.sage.media_file_id == media_file_id],
-                             item_or_error, sage=True)
-            else:
-                facts.index.replace(item_or_error)
-        plex_keys = [e.plex.rating_key for e in written
-                     if any(not _is_sage(w) for w in e.writes)]
-        plex_now = {}
-        try:
-            elements = self.plex.metadata(plex_keys)
-        except SyncError as exc:
-            _fail_unread(written, exc, sage=False)
-            elements = []
-        for element in elements:
-            try:
-                item = plex_item_from_element(element)
-            except PlexError:
-                continue
+
+def _wait(futures: list[Future], stop: threading.Event, console: Console) -> None:
+    """Wait for the writes; on Ctrl-C (or SIGTERM) say that those started finish. Each
+    future counts itself done: polling thousands of futures would take each one's lock
+    over and over, and the writes finishing would queue behind it."""
+    left = [len(futures)]
+    lock = threading.Lock()
+    all_done = threading.Event()
+
+    def one_done(_: Future) -> None:
+        with lock:
+            left[0] -= 1
+            if not left[0]:
+                all_done.set()
+    if not futures:
+        return
+    for future in futures:
+        future.add_done_callback(one_done)
+    said = False
+    while not all_done.wait(0.2):
+        if stop.is_set() and not said:
+            said = True
+            console.err.write("\nInterrupted: finishing the writes already started "
+                              "(nothing new starts)\n")
+
+
+def _settled_task(future: Future, chunk: list[int], plan: Sequence[Planned]
+                  ) -> list[tuple[int, Result, bool]]:
+    try:
+        return cast("list[tuple[int, Result, bool]]", future.result())
+    except Exception as exc:  # a bug must not lose the other items' report
+        log.exception("write task")
+        return [(n, Result(plan[n], Outcome.FAILED,
+                           f"internal error: {exc.__class__.__name__}: {exc}"), True)
+                for n in chunk]
+
+
+def _read_now(sage: SageClient, item: Item) -> tuple[SageItem, Status] | SyncError:
+    try:
+        return read_sage_now(sage, item)
+    except SyncError as exc:
+        return exc
+
+
+def read_sage_now(sage: SageClient, item: Item) -> tuple[SageItem, Status]:
+    """The item's SageTV media file read again, and its state seen from the Plex item."""
+    assert item.sage is not None
+    bounds = item.bounds
+    assert bounds is not None
+    record = sage.media_file(item.sage.media_file_id, SAGE_FIELDS)
+    if record is None:
+        raise SageError(f"SageTV no longer has media file {item.sage.media_file_id}")
+    fresh = sage_item_from_json(record)
+    fresh.segments = item.sage.segments  # read once, before; a fresh read has none
+    return fresh, sage_status(fresh, item.segments, bounds)
+
+
+# -- 6. read back and remember ---------------------------------------------------------------
+@dataclass(frozen=True)
+class ReadBack:
+    """Both servers after the writes: the results with what each side shows now, the
+    SageTV media files read again (the written ones and those sharing a written show
+    flag), as they were before the writes too, and the Plex items read again."""
+
+    results: list[Result]
+    sage_now: Mapping[int, SageItem]
+    sage_before: Mapping[int, dict]
+    plex_now: Mapping[int, PlexItem]
+
+
+def read_back(results: list[Result], facts: Facts, sage: SageClient, plex: PlexClient
+              ) -> ReadBack:
+    """Read back the written items (and the recordings sharing a written show flag); an
+    item that cannot be read back has failed."""
+    written = [n for n, r in enumerate(results) if r.outcome in (Outcome.UPDATED,
+                                                                 Outcome.FAILED)]
+    sage_now, reread = _sage_read_back([results[n] for n in written], facts)
+    sage_before = {i: facts.index.items[i].raw() for i in reread if i in facts.index.items}
+    for media_file_id, item_or_error in read_sage_again(sage, reread).items():
+        if isinstance(item_or_error, SyncError):
+            _fail_unread(results, written, item_or_error, sage_ids={media_file_id})
+            continue
+        old = facts.index.items.get(media_file_id)
+        if old is not None and item_or_error.segments is None:
+            item_or_error.segments = old.segments  # read once, before the writes
+        sage_now[media_file_id] = item_or_error
+    plex_keys = [results[n].plex.rating_key for n in written
+                 if any(not _is_sage(w) for w in results[n].writes)]
+    plex_now: dict[int, PlexItem] = {}
+    try:
+        elements = plex.metadata(plex_keys)
+    except SyncError as exc:
+        _fail_unread(results, written, exc, sage_ids=None)
+        elements = []
+    for element in elements:
+        with contextlib.suppress(PlexError):
+            item = plex_item_from_element(element)
             plex_now[item.rating_key] = item
-        for entry in facts.entries:
-            if entry.matched and entry.sage is not None and (
-                    entry.sage.media_file_id in sage_ids or entry.sage.media_file_id in read_back
-                    or entry.plex.rating_key in plex_now):
-                self.read_after(entry, facts, plex_now.get(entry.plex.rating_key))
+    results = [read_after(r, sage_now, plex_now) if r.matched else r for r in results]
+    return ReadBack(results, sage_now, sage_before, plex_now)
 
-    def read_sage_again(self, ids: set[int]) -> dict[int, SageItem | SyncError]:
-        """The media files by id, read again (one listing when there are many), or the
-        error that kept one from being read."""
-        found: dict[int, SageItem | SyncError] = {}
-        if len(ids) > SAGE_REREAD_LISTING_ABOVE:
-            try:
-                records = [r for r in self.sage.media_files(
-                    SAGE_FIELDS, lambda r: r if r.get("MediaFileID") in ids else None)
-                    if r is not None]
-            except SyncError as exc:
-                return dict.fromkeys(ids, exc)
+
+def _sage_read_back(written: list[Result], facts: Facts) -> tuple[dict[int, SageItem], set[int]]:
+    """The media files whose read-back after the write is final (nothing else wrote to
+    them), and those to read again (siblings of a written show flag; twins written)."""
+    final: dict[int, SageItem] = {}
+    reread: set[int] = set()
+    sage_written = [r for r in written if r.sage is not None and _writes_sage(r.planned)]
+    writers = collections.Counter(r.sage.media_file_id for r in sage_written
+                                  if r.sage is not None)
+    for result in sage_written:
+        assert result.sage is not None
+        siblings = facts.index.siblings(result.sage)
+        reread.update(s.media_file_id for s in siblings)
+        if siblings or result.sage_after_item is None or \
+                writers[result.sage.media_file_id] > 1:
+            reread.add(result.sage.media_file_id)
         else:
-            records = []
-            for media_file_id in sorted(ids):
-                try:
-                    record = self.sage.media_file(media_file_id, SAGE_FIELDS)
-                except SyncError as exc:
-                    found[media_file_id] = exc
-                    continue
-                if record is not None:
-                    records.append(record)
-        for record in records:
-            try:
-                item = sage_item_from_json(record)
-            except SageError as exc:
-                log.warning("SageTV record skipped on reading back: %s", exc)
-                continue
-            found[item.media_file_id] = item
-        return found
+            final[result.sage.media_file_id] = result.sage_after_item
+    return final, reread
 
-    def read_after(self, entry: Entry, facts: Facts, plex_item: PlexItem | None) -> None:
-        """Both sides as they are after the writes; a Plex write that did not take has
-        failed, one the server took its own way is reported once (the base keeps it)."""
-        assert entry.sage is not None and entry.bounds is not None
-        item = facts.index.items.get(entry.sage.media_file_id, entry.sage)
-        entry.sage_after = sage_status(item, entry.segments, entry.bounds)
-        entry.sage_after_item = item
-        if plex_item is None:
-            return
-        entry.plex_after_item = plex_item
-        entry.plex_after = classify(plex_item.watched, plex_item.position_ms, entry.bounds,
-                                    is_sage=False)
-        write = next((w for w in reversed(entry.writes)
-                      if isinstance(w, (PlexMarkWatched, PlexMarkUnwatched, PlexSetPosition))),
-                     None)
-        if entry.outcome is not Outcome.UPDATED or write is None \
-                or entry.plex_after == entry.decision.to_plex:
-            return
-        note = _plex_took_it_its_way(write, entry.plex, plex_item)
-        if note:
-            entry.notes += (note,)
-            return
-        entry.outcome = Outcome.FAILED
-        entry.detail += f"; Plex accepted the write but the item is {entry.plex_after}"
+
+def read_sage_again(sage: SageClient, ids: set[int]) -> dict[int, SageItem | SyncError]:
+    """The media files by id, read again (one listing when there are many), or the error
+    that kept one from being read."""
+    found: dict[int, SageItem | SyncError] = {}
+    if len(ids) > SAGE_REREAD_LISTING_ABOVE:
+        try:
+            records = [r for r in sage.media_files(
+                SAGE_FIELDS, lambda r: r if r.get("MediaFileID") in ids else None)
+                if r is not None]
+        except SyncError as exc:
+            return dict.fromkeys(ids, exc)
+    else:
+        records = []
+        for media_file_id in sorted(ids):
+            try:
+                record = sage.media_file(media_file_id, SAGE_FIELDS)
+            except SyncError as exc:
+                found[media_file_id] = exc
+                continue
+            if record is not None:
+                records.append(record)
+    for record in records:
+        try:
+            item = sage_item_from_json(record)
+        except SageError as exc:
+            log.warning("SageTV record skipped on reading back: %s", exc)
+            continue
+        found[item.media_file_id] = item
+    return found
+
+
+def _fail_unread(results: list[Result], written: list[int], exc: SyncError, *,
+                 sage_ids: set[int] | None) -> None:
+    """The written items that could not be read back have failed: those with SageTV
+    writes to ``sage_ids``, or (None) those with Plex writes."""
+    for n in written:
+        result = results[n]
+        if result.outcome is not Outcome.UPDATED or result.sage is None:
+            continue
+        plex_failed = sage_ids is None and any(not _is_sage(w) for w in result.writes)
+        sage_failed = sage_ids is not None and result.sage.media_file_id in sage_ids \
+            and _writes_sage(result.planned)
+        if plex_failed or sage_failed:
+            results[n] = result._replace(outcome=Outcome.FAILED, detail=result.detail
+                                         + f"; reading it back failed: {exc}")
+
+
+def read_after(result: Result, sage_now: Mapping[int, SageItem],
+               plex_now: Mapping[int, PlexItem]) -> Result:
+    """Both sides as they are after the writes; a Plex write that did not take has
+    failed, one the server took its own way is reported once (the base keeps it)."""
+    item = result.item
+    assert item.sage is not None
+    fresh_sage = sage_now.get(item.sage.media_file_id)
+    plex_item = plex_now.get(item.plex.rating_key)
+    if fresh_sage is None and plex_item is None:
+        return result
+    bounds = item.bounds
+    assert bounds is not None
+    if fresh_sage is not None:
+        result = result._replace(sage_after=sage_status(fresh_sage, item.segments, bounds),
+                                 sage_after_item=fresh_sage)
+    if plex_item is None:
+        return result
+    plex_after = classify(plex_item.watched, plex_item.position_ms, bounds, is_sage=False)
+    result = result._replace(plex_after_item=plex_item, plex_after=plex_after)
+    write = next((w for w in reversed(result.writes) if not _is_sage(w)), None)
+    if result.outcome is not Outcome.UPDATED or write is None \
+            or plex_after == result.decision.to_plex:
+        return result
+    note = _plex_took_it_its_way(cast(PlexWrite, write), item.plex, plex_item)
+    if note:
+        return result._replace(notes=result.notes + (note,))
+    return result._replace(outcome=Outcome.FAILED, detail=result.detail
+                           + f"; Plex accepted the write but the item is {plex_after}")
 
 
 def _plex_took_it_its_way(write: PlexWrite, before: PlexItem, after: PlexItem) -> str:
@@ -3620,22 +4000,41 @@ def _plex_took_it_its_way(write: PlexWrite, before: PlexItem, after: PlexItem) -
     return ""
 
 
-def read_sage_now(sage: SageClient, entry: Entry) -> tuple[SageItem, Status]:
-    """The entry's SageTV media file read again, and its state seen from the Plex item."""
-    assert entry.sage is not None and entry.bounds is not None
-    record = sage.media_file(entry.sage.media_file_id, SAGE_FIELDS)
-    if record is None:
-        raise SageError(f"SageTV no longer has media file {entry.sage.media_file_id}")
-    fresh = sage_item_from_json(record)
-    fresh.segments = entry.sage.segments
-    return fresh, sage_status(fresh, entry.segments, entry.bounds)
+def remember(state: StateStore, run_id: int, opts: Options, facts: Facts, plan: Plan,
+             after: ReadBack, *, counts: dict[str, Any] | None = None,
+             undoes: int | None = None) -> int:
+    """Record the new base of every item the run read, of the items outside it that its
+    writes changed (§6.2), and the journal of its writes, in one transaction."""
+    written = [r for r in after.results if r.outcome in (Outcome.UPDATED, Outcome.FAILED)]
+    # The bases are made as they are stored: a big library's never sit in memory whole.
+    bases = itertools.chain(
+        ((r.plex.rating_key, record) for r in after.results
+         if r.matched and (record := _base_record(r)) is not None),
+        ((item.plex.rating_key, _quiet_base(item, after.sage_now)) for item in plan.quiet),
+        side_effect_bases(facts, plan, after))
+    return state.finish_run(run_id, opts.kind.value, opts.argv, bases,
+                            [_journal_row(r) for r in written], counts=counts,
+                            undoes=undoes if opts.kind is RunKind.UNDO else None)
 
 
-def _fail_unread(written: list[Entry], exc: SyncError, *, sage: bool) -> None:
-    for entry in written:
-        if entry.outcome is Outcome.UPDATED and any(_is_sage(w) == sage for w in entry.writes):
-            entry.outcome = Outcome.FAILED
-            entry.detail += f"; reading it back failed: {exc}"
+def side_effect_bases(facts: Facts, plan: Plan, after: ReadBack
+                      ) -> Iterator[tuple[int, BaseRecord]]:
+    """§6.2: the bases of items outside the run's scope that its writes changed (a
+    recording sharing a written show flag): their SageTV side as read back, their Plex
+    side as it was, so the next sync never takes the change for the user's."""
+    in_run = {item.plex.rating_key for item in facts.items}
+    for key, record in facts.bases.items():
+        before = after.sage_before.get(record.media_file_id)
+        if key in in_run or not record.known or before is None:
+            continue
+        now = after.sage_now.get(record.media_file_id)
+        # Only the writes' doing is taken in: a recording the user changed since its base
+        # keeps the base, so the user's change is still seen as theirs.
+        if now is None or _same_watch(now.raw(), before) \
+                or not _same_watch(before, record.sage_raw):
+            continue
+        sage = WATCHED if now.watched else record.sage if now.watched_end_ms else NOT_WATCHED
+        yield key, replace(record, sage=sage, sage_raw=now.raw(), pending=None)
 
 
 def _same_watch(raw: dict, other: dict) -> bool:
@@ -3644,164 +4043,83 @@ def _same_watch(raw: dict, other: dict) -> bool:
                                                      "RealWatchedEndTime"))
 
 
-def _entry_file_name(entry: Entry) -> str:
-    return file_name(entry.plex.paths[0]) if entry.plex.paths else ""
+def _quiet_base(item: Item, sage_now: Mapping[int, SageItem]) -> BaseRecord:
+    """The base of an item the run did not write: both sides as read, SageTV's as read
+    back where a write to a recording sharing its show flag changed it."""
+    assert item.sage is not None
+    sage, sage_state = item.sage, item.sage_status
+    fresh = sage_now.get(sage.media_file_id)
+    if fresh is not None:
+        bounds = item.bounds
+        assert bounds is not None
+        sage, sage_state = fresh, sage_status(fresh, item.segments, bounds)
+    return BaseRecord(item.sage.media_file_id, _item_file_name(item), sage_state,
+                      item.plex_status, sage.raw(), item.plex.raw())
 
 
-def _gone_entry(rating_key: int) -> Entry:
-    stub = PlexItem(rating_key, "?", (), 0, 0, 0, 0)
-    return Entry(stub, outcome=Outcome.SKIPPED, detail="gone: Plex no longer has it")
-
-
-def _unreadable_entry(attrs: dict[str, str], reason: str) -> Entry:
-    key = attrs.get("ratingKey") or ""
-    stub = PlexItem(int(key) if ASCII_ID.match(key) else 0, attrs.get("title") or "?", (),
-                    0, 0, 0, 0)
-    return Entry(stub, unreadable=reason)
-
-
-def _plex_changed(entry: Entry) -> bool:
-    """Whether the user changed the item's Plex side since its base (§6.1)."""
-    base = entry.base
-    return base is not None and changed(entry.plex_status, entry.plex.last_viewed_ms,
-                                        base.plex, base.plex_last_ms, base.own_plex)
-
-
-def _sage_changed(entry: Entry) -> bool:
-    """Whether the user changed the item's SageTV side since its base (§6.1)."""
-    base = entry.base
-    return base is not None and entry.sage is not None and changed(
-        entry.sage_status, entry.sage.real_end_ms, base.sage, base.sage_last_ms, base.own_sage)
-
-
-def _settled(entry: Entry) -> bool:
-    """Both sides show the same and no failed write waits: whatever changed, the merge
-    can only find them in sync (the same answer, without asking it)."""
-    return entry.sage_status == entry.plex_status and (
-        entry.base is None or entry.base.pending is None)
-
-
-def _member_verdict(entry: Entry, decision: Decision) -> Verdict:
-    if decision.verdict is Verdict.SETTLED:
-        return Verdict.SETTLED
-    to_sage = decision.to_sage is not None and entry.sage_status != decision.to_sage
-    to_plex = decision.to_plex is not None and entry.plex_status != decision.to_plex
-    if to_sage and to_plex:
-        return Verdict.BOTH_OUT_OF_SYNC
-    if to_sage or to_plex:
-        return Verdict.SAGE_OUT_OF_SYNC if to_sage else Verdict.PLEX_OUT_OF_SYNC
-    return Verdict.IN_SYNC if entry.sage_status == entry.plex_status else Verdict.SETTLED
-
-
-def _moves_back(entry: Entry) -> bool:
-    decision = entry.decision
-    return bool((decision.to_sage is not None and moves_back(entry.sage_status, decision.to_sage))
-                or (decision.to_plex is not None
-                    and moves_back(entry.plex_status, decision.to_plex)))
-
-
-def _is_sage(write: Write) -> bool:
-    return isinstance(write, (SageMarkWatched, SageClearWatched, SageSetPosition))
-
-
-def _settle(future: Future, task: list[Entry]) -> None:
-    try:
-        future.result()
-    except Exception as exc:  # a bug must not lose the other items' report
-        log.exception("write task")
-        for entry in task:
-            if entry.outcome is Outcome.UNCHANGED:
-                entry.outcome = Outcome.FAILED
-                entry.detail = f"internal error: {exc.__class__.__name__}: {exc}"
-
-
-def own_states(entry: Entry) -> tuple[tuple[Status, ...], tuple[Status, ...]]:
-    """The states the entry's writes can leave on each side, step by step: the target,
-    what an un-watch first step leaves, and what a restore puts back (§6.3)."""
-    decision = entry.decision
-    own_sage: tuple[Status, ...] = ()
-    own_plex: tuple[Status, ...] = ()
-    for write in entry.writes:
-        if isinstance(write, SageSetPosition):
-            own_sage += (classify_position(write.position_ms, entry),)
-            if write.clear_first:
-                own_sage += (NOT_WATCHED, entry.sage_status)
-        elif _is_sage(write) and decision.to_sage is not None:
-            own_sage += (decision.to_sage,)
-        elif isinstance(write, PlexMarkUnwatched) and len(entry.writes) > 1:
-            own_plex += (NOT_WATCHED, entry.plex_status)
-        elif decision.to_plex is not None:
-            own_plex += (decision.to_plex,)
-    return own_sage, own_plex
-
-
-def classify_position(position_ms: int, entry: Entry) -> Status:
-    bounds = entry.bounds
-    assert bounds is not None
-    return classify(False, position_ms, bounds, is_sage=True)
-
-
-def _base_record(entry: Entry) -> BaseRecord | None:
-    """The entry's new base: what the servers show after the run; a failed item keeps its
+def _base_record(result: Result) -> BaseRecord | None:
+    """The item's new base: what the servers show after the run; a failed item keeps its
     old base with its decision pending (taken on the raw values read), a skipped one its
     old base."""
-    assert entry.sage is not None
-    name = _entry_file_name(entry)
-    if entry.outcome is Outcome.FAILED:
-        old = entry.base_record
-        own_sage, own_plex = own_states(entry)
-        pending = Pending(entry.decision.to_sage, entry.decision.to_plex, entry.sage.raw(),
-                          entry.plex.raw(), own_sage, own_plex,
+    item = result.item
+    assert item.sage is not None
+    name = _item_file_name(item)
+    if result.outcome is Outcome.FAILED:
+        old = item.base_record
+        own_sage, own_plex = own_states(result.planned)
+        pending = Pending(result.decision.to_sage, result.decision.to_plex, item.sage.raw(),
+                          item.plex.raw(), own_sage, own_plex,
                           known=old is not None and old.known)
         if old is None or not old.known:
-            return BaseRecord(entry.sage.media_file_id, name, entry.sage_status,
-                              entry.plex_status, entry.sage.raw(), entry.plex.raw(), pending,
+            return BaseRecord(item.sage.media_file_id, name, item.sage_status,
+                              item.plex_status, item.sage.raw(), item.plex.raw(), pending,
                               known=False)
         return replace(old, pending=pending)
-    if entry.keep_base:
+    if result.keep_base:
         return None
-    sage = entry.sage_after if entry.sage_after is not None else entry.sage_status
-    plex = entry.plex_after if entry.plex_after is not None else entry.plex_status
-    sage_item = entry.sage_after_item or entry.sage
-    plex_item = entry.plex_after_item or entry.plex
-    return BaseRecord(entry.sage.media_file_id, name, sage, plex, sage_item.raw(),
+    sage = result.sage_after if result.sage_after is not None else item.sage_status
+    plex = result.plex_after if result.plex_after is not None else item.plex_status
+    sage_item = result.sage_after_item or item.sage
+    plex_item = result.plex_after_item or item.plex
+    return BaseRecord(item.sage.media_file_id, name, sage, plex, sage_item.raw(),
                       plex_item.raw())
 
 
-def _journal_row(entry: Entry, outcome: str = "") -> JournalRow:
-    """The entry's journal row: before the writes (outcome "intended") or after them."""
-    assert entry.sage is not None
-    own_sage, own_plex = own_states(entry)
-    after_sage = entry.sage_after_item
-    after_plex = entry.plex_after_item
+def _journal_row(result: Result, outcome: str = "") -> JournalRow:
+    """The item's journal row: before the writes (outcome "intended") or after them."""
+    item, decision = result.item, result.decision
+    assert item.sage is not None
+    own_sage, own_plex = own_states(result.planned)
+    after_sage = result.sage_after_item
+    after_plex = result.plex_after_item
     return JournalRow(
-        0, entry.plex.rating_key, entry.sage.media_file_id, entry.plex.title,
-        entry.decision.rule, "; ".join(str(w) for w in entry.writes), entry.sage_status,
-        entry.plex_status, entry.sage_after, entry.plex_after,
-        outcome or entry.outcome.value, entry.detail, entry.decision.to_sage,
-        entry.decision.to_plex, entry.sage.raw(), entry.plex.raw(),
+        0, item.plex.rating_key, item.sage.media_file_id, item.plex.title,
+        decision.rule, "; ".join(str(w) for w in result.writes), item.sage_status,
+        item.plex_status, result.sage_after, result.plex_after,
+        outcome or result.outcome.value, result.detail, decision.to_sage,
+        decision.to_plex, item.sage.raw(), item.plex.raw(),
         after_sage.raw() if after_sage is not None else {},
-        after_plex.raw() if after_plex is not None else {}, entry.steps_done,
+        after_plex.raw() if after_plex is not None else {}, result.steps_done,
         own_sage, own_plex)
 
 
-def _side_effect_rows(entry: Entry, siblings: list[SageItem],
-                      keys_by_file: dict[int, list[int]]) -> list[JournalRow]:
-    """The changes an entry's SetWatched or ClearWatched will make to recordings sharing
+def _side_effect_rows(planned: Planned, siblings: list[SageItem],
+                      keys_by_file: Mapping[int, list[int]]) -> list[JournalRow]:
+    """The changes an item's SetWatched or ClearWatched will make to recordings sharing
     its show flag, journalled with it: if the run dies, they are the tool's doing."""
-    write = next((w for w in entry.writes if isinstance(w, (SageMarkWatched, SageClearWatched))
+    write = next((w for w in planned.writes if isinstance(w, (SageMarkWatched, SageClearWatched))
                   or (isinstance(w, SageSetPosition) and w.clear_first)), None)
     if write is None:
         return []
     state = WATCHED if isinstance(write, SageMarkWatched) else NOT_WATCHED
+    media_file_id = planned.sage.media_file_id if planned.sage else 0
     rows = []
     for sibling in siblings:
         for key in keys_by_file.get(sibling.media_file_id, ()):
             rows.append(JournalRow(
                 0, key, sibling.media_file_id, "", f"side effect of media file "
-                f"{entry.sage.media_file_id if entry.sage else 0}'s {write}", "",
-                NOT_WATCHED, NOT_WATCHED, None, None, INTENDED, "", None, None,
-                sibling.raw(), {}, own_sage=(state,)))
+                f"{media_file_id}'s {write}", "", NOT_WATCHED, NOT_WATCHED, None, None,
+                INTENDED, "", None, None, sibling.raw(), {}, own_sage=(state,)))
     return rows
 
 
@@ -3811,48 +4129,54 @@ def _side_effect_rows(entry: Entry, siblings: list[SageItem],
 
 
 class Applier:
-    """The only code that writes, one item at a time. Every SageTV write is read back,
-    because sagex answers the same `{}` whether a write worked or did nothing."""
+    """The only code that writes: one item's writes, on one thread, into its Result.
+    Every SageTV write is read back, because sagex answers the same `{}` whether a write
+    worked or did nothing."""
 
-    def __init__(self, run: SyncRun, entry: Entry) -> None:
-        self.run = run
-        self.entry = entry
-        self.sage = run.sage
-        self.plex = run.plex
+    def __init__(self, writer: Writer, planned: Planned) -> None:
+        self.writer = writer
+        self.planned = planned
+        self.item = planned.item
+        self.sage = writer.sage
+        self.plex = writer.plex
+        self.steps_done = 0
+        #: The last read-back of a SageTV write: what the write left.
+        self.sage_after: SageItem | None = None
 
-    def apply(self) -> None:
-        """Do the entry's writes and set its outcome; failures stay with the item."""
+    def apply(self) -> Result:
+        """Do the item's writes; failures stay with the item."""
         done: list[str] = []
-        for write in self.entry.writes:
-            slots = self.run._sage_slots if _is_sage(write) else self.run._plex_slots
+        for write in self.planned.writes:
+            slots = self.writer.sage_slots if _is_sage(write) else self.writer.plex_slots
             try:
                 with slots:
-                    if not done and self.run.stop.is_set():
+                    if not done and self.writer.stop.is_set():
                         # Stopped while waiting for a free slot: nothing of it was written.
-                        self.entry.outcome = Outcome.SKIPPED
-                        self.entry.detail = "interrupted before writing"
-                        self.entry.keep_base = True
-                        return
+                        return Result(self.planned, Outcome.SKIPPED, "interrupted before "
+                                      "writing", self.planned.notes, keep_base=True)
                     note = self.one_write(write)
             except SyncError as exc:
-                self.entry.outcome = Outcome.FAILED
                 restored = self._restore_plex(write, done)
-                self.entry.detail = "; ".join(done + [f"{write}: {exc}"] + restored)
-                return
-            self.run.step_done(self.entry)
+                return self.result(Outcome.FAILED, done + [f"{write}: {exc}"] + restored)
+            self.steps_done += 1
+            self.writer.step_done(self.item.plex.rating_key, self.steps_done)
             done.append(str(write) + (f" ({note})" if note else ""))
-        self.entry.outcome, self.entry.detail = Outcome.UPDATED, "; ".join(done)
+        return self.result(Outcome.UPDATED, done)
+
+    def result(self, outcome: Outcome, details: list[str]) -> Result:
+        return Result(self.planned, outcome, "; ".join(details), self.planned.notes,
+                      steps_done=self.steps_done, sage_after_item=self.sage_after)
 
     def _restore_plex(self, failed: Write, done: list[str]) -> list[str]:
         """A Plex write that failed after an un-watch of this item's own: put back the
         resume point the un-watch cleared (§6.3), so the item is never left with less."""
-        before = self.entry.plex
+        before = self.item.plex
         if _is_sage(failed) or not done or not any(
-                isinstance(w, PlexMarkUnwatched) for w in self.entry.writes) \
+                isinstance(w, PlexMarkUnwatched) for w in self.planned.writes) \
                 or before.position_ms <= PLEX_MIN_PROGRESS_MS:
             return []
         try:
-            with self.run._plex_slots:
+            with self.writer.plex_slots:
                 self.plex.set_position(before.rating_key, before.position_ms,
                                        before.duration_ms or before.position_ms + 1)
         except SyncError as exc:
@@ -3866,31 +4190,32 @@ class Applier:
         return self.plex_write(write)
 
     def plex_write(self, write: PlexWrite) -> str:
-        key = self.entry.plex.rating_key
+        key = self.item.plex.rating_key
         if isinstance(write, PlexMarkWatched):
             self.plex.mark_watched(key)
         elif isinstance(write, PlexMarkUnwatched):
             self.plex.mark_unwatched(key)
         else:
-            assert self.entry.bounds is not None
-            duration = self.entry.plex.duration_ms or self.entry.bounds.duration_ms
-            self.plex.set_position(key, write.position_ms, duration)
+            bounds = self.item.bounds
+            assert bounds is not None
+            self.plex.set_position(key, write.position_ms,
+                                   self.item.plex.duration_ms or bounds.duration_ms)
         return ""
 
     def sage_write(self, write: SageWrite) -> str:
-        item = self.entry.sage
-        assert item is not None
+        sage = self.item.sage
+        assert sage is not None
         if isinstance(write, SageMarkWatched):
-            error = _attempt(lambda: self.sage.set_watched(item.airing_id))
+            error = _attempt(lambda: self.sage.set_watched(sage.airing_id))
             return self._expect(WATCHED, error, "SetWatched")
         if isinstance(write, SageClearWatched):
-            error = _attempt(lambda: self.sage.clear_watched(item.airing_id))
+            error = _attempt(lambda: self.sage.clear_watched(sage.airing_id))
             return self._expect(NOT_WATCHED, error, "ClearWatched", restore=True)
         return self.set_position(write)
 
     def _now(self) -> tuple[SageItem, Status]:
-        fresh, now = read_sage_now(self.sage, self.entry)
-        self.entry.sage_after_item = fresh  # the last read-back is what the write left
+        fresh, now = read_sage_now(self.sage, self.item)
+        self.sage_after = fresh  # the last read-back is what the write left
         return fresh, now
 
     def _expect(self, intended: Status, error: str, call: str, restore: bool = False) -> str:
@@ -3898,7 +4223,7 @@ class Applier:
         if now == intended:
             return self._siblings_note(fresh, call)
         reason = error or (f"SageTV accepted {call} but the item is still {now}"
-                           if now == self.entry.sage_status else
+                           if now == self.item.sage_status else
                            f"SageTV accepted {call} but the item is {now}, not {intended}")
         if restore and self._less_watched(now):
             reason += f"; {self._restore()}"
@@ -3908,20 +4233,19 @@ class Applier:
         """ClearWatched (if needed), then SetWatchedTimes, then read back; if the position
         did not take but the clear did, restore what was there: an item is never left
         less watched than it was."""
-        item = self.entry.sage
-        assert item is not None
+        sage = self.item.sage
+        assert sage is not None
         sage_offset = self.sage.clock_offset_ms
         viewed_at = (write.viewed_at_ms + sage_offset if write.viewed_at_ms > 0
                      else self.sage.now_ms())
         real_start = max(1, viewed_at - write.position_ms)
         error = ""
         if write.clear_first:
-            error = _attempt(lambda: self.sage.clear_watched(item.airing_id))
+            error = _attempt(lambda: self.sage.clear_watched(sage.airing_id))
         if not error:
-            error = _attempt(lambda: self.sage.set_watched_times(item.airing_id, write.time_ms,
+            error = _attempt(lambda: self.sage.set_watched_times(sage.airing_id, write.time_ms,
                                                                  real_start))
-        assert self.entry.bounds is not None
-        intended = classify(False, write.position_ms, self.entry.bounds, is_sage=True)
+        intended = classify_position(write.position_ms, self.item)
         fresh, now = self._now()
         if now == intended:
             return self._siblings_note(fresh, "ClearWatched") if write.clear_first else ""
@@ -3931,16 +4255,16 @@ class Applier:
         raise SageError(reason)
 
     def _less_watched(self, now: Status) -> bool:
-        return moves_back(self.entry.sage_status, now)
+        return moves_back(self.item.sage_status, now)
 
     def _restore(self) -> str:
-        item = self.entry.sage
-        assert item is not None
-        if item.watched:
-            _attempt(lambda: self.sage.set_watched(item.airing_id))
-        elif item.watched_end_ms > 0:
-            real_start = item.real_start_ms or max(1, self.sage.now_ms())
-            _attempt(lambda: self.sage.set_watched_times(item.airing_id, item.watched_end_ms,
+        sage = self.item.sage
+        assert sage is not None
+        if sage.watched:
+            _attempt(lambda: self.sage.set_watched(sage.airing_id))
+        elif sage.watched_end_ms > 0:
+            real_start = sage.real_start_ms or max(1, self.sage.now_ms())
+            _attempt(lambda: self.sage.set_watched_times(sage.airing_id, sage.watched_end_ms,
                                                          real_start))
         try:
             _, again = self._now()
@@ -3948,12 +4272,12 @@ class Applier:
             return "could not read it back after restoring what SageTV had"
         if not self._less_watched(again):
             return "restored what SageTV had"
-        return f"restoring failed too: it was {self.entry.sage_status} before this run"
+        return f"restoring failed too: it was {self.item.sage_status} before this run"
 
     def _siblings_note(self, fresh: SageItem, call: str) -> str:
         """SageTV keeps one watched flag per show: say which other recordings the write
-        changed too (read back in the remember phase and taken as the servers' truth)."""
-        siblings = self.run_index_siblings(fresh)
+        changed too (read back after the writes and taken as the servers' truth)."""
+        siblings = self.writer.siblings(fresh)
         if not siblings:
             return ""
         if call == "SetWatched":
@@ -3966,9 +4290,6 @@ class Applier:
             return ""
         ids = ", ".join(str(s.media_file_id) for s in affected[:5])
         return f"SageTV's {call} also {verb} media file {ids} (same show)"
-
-    def run_index_siblings(self, item: SageItem) -> list[SageItem]:
-        return self.run.index.siblings(item) if self.run.index is not None else []
 
 
 def _attempt(call: Callable[[], None]) -> str:
@@ -4044,27 +4365,27 @@ def _side_json(status: Status, last_ms: int) -> dict[str, Any]:
                              if last_ms > 0 else None)}
 
 
-def entry_label(entry: Entry) -> str:
+def entry_label(entry: Result) -> str:
     """The verdict in the item's line: what happened, else what is out of sync."""
     if not entry.matched:
-        return "ambiguous in SageTV" if entry.candidates > 1 else (
-            "skipped" if entry.unreadable else "not in SageTV")
+        return "ambiguous in SageTV" if entry.item.candidates > 1 else (
+            "skipped" if entry.item.unreadable else "not in SageTV")
     if entry.outcome is not Outcome.UNCHANGED:
         return entry.outcome.value
     return entry.verdict.value
 
 
-def entry_reason(entry: Entry) -> str:
+def entry_reason(entry: Result) -> str:
     """Why, in words: the rule that fired and what it does (or did)."""
     if not entry.matched:
-        return entry.unreadable or entry.detail
+        return entry.item.unreadable or entry.detail
     decision = entry.decision
     if entry.outcome is not Outcome.UNCHANGED:
         return f"{decision.rule}: {entry.detail}" if entry.detail else decision.rule
     if entry.writes:
         return f"{decision.rule}: " + "; then ".join(str(w) for w in entry.writes)
-    if entry.blocked:
-        return f"{decision.rule}: {entry.blocked}"
+    if entry.planned.blocked:
+        return f"{decision.rule}: {entry.planned.blocked}"
     return decision.rule if entry.verdict is not Verdict.IN_SYNC else ""
 
 
@@ -4075,7 +4396,7 @@ def season_heading(plex: PlexItem) -> str:
         f"{plex.season_key} for the season)"
 
 
-def item_line(entry: Entry) -> str:
+def item_line(entry: Result) -> str:
     head = f"{entry.plex.rating_key:>7}  {entry.plex.title}  [{entry_label(entry)}]"
     if not entry.matched:
         reason = entry_reason(entry)
@@ -4088,15 +4409,15 @@ def item_line(entry: Entry) -> str:
     return line + "".join(f"; {note}" for note in entry.notes if note)
 
 
-def entry_json(entry: Entry) -> dict[str, Any]:
+def entry_json(entry: Result) -> dict[str, Any]:
     plex = entry.plex
     return {
         "media_id": plex.rating_key, "title": plex.title, "show": plex.show or None,
         "show_id": plex.show_key or None, "season": plex.season,
         "season_id": plex.season_key or None, "episode": plex.episode,
         "media_file_id": entry.sage.media_file_id if entry.sage is not None else None,
-        "sage": _side_json(entry.sage_status, entry.sage_last_ms) if entry.matched else None,
-        "plex": _side_json(entry.plex_status, entry.plex_last_ms) if entry.matched else None,
+        "sage": _side_json(entry.sage_status, entry.item.sage_last_ms) if entry.matched else None,
+        "plex": _side_json(entry.plex_status, entry.item.plex_last_ms) if entry.matched else None,
         "verdict": entry_label(entry) if not entry.matched else entry.verdict.value,
         "rule": entry.decision.rule if entry.matched else None,
         "action": [str(w) for w in entry.writes],
@@ -4104,15 +4425,15 @@ def entry_json(entry: Entry) -> dict[str, Any]:
     }
 
 
-def sage_only_items(index: SageIndex, entries: Iterable[Entry]) -> list[SageItem]:
+def sage_only_items(index: SageIndex, items: Iterable[Item]) -> list[SageItem]:
     """The SageTV recordings no Plex item of the run holds (a file two Plex items could
     mean, ambiguous, counts as held), by media file id."""
     held: set[int] = set()
-    for entry in entries:
-        if entry.sage is not None:
-            held.add(entry.sage.media_file_id)
-        elif entry.candidates > 1:
-            held.update(m.media_file_id for m in index.match(entry.plex))
+    for item in items:
+        if item.sage is not None:
+            held.add(item.sage.media_file_id)
+        elif item.candidates > 1:
+            held.update(m.media_file_id for m in index.match(item.plex))
     return [index.items[i] for i in sorted(index.items) if i not in held]
 
 
@@ -4164,12 +4485,12 @@ _VERDICT_HEADING = {Verdict.IN_SYNC: "in_sync", Verdict.PLEX_OUT_OF_SYNC: "plex_
 RECURRING = tuple(h.key for h in HEADINGS if h.recurring)
 
 
-def heading_key(entry: Entry) -> str:
+def heading_key(entry: Result) -> str:
     """The one heading an item is listed under: what happened to it, else what it is."""
     if not entry.matched:
-        if entry.candidates > 1:
+        if entry.item.candidates > 1:
             return "ambiguous"
-        return "unreadable" if entry.unreadable else "not_in_sage"
+        return "unreadable" if entry.item.unreadable else "not_in_sage"
     if entry.outcome is Outcome.UPDATED:
         sides = {_is_sage(w) for w in entry.writes}
         return "updated_both" if len(sides) == 2 else \
@@ -4201,31 +4522,43 @@ def sage_only_words(count: int) -> str:
 
 @dataclass
 class Report:
-    """The run's counts and the items under headings that say what happened to them.
-    ``sage_only``: the SageTV recordings no Plex item holds (None: not known, in a run
-    of some sections or media ids); ``listed_before``: the recurring ids the last sync
-    counted, by kind (None: none known, so every one is new)."""
+    """The run's counts and the items under headings that say what happened to them,
+    made from the run's values: ``results``, the decided items' results, and ``quiet``,
+    the items in sync with nothing decided, each in listing order. ``sage_only``: the
+    SageTV recordings no Plex item holds (None: not known, in a run of some sections or
+    media ids); ``listed_before``: the recurring ids the last sync counted, by kind
+    (None: none known, so every one is new)."""
 
-    entries: list[Entry]
+    results: Sequence[Result]
     wrote: bool
+    quiet: Sequence[Item] = ()
     unreadable_sage: int = 0
     interrupted: bool = False
     sage_only: list[SageItem] | None = None
     listed_before: dict[str, set[int]] | None = None
 
     def __post_init__(self) -> None:
-        self._notable: list[Entry] | None = None
-        self._groups: dict[str, list[Entry]] | None = None
+        self._notable: list[Result] | None = None
+        self._groups: dict[str, list[Result]] | None = None
 
-    def notable(self) -> list[Entry]:
+    @classmethod
+    def of(cls, plan: Plan, results: Sequence[Result], wrote: bool, **more: Any) -> Report:
+        return cls(results, wrote, plan.quiet, **more)
+
+    def every(self) -> Iterator[Result]:
+        """Every item's result, in listing order."""
+        return heapq.merge(self.results, map(quiet_result, self.quiet),
+                           key=lambda r: r.item.order)
+
+    def notable(self) -> list[Result]:
         """The items the default report lists: all but those in sync and left unchanged."""
-        if self._notable is None:  # not matched, or not in sync, or written: inline, for speed
-            self._notable = [e for e in self.entries if e.sage is None or e.bounds_rule is None
-                             or e.decision.verdict is not Verdict.IN_SYNC
-                             or e.outcome is not Outcome.UNCHANGED]
+        if self._notable is None:
+            self._notable = [r for r in self.results if not r.matched
+                             or r.planned.decision.verdict is not Verdict.IN_SYNC
+                             or r.outcome is not Outcome.UNCHANGED]
         return self._notable
 
-    def groups(self) -> dict[str, list[Entry]]:
+    def groups(self) -> dict[str, list[Result]]:
         """The notable items by heading key, each in one group, in listing order."""
         if self._groups is None:
             self._groups = collections.defaultdict(list)
@@ -4241,13 +4574,14 @@ class Report:
         notable = self.notable()
         for entry in notable:
             if not entry.matched:
-                found["ambiguous" if entry.candidates > 1 else
-                      "unreadable" if entry.unreadable else "not_in_sage"] += 1
+                found["ambiguous" if entry.item.candidates > 1 else
+                      "unreadable" if entry.item.unreadable else "not_in_sage"] += 1
                 continue
             found[entry.decision.verdict] += 1
             found[entry.outcome] += 1
-        named: collections.Counter[str] = collections.Counter(videos=len(self.entries))
-        quiet = len(self.entries) - len(notable)  # in sync and unchanged, not looked at again
+        videos = len(self.results) + len(self.quiet)
+        named: collections.Counter[str] = collections.Counter(videos=videos)
+        quiet = videos - len(notable)  # in sync and unchanged
         named.update(in_sync=quiet, unchanged=quiet)
         for key, count in found.items():
             named[key.name.lower() if isinstance(key, Enum) else str(key)] += count
@@ -4286,7 +4620,7 @@ class Report:
         if key == "sage_only":
             return list(self.sage_only or ())
         if key == "in_sync" and every_item:
-            return [e for e in self.entries if heading_key(e) == "in_sync"]
+            return [r for r in self.every() if heading_key(r) == "in_sync"]
         return self.groups().get(key, [])
 
     def body(self, every_item: bool, quiet: bool) -> list[str]:
@@ -4337,17 +4671,17 @@ class Report:
     def exit_code(self) -> ExitCode:
         if self.interrupted:
             return ExitCode.INTERRUPTED
-        broken = any(e.outcome is Outcome.FAILED or (e.unreadable and not e.matched)
+        broken = any(e.outcome is Outcome.FAILED or (e.item.unreadable and not e.matched)
                      for e in self.notable())
         return ExitCode.FAILED if broken or self.unreadable_sage else ExitCode.OK
 
 
-def _item_id(item: Entry | SageItem) -> int:
+def _item_id(item: Result | SageItem) -> int:
     """The id a recurring item is known by: its Plex media id, or its media file id."""
     return item.media_file_id if isinstance(item, SageItem) else item.plex.rating_key
 
 
-def item_lines(items: Sequence[Entry | SageItem]) -> list[str]:
+def item_lines(items: Sequence[Result | SageItem]) -> list[str]:
     """Item lines, each season's episodes under a line naming the season."""
     lines = []
     heading: tuple[int, int] = (0, 0)
@@ -4363,7 +4697,7 @@ def item_lines(items: Sequence[Entry | SageItem]) -> list[str]:
     return lines
 
 
-def log_written(entries: Iterable[Entry]) -> None:
+def log_written(entries: Iterable[Result]) -> None:
     """One dated log line for every item written (without -v): what, and by which rule."""
     for entry in entries:
         if entry.outcome in (Outcome.UPDATED, Outcome.FAILED):
@@ -4524,16 +4858,18 @@ def check_plan_servers(plan: ReplayPlan, identity: dict[str, str], path: Path) -
                             "for these servers with --plan")
 
 
-def save_plan(path: Path, facts: Facts, servers: dict[str, str]) -> int:
-    items = [{"media_id": e.plex.rating_key, "title": e.plex.title,
-              "sage": e.sage_status.to_text(), "plex": e.plex_status.to_text(),
-              "sage_stamp_ms": e.sage.real_end_ms if e.sage else 0,
-              "plex_stamp_ms": e.plex.last_viewed_ms,
-              "sage_raw": e.sage.raw() if e.sage else {}, "plex_raw": e.plex.raw(),
-              "to_sage": e.decision.to_sage.to_text() if e.decision.to_sage else None,
-              "to_plex": e.decision.to_plex.to_text() if e.decision.to_plex else None,
-              "rule": e.decision.rule, "writes": [str(w) for w in e.writes]}
-             for e in facts.entries if e.matched and e.writes]
+def save_plan(path: Path, plan: Plan, servers: dict[str, str]) -> int:
+    """--plan FILE: the items with writes, their decisions and the states they were
+    taken on (what --apply checks first)."""
+    items = [{"media_id": p.plex.rating_key, "title": p.plex.title,
+              "sage": p.item.sage_status.to_text(), "plex": p.item.plex_status.to_text(),
+              "sage_stamp_ms": p.sage.real_end_ms if p.sage else 0,
+              "plex_stamp_ms": p.plex.last_viewed_ms,
+              "sage_raw": p.sage.raw() if p.sage else {}, "plex_raw": p.plex.raw(),
+              "to_sage": p.decision.to_sage.to_text() if p.decision.to_sage else None,
+              "to_plex": p.decision.to_plex.to_text() if p.decision.to_plex else None,
+              "rule": p.decision.rule, "writes": [str(w) for w in p.writes]}
+             for p in plan.decided if p.item.matched and p.writes]
     temporary = path.with_name(path.name + ".tmp")
     try:
         temporary.write_text(json.dumps({"sageplex_sync_plan": 2, "servers": servers,
@@ -4545,43 +4881,51 @@ def save_plan(path: Path, facts: Facts, servers: dict[str, str]) -> int:
     return len(items)
 
 
-def why_entries(facts: Facts, targets: Sequence[str]) -> list[Entry]:
+def why_planned(plan: Plan, targets: Sequence[str]) -> list[Planned]:
     """The items --why names: a movie or episode, or every episode of a show or season."""
     wanted = {int(t) for t in targets}
-    found = [e for e in facts.entries if wanted & {e.plex.rating_key, e.plex.show_key,
-                                                   e.plex.season_key}]
+    found = [p if isinstance(p, Planned) else Planned(p) for p in plan.every()
+             if wanted & {_plex_of(p).rating_key, _plex_of(p).show_key,
+                          _plex_of(p).season_key}]
     if not found:
         raise UsageError(f"Plex has no movie or episode with media id {targets[0]} in its "
                          "movie and show sections; run with a section name to see the ids")
     return found
 
 
-def why_text(entry: Entry, played_from: str) -> str:
-    plex = entry.plex
+def _plex_of(value: Planned | Item) -> PlexItem:
+    return value.plex
+
+
+def why_text(planned: Planned, played_from: str) -> str:
+    item = planned.item
+    plex = item.plex
     lines = [f"media id {plex.rating_key}: {plex.title}",
              f"  Plex raw:    {json.dumps(plex.raw())}"]
-    if entry.sage is None or entry.bounds is None:
-        lines.append(f"  SageTV:      {entry_label(entry)} {entry_reason(entry)}".rstrip())
+    bounds = item.bounds
+    if item.sage is None or bounds is None:
+        result = result_of(planned)
+        lines.append(f"  SageTV:      {entry_label(result)} {entry_reason(result)}".rstrip())
         return "\n".join(lines)
     lines += [
-        f"  SageTV raw:  media file {entry.sage.media_file_id}, airing {entry.sage.airing_id}: "
-        f"{json.dumps(entry.sage.raw())}",
-        f"  bounds:      {entry.bounds} (Plex's played threshold: {played_from})",
-        f"  states:      SageTV {entry.sage_status}, Plex {entry.plex_status}",
-        "  base:        " + (f"SageTV {entry.base.sage}, Plex {entry.base.plex}"
-                             if entry.base else "none yet (first sync: the newer side wins)"),
-        f"  rule:        {entry.decision.rule}",
-        "  would do:    " + ("; then ".join(str(w) for w in entry.writes)
-                             or entry.blocked or "nothing")]
+        f"  SageTV raw:  media file {item.sage.media_file_id}, airing {item.sage.airing_id}: "
+        f"{json.dumps(item.sage.raw())}",
+        f"  bounds:      {bounds} (Plex's played threshold: {played_from})",
+        f"  states:      SageTV {item.sage_status}, Plex {item.plex_status}",
+        "  base:        " + (f"SageTV {item.base.sage}, Plex {item.base.plex}"
+                             if item.base else "none yet (first sync: the newer side wins)"),
+        f"  rule:        {planned.decision.rule}",
+        "  would do:    " + ("; then ".join(str(w) for w in planned.writes)
+                             or planned.blocked or "nothing")]
     return "\n".join(lines)
 
 
-def _print_sagedata(run: SyncRun, facts: Facts, console: Console) -> None:
+def _print_sagedata(sage: SageClient, facts: Facts, console: Console) -> None:
     console.err.write("SageTV data for the media ids, by Plex media id:\n")
     data = {}
-    for entry in facts.entries:
-        if entry.sage is not None:
-            data[str(entry.plex.rating_key)] = run.sage.media_file(entry.sage.media_file_id)
+    for item in facts.items:
+        if item.sage is not None:
+            data[str(item.plex.rating_key)] = sage.media_file(item.sage.media_file_id)
     console.out.write(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
@@ -4603,19 +4947,20 @@ def replay_plan(opts: Options, state: StateStore | None) -> ReplayPlan | None:
     return None
 
 
-def explained(opts: Options, run: SyncRun, facts: Facts, console: Console) -> bool:
+def explained(opts: Options, facts: Facts, plan: Plan, reader: Reader,
+              console: Console) -> bool:
     """--why and --sagedata print what was read and decided, and the run ends there;
     --plan saves the plan (and the run goes on to report it)."""
     if opts.kind is RunKind.WHY:
         threshold = f"{facts.played_fraction:.0%} from {facts.played_from}"
-        console.out.write("\n".join(why_text(e, threshold)
-                                    for e in why_entries(facts, opts.targets)) + "\n")
+        console.out.write("\n".join(why_text(p, threshold)
+                                    for p in why_planned(plan, opts.targets)) + "\n")
         return True
     if opts.kind is RunKind.SAGEDATA:
-        _print_sagedata(run, facts, console)
+        _print_sagedata(reader.sage, facts, console)
         return True
     if opts.kind is RunKind.PLAN and opts.plan_file is not None:
-        count = save_plan(opts.plan_file, facts, run.identity())
+        count = save_plan(opts.plan_file, plan, reader.identity())
         console.err.write(f"plan with {count} item(s) saved to {opts.plan_file}\n")
     return False
 
@@ -4635,8 +4980,9 @@ def _leave_to_exit(*objects: object) -> None:
 
 def run_sync(opts: Options, config: Config, console: Console, stop: threading.Event,
              all_items: bool, as_json: bool, quiet: bool = False,
-             seen: list[Facts] | None = None) -> ExitCode:
-    """One run from reading to the summary: read, check, plan, guard, write, remember."""
+             seen: list[Report] | None = None) -> ExitCode:
+    """One run, a pipeline of values: read -> Facts, check, plan -> Plan, guard, write ->
+    results, read back, remember; the report is made from these values."""
     state_path = opts.state_path or default_state_path(config.path)
     log.info("sync state: %s", state_path)
     with SageClient(config.sage) as sage, PlexClient(config.plex) as plex, \
@@ -4646,49 +4992,50 @@ def run_sync(opts: Options, config: Config, console: Console, stop: threading.Ev
         log.info("%s", started)
         on_failure = "" if as_json or opts.kind in (RunKind.WHY, RunKind.SAGEDATA) else started
         held = quiet or not on_failure
-        full = not opts.media and any(t.lower() == "all" for t in opts.targets)
         replay = replay_plan(opts, state)
-        run = SyncRun(opts, sage, plex, state, console, stop,
-                      replay.items if replay is not None else None, config.guard_items,
-                      replay.undoes if replay is not None else None)
+        replays = replay.items if replay is not None else {}
+        reader = Reader(opts, sage, plex, state, console, replays)
         with _failure_recorded(state, opts, console, on_failure):
             with console.waiting("waiting for SageTV's listing"):
-                facts = run.read()
+                facts = reader.read()
             if replay is not None and opts.apply_file is not None:
-                check_plan_servers(replay, run.identity(), opts.apply_file)
+                check_plan_servers(replay, reader.identity(), opts.apply_file)
             _say_clocks(sage, plex)
-            run.check(facts)
+            check_arguments(facts, opts)
         if not held:
             console.out.write(started + "\n")
             console.out.flush()
-        run.plan(facts)
+        plan = plan_run(facts, opts, replays)
         planned()
-        if explained(opts, run, facts, console):
+        if explained(opts, facts, plan, reader, console):
             return ExitCode.OK
         with _failure_recorded(state, opts, console, on_failure if held else ""):
-            run.guard(facts)
-        if opts.decides_writes:
-            run.write(facts)
-        sage_only = sage_only_items(facts.index, facts.entries) if full else None
-
-        def made() -> Report:
-            return Report(facts.entries, wrote=opts.writes, unreadable_sage=facts.index
-                          .unreadable_count, interrupted=stop.is_set(), sage_only=sage_only,
-                          listed_before=listed_ids(state))
+            guard(plan, opts, console, config.guard_items)
+        writing = WritePhase(opts, facts, state, console, (sage, plex), stop,
+                             replaying=bool(replays))
+        results = writing.run(plan) if opts.decides_writes else list(map(result_of,
+                                                                          plan.decided))
+        after = read_back(results, facts, sage, plex) if opts.writes else None
+        full = not opts.media and any(t.lower() == "all" for t in opts.targets)
+        report = Report(after.results if after is not None else results, opts.writes,
+                        plan.quiet, unreadable_sage=facts.index.unreadable_count,
+                        interrupted=stop.is_set(), listed_before=listed_ids(state),
+                        sage_only=sage_only_items(facts.index, facts.items) if full else None)
         if seen is not None:  # --watch: what each of its runs did, for its one line
-            seen.append(facts)
-        if opts.writes:
-            run_id = run.remember(facts, counts=lambda: run_counts(made()))
+            seen.append(report)
+        if after is not None:
+            run_id = remember(state, writing.run_id, opts, facts, plan, after,
+                              counts=run_counts(report),
+                              undoes=replay.undoes if replay is not None else None)
             log.info("run %d recorded in %s", run_id, state_path)
-        report = made()
-        log_written(facts.entries)
+        log_written(report.results)
         if opts.writes and not report.interrupted:
             remember_listed(state, report)
         _print_report(report, console, ReportStyle(all_items, as_json, quiet, started))
         log.info("%s", report.total_line())
         log.info("done: exit %d (%d SageTV and %d Plex requests)", report.exit_code(),
                  sage.request_count, plex.request_count)
-        _leave_to_exit(facts, report, run)
+        _leave_to_exit(facts, plan, report)
         return report.exit_code()
 
 
@@ -4707,7 +5054,7 @@ def _print_report(report: Report, console: Console, style: ReportStyle) -> None:
     if problem:
         console.err.write(f"{PROG}: error: {console.secrets.redact(problem)}\n")
     if style.as_json:
-        lines = [json.dumps(entry_json(entry), ensure_ascii=False) for entry in report.entries]
+        lines = [json.dumps(entry_json(result), ensure_ascii=False) for result in report.every()]
         lines.append(json.dumps({**report.json_summary(), "run": style.run_line},
                                 ensure_ascii=False))
     elif style.quiet and report.nothing_to_say():
@@ -4755,7 +5102,8 @@ def remember_listed(state: StateStore, report: Report) -> None:
     """The recurring ids this sync counted, to tell the new ones next time. A run of some
     sections or media ids replaces only what it saw."""
     before = report.listed_before or {}
-    seen = {e.plex.rating_key for e in report.entries}
+    seen = {r.plex.rating_key for r in report.results} | {
+        i.plex.rating_key for i in report.quiet}
     for kind in RECURRING:
         now = {_item_id(i) for i in report.items_under(kind, every_item=False)}
         if kind == "sage_only":
@@ -5223,7 +5571,7 @@ class Watcher:
         opts = replace(self.opts, kind=RunKind.WATCH, media=True, targets=(str(key),),
                        yes=True, prompt=False, simulate=False)
         quiet = Console(io.StringIO(), self.console.err, None, self.console.secrets)
-        seen: list[Facts] = []
+        seen: list[Report] = []
         try:
             run_sync(opts, self.config, quiet, self.stop, False, False, seen=seen)
         except UsageError as exc:  # gone from Plex, or not a movie or episode
@@ -5234,11 +5582,11 @@ class Watcher:
             self.due.add(key, RETRY_S)
             return
         self.back(f"syncing media id {key}")
-        for facts in seen:
-            self.say(key, facts)
+        for report in seen:
+            self.say(key, report)
 
-    def say(self, key: int, facts: Facts) -> None:
-        for entry in facts.entries:
+    def say(self, key: int, report: Report) -> None:
+        for entry in report.every():
             if entry.plex.rating_key != key and entry.outcome is Outcome.UNCHANGED:
                 continue
             line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {entry.plex.rating_key} " \
@@ -5248,7 +5596,7 @@ class Watcher:
         self.console.out.flush()
 
 
-def _watch_words(entry: Entry) -> str:
+def _watch_words(entry: Result) -> str:
     """What the item's run wrote, in words."""
     if not entry.matched:
         return entry_label(entry)

@@ -1,31 +1,33 @@
 """The plan phase, pure (sync-rules.md §1.4, §4, §6, §6.3-6.4, §5 --position).
 
-``SyncRun.plan`` is I/O-free: the runs here get server stand-ins that have nothing but
-``.server.write_workers`` (any request would be an AttributeError), entries built by hand
-and measured as ``assess`` measures them, and a ``Facts`` of them. Each test asserts on
-the decision (verdict, targets, rule) and the writes planned for each Plex item.
+``plan_run(facts, options, replays) -> Plan`` is a pure function: no server, no state
+file. The items here are built by hand and measured as reading measures them
+(``measured``), put in a ``Facts``, and planned. Each test asserts on the decision
+(verdict, targets, rule) and the writes planned for each Plex item.
 """
 
 from __future__ import annotations
 
-import threading
+import itertools
 from collections.abc import Sequence
-from types import SimpleNamespace
+from dataclasses import dataclass, field
 
 import pytest
 
+import sageplex_sync
 from sageplex_sync import (
     NOT_WATCHED,
     WATCHED,
     Airing,
     BaseRecord,
     Decision,
-    Entry,
     Facts,
+    Item,
     Kind,
     Options,
     Outcome,
     Pending,
+    Planned,
     PlexItem,
     PlexMarkUnwatched,
     PlexMarkWatched,
@@ -38,10 +40,11 @@ from sageplex_sync import (
     SageMarkWatched,
     SageSetPosition,
     Status,
-    SyncRun,
     Verdict,
     base_of,
     file_name,
+    measured,
+    plan_run,
 )
 
 SEC = 1_000
@@ -103,12 +106,19 @@ def p_none(key: int, stamp: int = 0, *paths: str, duration: int = 2 * HOUR) -> P
     return plex(key, *paths, stamp=stamp, duration=duration)
 
 
-# -- runs, entries, bases ------------------------------------------------------------------
+# -- runs, items, bases ------------------------------------------------------------------
+@dataclass
+class Run:
+    """What a plan is made with besides the facts: the options and the replays."""
+
+    opts: Options
+    replays: dict[int, Replay] = field(default_factory=dict)
+    orders: itertools.count = field(default_factory=itertools.count)
+
+
 def new_run(*, position_ms: int | None = None, overrides: dict[int, Replay] | None = None,
-            kind: RunKind = RunKind.SYNC) -> SyncRun:
-    server = SimpleNamespace(server=SimpleNamespace(write_workers=1))
-    return SyncRun(Options(kind=kind, position_ms=position_ms), server, server,  # type: ignore[arg-type]
-                   None, None, threading.Event(), overrides)  # type: ignore[arg-type]
+            kind: RunKind = RunKind.SYNC) -> Run:
+    return Run(Options(kind=kind, position_ms=position_ms), overrides or {})
 
 
 def base_record(sage_then: SageItem, plex_then: PlexItem,
@@ -125,24 +135,29 @@ def pending(to_sage: Status | None, to_plex: Status | None, sage_on: SageItem,
     return Pending(to_sage, to_plex, sage_on.raw(), plex_on.raw(), own_sage, own_plex)
 
 
-def entry(run: SyncRun, p: PlexItem, s: SageItem, base: BaseRecord | None = None) -> Entry:
-    """Matched and measured as ``assess`` does it."""
-    e = Entry(p, sage=s, candidates=1)
-    run.measure(e, s, PLAYED)
+def entry(run: Run, p: PlexItem, s: SageItem, base: BaseRecord | None = None) -> Item:
+    """Matched and measured as reading does it (listed in the order made)."""
+    item = measured(Item(p, next(run.orders)), s, (PLAYED, run.opts.ignore_ms), (0, 0))
     if base is not None:
-        e.base, e.base_record = base_of(base, e), base
-    return e
+        item = item._replace(base=base_of(base, item), base_record=base)
+    return item
 
 
-def plan(run: SyncRun, entries: Sequence[Entry], *sage: SageItem) -> list[Entry]:
-    sage_items = sage or tuple({e.sage.media_file_id: e.sage for e in entries
-                                if e.sage is not None}.values())
-    run.plan(Facts(list(entries), SageIndex(sage_items), PLAYED, "test"))
-    return list(entries)
+def plan(run: Run, items: Sequence[Item], *sage: SageItem) -> list[Planned]:
+    """The plan of ``items``, in the order given (an item in sync with nothing to
+    decide, left out of the plan's decided items, as Planned with no decision)."""
+    sage_items = sage or tuple({i.sage.media_file_id: i.sage for i in items
+                                if i.sage is not None}.values())
+    made = plan_run(Facts(tuple(sorted(items, key=lambda i: i.order)), SageIndex(sage_items),
+                          PLAYED, "test"), run.opts, run.replays)
+    by_order = {p.item.order: p for p in made.decided}
+    by_order.update((i.order, Planned(i)) for i in made.quiet)
+    assert len(by_order) == len(items)
+    return [by_order[i.order] for i in items]
 
 
-def sage_writes(*entries: Entry) -> list[object]:
-    return [w for e in entries for w in e.writes
+def sage_writes(*planned: Planned) -> list[object]:
+    return [w for p in planned for w in p.writes
             if isinstance(w, (SageMarkWatched, SageClearWatched, SageSetPosition))]
 
 
@@ -170,10 +185,10 @@ def test_sides_that_agree_without_a_pending_write_are_in_sync_with_no_writes(
     def never(*args: object) -> None:
         raise AssertionError("an item whose sides agree is not decided")
 
-    monkeypatch.setattr(run, "plan_recording", never)
+    monkeypatch.setattr(sageplex_sync, "plan_recording", never)
     # A base both sides moved away from: the sides agreeing is enough.
     e = entry(run, plex_item, sage, base_record(movie(pos=50 * MIN), p_at(1, 50 * MIN)))
-    plan(run, [e])
+    (e,) = plan(run, [e])
     assert e.decision.verdict is Verdict.IN_SYNC
     assert (e.decision.to_sage, e.decision.to_plex) == (None, None)
     assert e.writes == ()
@@ -182,7 +197,7 @@ def test_sides_that_agree_without_a_pending_write_are_in_sync_with_no_writes(
 def test_positions_2_5_s_apart_are_not_in_sync() -> None:
     run = new_run()
     e = entry(run, p_at(1, 10 * MIN + 2_500, NEW), movie(pos=10 * MIN, stamp=OLD))
-    plan(run, [e])
+    (e,) = plan(run, [e])
     assert e.decision.verdict is Verdict.SAGE_OUT_OF_SYNC
     assert e.decision.rule == "row 7: Plex newer"
 
@@ -193,7 +208,7 @@ def test_twins_without_a_base_follow_the_newest_twin() -> None:
     sage = movie(pos=10 * MIN, stamp=MID)
     older = entry(run, p_at(1, 30 * MIN, OLD), sage)  # listed first, older than SageTV
     newest = entry(run, p_at(2, 20 * MIN, NEW), sage)
-    plan(run, [older, newest])
+    older, newest = plan(run, [older, newest])
     for e in (older, newest):
         assert e.decision.to_sage == P20 and e.decision.to_plex == P20
         assert e.decision.rule == "row 7: Plex newer"
@@ -208,7 +223,7 @@ def test_twins_with_a_base_follow_the_twin_that_was_unwatched() -> None:
     sage = movie(watched=True, stamp=OLD)
     kept = entry(run, p_watched(1, NEW), sage, base_record(sage, p_watched(1, NEW)))
     unwatched = entry(run, p_none(2, OLD), sage, base_record(sage, p_watched(2, OLD)))
-    plan(run, [kept, unwatched])
+    kept, unwatched = plan(run, [kept, unwatched])
     for e in (kept, unwatched):
         assert (e.decision.to_sage, e.decision.to_plex) == (NOT_WATCHED, NOT_WATCHED)
         assert e.decision.rule == "Plex changed since the last sync"
@@ -228,7 +243,7 @@ def test_a_twin_with_a_pending_write_leads_over_a_newer_twin() -> None:
         was, p_watched(1, OLD - HOUR),
         pending(None, NOT_WATCHED, sage, p_watched(1, OLD - HOUR))))
     newer = entry(run, p_watched(2, OLD), sage)
-    plan(run, [failed, newer])
+    failed, newer = plan(run, [failed, newer])
     for e in (failed, newer):
         assert (e.decision.to_sage, e.decision.to_plex) == (None, NOT_WATCHED)
         assert e.decision.rule == "the last sync's unfinished write, again"
@@ -247,7 +262,7 @@ def test_a_pending_write_on_one_twin_yields_to_a_newer_viewing_on_the_other() ->
         movie(watched=True, stamp=OLD), p_watched(1, OLD),
         pending(None, NOT_WATCHED, sage, p_watched(1, OLD))))
     viewed = entry(run, p_at(2, 20 * MIN, NEW), sage, base_record(sage, p_none(2, OLD)))
-    plan(run, [failed, viewed])
+    failed, viewed = plan(run, [failed, viewed])
     assert PlexMarkUnwatched() not in viewed.writes  # the newer viewing is kept
     assert viewed.decision.to_sage == P20
 
@@ -257,7 +272,7 @@ def test_a_twin_in_sync_with_sagetv_gives_its_state_to_a_lagging_twin() -> None:
     sage = movie(watched=True, stamp=OLD)
     leader = entry(run, p_watched(1, NEW), sage)
     lagging = entry(run, p_none(2), sage)
-    plan(run, [leader, lagging])
+    leader, lagging = plan(run, [leader, lagging])
     assert leader.decision.verdict is Verdict.IN_SYNC and leader.writes == ()
     assert lagging.decision.verdict is Verdict.PLEX_OUT_OF_SYNC
     assert lagging.writes == (PlexMarkWatched(),)
@@ -269,7 +284,7 @@ def test_twins_plan_one_sagetv_write_and_none_for_a_twin_already_there() -> None
     first = entry(run, p_watched(1, NEW), sage)
     second = entry(run, p_watched(2, OLD), sage)
     third = entry(run, p_none(3), sage)
-    plan(run, [first, second, third])
+    first, second, third = plan(run, [first, second, third])
     assert sage_writes(first, second, third) == [SageMarkWatched()]
     assert first.writes == (SageMarkWatched(),)
     assert second.writes == ()
@@ -285,9 +300,8 @@ def test_a_recording_watched_through_its_show_flag_has_no_time_of_its_own() -> N
     run = new_run()
     by_flag = movie(1, watched=True, completely=False, stamp=0, show_id="EP0009")
     sibling = movie(3, watched=True, stamp=NEW, show_id="EP0009")
-    run.index = SageIndex([by_flag, sibling])
     e = entry(run, p_at(1, 20 * MIN, MID, count=1), by_flag)
-    plan(run, [e], by_flag, sibling)
+    (e,) = plan(run, [e], by_flag, sibling)
     assert e.decision.rule == "row 5: Plex newer"
     assert e.decision.to_sage == at(20 * MIN)
 
@@ -297,7 +311,7 @@ def test_watched_from_the_part_without_the_last_segment_sets_the_end_of_its_segm
     run = new_run()
     sage = split()
     e = entry(run, p_watched(1, NEW, PART1, duration=30 * MIN), sage)
-    plan(run, [e])
+    (e,) = plan(run, [e])
     assert e.decision.to_sage == WATCHED
     assert e.writes == (SageSetPosition(30 * MIN, T + 30 * MIN, False, NEW),)
 
@@ -305,7 +319,7 @@ def test_watched_from_the_part_without_the_last_segment_sets_the_end_of_its_segm
 def test_watched_from_a_stacked_item_holding_every_segment_marks_the_recording() -> None:
     run = new_run()
     e = entry(run, p_watched(1, NEW, PART1, PART2, duration=HOUR), split())
-    plan(run, [e])
+    (e,) = plan(run, [e])
     assert e.writes == (SageMarkWatched(),)
 
 
@@ -314,7 +328,7 @@ def test_unwatched_from_the_part_without_the_first_segment_sets_its_start() -> N
     sage = split(watched=True, stamp=OLD)
     then = p_watched(1, OLD, PART2, duration=30 * MIN)
     e = entry(run, p_none(1, OLD, PART2, duration=30 * MIN), sage, base_record(sage, then))
-    plan(run, [e])
+    (e,) = plan(run, [e])
     assert e.decision.to_sage == NOT_WATCHED
     assert e.writes == (SageSetPosition(0, T + 30 * MIN, True, OLD),)
 
@@ -324,7 +338,7 @@ def test_unwatched_from_the_part_with_the_first_segment_clears_the_recording() -
     sage = split(watched=True, stamp=OLD)
     then = p_watched(1, OLD, PART1, duration=30 * MIN)
     e = entry(run, p_none(1, OLD, PART1, duration=30 * MIN), sage, base_record(sage, then))
-    plan(run, [e])
+    (e,) = plan(run, [e])
     assert e.writes == (SageClearWatched(),)
 
 
@@ -336,9 +350,9 @@ def test_parts_are_decided_in_segment_order_against_sagetv_as_the_last_one_leave
     sage = split()
     part2 = entry(run, p_none(2, 0, PART2, duration=30 * MIN), sage)
     stacked = entry(run, p_watched(1, NEW, PART1, PART2, duration=HOUR), sage)
-    plan(run, [part2, stacked])
+    part2, stacked = plan(run, [part2, stacked])
     assert stacked.writes == (SageMarkWatched(),)
-    assert part2.sage_status == WATCHED
+    assert part2.item.sage_status == WATCHED
     assert part2.writes == (PlexMarkWatched(),)
     assert sage_writes(part2, stacked) == [SageMarkWatched()]
 
@@ -348,7 +362,7 @@ def test_each_part_writes_its_own_segment_of_sagetv() -> None:
     sage = split()
     part1 = entry(run, p_watched(1, NEW, PART1, duration=30 * MIN), sage)
     part2 = entry(run, p_at(2, 10 * MIN, NEW, PART2), sage)
-    plan(run, [part1, part2])
+    part1, part2 = plan(run, [part1, part2])
     assert part1.writes == (SageSetPosition(30 * MIN, T + 30 * MIN, False, NEW),)
     assert part2.writes == (SageSetPosition(10 * MIN, T + 40 * MIN, False, NEW),)
 
@@ -367,7 +381,7 @@ def test_a_pending_write_is_carried_out_when_neither_side_changed() -> None:
     run = new_run()
     sage, plex_item = movie(watched=True, stamp=OLD), p_watched(1, MID)
     e = entry(run, plex_item, sage, failed_undo(sage, plex_item))
-    plan(run, [e])
+    (e,) = plan(run, [e])
     assert e.decision.rule == "the last sync's unfinished write, again"
     assert e.writes == (SageClearWatched(),)
 
@@ -376,7 +390,7 @@ def test_a_pending_write_is_decided_afresh_when_plex_moved() -> None:
     run = new_run()
     sage, plex_item = movie(watched=True, stamp=OLD), p_at(1, 20 * MIN, NEW, count=1)
     e = entry(run, plex_item, sage, failed_undo(sage, plex_item))
-    plan(run, [e])
+    (e,) = plan(run, [e])
     assert e.decision.rule == "Plex changed since the last sync"
     assert e.writes == (SageSetPosition(20 * MIN, T + 20 * MIN, True, NEW),)
 
@@ -389,7 +403,7 @@ def test_a_pending_write_is_decided_afresh_after_a_newer_viewing_in_the_same_sta
         sage: SageItem, plex_item: PlexItem) -> None:
     run = new_run()
     e = entry(run, plex_item, sage, failed_undo(sage, plex_item))
-    plan(run, [e])
+    (e,) = plan(run, [e])
     assert e.decision.verdict is Verdict.IN_SYNC
     assert e.writes == ()
 
@@ -402,7 +416,7 @@ def test_a_pending_write_holds_over_a_sagetv_state_the_tools_own_step_left() -> 
     record = base_record(both, p_watched(1, MID), pending(
         P20, None, both, p_watched(1, MID), own_sage=(P20, NOT_WATCHED, WATCHED)))
     e = entry(run, p_watched(1, MID), movie(stamp=OLD), record)
-    plan(run, [e])
+    (e,) = plan(run, [e])
     assert e.decision.rule == "the last sync's unfinished write, again"
     assert e.writes == (SageSetPosition(20 * MIN, T + 20 * MIN, False, MID),)
 
@@ -414,7 +428,7 @@ def test_a_pending_write_holds_over_a_plex_state_the_tools_own_step_left() -> No
     record = base_record(both, p_watched(1, MID), pending(
         None, P20, both, p_watched(1, MID), own_plex=(P20, NOT_WATCHED, WATCHED)))
     e = entry(run, p_none(1, MID), both, record)
-    plan(run, [e])
+    (e,) = plan(run, [e])
     assert e.decision.rule == "the last sync's unfinished write, again"
     assert e.writes == (PlexSetPosition(20 * MIN),)
 
@@ -429,7 +443,7 @@ def test_a_pending_write_decided_afresh_still_takes_the_tools_own_state_for_no_c
         P20, None, both, p_watched(1, MID), own_sage=(P20, NOT_WATCHED, WATCHED)))
     e = entry(run, p_at(1, 30 * MIN, MID + 10 * SEC, count=1), movie(pos=20 * MIN, stamp=NEW),
               record)
-    plan(run, [e])
+    (e,) = plan(run, [e])
     assert e.decision.rule == "Plex changed since the last sync"
     assert e.writes == (SageSetPosition(30 * MIN, T + 30 * MIN, False, MID + 10 * SEC),)
 
@@ -447,7 +461,7 @@ def replay(sage: Status = WATCHED, plex_state: Status = WATCHED, sage_ms: int = 
 def test_a_replay_is_carried_out_when_the_item_is_as_it_expects(kind: RunKind) -> None:
     run = new_run(overrides={1: replay()}, kind=kind)
     e = entry(run, p_watched(1, MID), movie(watched=True, stamp=OLD))
-    plan(run, [e])
+    (e,) = plan(run, [e])
     assert e.outcome is Outcome.UNCHANGED
     assert e.decision.rule == "undo of run 7"
     assert e.writes == (SageClearWatched(), PlexMarkUnwatched())
@@ -463,7 +477,7 @@ def test_a_replay_is_skipped_when_a_side_changed_since(sage: SageItem,
                                                       plex_item: PlexItem) -> None:
     run = new_run(overrides={1: replay()}, kind=RunKind.UNDO)
     e = entry(run, plex_item, sage)
-    plan(run, [e])
+    (e,) = plan(run, [e])
     assert e.outcome is Outcome.SKIPPED and e.keep_base
     assert e.detail.startswith("changed since")
     assert e.decision.verdict is Verdict.SETTLED
@@ -476,7 +490,7 @@ def test_a_replay_tolerates_a_position_moved_by_less_than_2_s(moved_ms: int,
     back = Decision(Verdict.BOTH_OUT_OF_SYNC, P10, P10, "undo of run 7")
     run = new_run(overrides={1: replay(P20, P20, decision=back)}, kind=RunKind.UNDO)
     e = entry(run, p_at(1, 20 * MIN + moved_ms, MID), movie(pos=20 * MIN, stamp=OLD))
-    plan(run, [e])
+    (e,) = plan(run, [e])
     assert (e.outcome is Outcome.SKIPPED) is skipped
     assert e.writes == (() if skipped else (
         SageSetPosition(10 * MIN, T + 10 * MIN, True, 0), PlexSetPosition(10 * MIN)))
@@ -489,7 +503,7 @@ def test_twins_are_each_put_back_to_their_own_before_state() -> None:
                   kind=RunKind.UNDO)
     sage = movie(watched=True, stamp=OLD)
     one, two = entry(run, p_watched(1, MID), sage), entry(run, p_watched(2, MID), sage)
-    plan(run, [one, two])
+    one, two = plan(run, [one, two])
     assert one.decision.to_plex == NOT_WATCHED and two.decision.to_plex == P20
     assert one.writes == (SageClearWatched(), PlexMarkUnwatched())
     assert two.writes == (PlexSetPosition(20 * MIN),)
@@ -502,7 +516,7 @@ def test_a_twin_the_undone_run_did_not_write_is_left_as_it_was() -> None:
     sage = movie(watched=True, stamp=OLD)
     written = entry(run, p_watched(1, MID), sage)
     untouched = entry(run, p_watched(2, OLD - HOUR), sage)
-    plan(run, [written, untouched])
+    written, untouched = plan(run, [written, untouched])
     assert written.writes == (SageClearWatched(), PlexMarkUnwatched())
     assert untouched.writes == ()
 
@@ -512,7 +526,7 @@ def test_a_twin_changed_since_skips_the_recordings_replay() -> None:
     sage = movie(watched=True, stamp=OLD)
     kept = entry(run, p_watched(1, MID), sage)
     moved = entry(run, p_at(2, 30 * MIN, NEW, count=1), sage)
-    plan(run, [kept, moved])
+    kept, moved = plan(run, [kept, moved])
     assert kept.outcome is Outcome.SKIPPED and moved.outcome is Outcome.SKIPPED
     assert moved.detail.startswith("changed since")
     assert kept.writes == () and moved.writes == ()
@@ -528,7 +542,7 @@ def test_an_undo_to_a_never_played_resume_point_unscrobbles_first(
                     plex_unplayed=unplayed)
     run = new_run(overrides={1: replay(decision=back)}, kind=RunKind.UNDO)
     e = entry(run, p_watched(1, MID), movie(watched=True, stamp=OLD))
-    plan(run, [e])
+    (e,) = plan(run, [e])
     assert e.writes == writes
 
 
@@ -542,7 +556,7 @@ def test_position_sets_that_position_on_both_sides_whatever_the_states(
         sage: SageItem, plex_item: PlexItem) -> None:
     run = new_run(position_ms=30 * MIN)
     e = entry(run, plex_item, sage, base_record(sage, plex_item))
-    plan(run, [e])
+    (e,) = plan(run, [e])
     assert (e.decision.to_sage, e.decision.to_plex, e.decision.rule) == (P30, P30, "--position")
     assert e.decision.verdict is Verdict.BOTH_OUT_OF_SYNC
     assert e.writes == (SageSetPosition(30 * MIN, T + 30 * MIN, sage.watched, 0),
@@ -553,6 +567,6 @@ def test_position_on_twins_plans_one_sagetv_write() -> None:
     run = new_run(position_ms=30 * MIN)
     sage = movie(watched=True, stamp=OLD)
     one, two = entry(run, p_watched(1, MID), sage), entry(run, p_none(2), sage)
-    plan(run, [one, two])
+    one, two = plan(run, [one, two])
     assert sage_writes(one, two) == [SageSetPosition(30 * MIN, T + 30 * MIN, True, 0)]
     assert one.writes[-1] == two.writes[-1] == PlexSetPosition(30 * MIN)

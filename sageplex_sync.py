@@ -2581,6 +2581,10 @@ class Planned(NamedTuple):
     notes: tuple[str, ...] = ()
     #: The item's old base stays: the plan does not carry out its decision.
     keep_base: bool = False
+    #: The item as the run first read it, when a write of this run to a recording sharing
+    #: its show flag made it decide again (None: ``item``): the journal's before-state,
+    #: what an undo puts back.
+    read_as: Item | None = None
 
     @property
     def plex(self) -> PlexItem:
@@ -3487,7 +3491,8 @@ def decided_again(planned: Planned, fresh: SageItem, now: Status, facts: Facts,
     decision = decide(now, item.plex_status, item.sage_last_ms, item.plex_last_ms, item.base,
                       sage_stamp_ms=fresh.real_end_ms, plex_stamp_ms=item.plex.last_viewed_ms)
     again = plan_item(item, decision, item.plex_last_ms)
-    return again._replace(notes=planned.notes + (note,))
+    return again._replace(notes=planned.notes + (note,),
+                          read_as=planned.read_as or planned.item)
 
 
 def _plex_changed(item: Item) -> bool:
@@ -4087,17 +4092,18 @@ def _base_record(result: Result) -> BaseRecord | None:
 
 def _journal_row(result: Result, outcome: str = "") -> JournalRow:
     """The item's journal row: before the writes (outcome "intended") or after them."""
-    item, decision = result.item, result.decision
-    assert item.sage is not None
+    decision = result.decision
+    before = result.planned.read_as or result.item  # as the run found it
+    assert before.sage is not None
     own_sage, own_plex = own_states(result.planned)
     after_sage = result.sage_after_item
     after_plex = result.plex_after_item
     return JournalRow(
-        0, item.plex.rating_key, item.sage.media_file_id, item.plex.title,
-        decision.rule, "; ".join(str(w) for w in result.writes), item.sage_status,
-        item.plex_status, result.sage_after, result.plex_after,
+        0, before.plex.rating_key, before.sage.media_file_id, before.plex.title,
+        decision.rule, "; ".join(str(w) for w in result.writes), before.sage_status,
+        before.plex_status, result.sage_after, result.plex_after,
         outcome or result.outcome.value, result.detail, decision.to_sage,
-        decision.to_plex, item.sage.raw(), item.plex.raw(),
+        decision.to_plex, before.sage.raw(), before.plex.raw(),
         after_sage.raw() if after_sage is not None else {},
         after_plex.raw() if after_plex is not None else {}, result.steps_done,
         own_sage, own_plex)

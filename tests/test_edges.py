@@ -1301,3 +1301,45 @@ def test_position_is_checked_against_sagetvs_shorter_file(world: World, start,
     assert r.code == 2, r.out + r.err
     assert env.writes() == []
     assert world.plex.item(key).view_offset_ms == 0
+
+
+# -- an item decided again within its run (§4: no decision on a stale read) ----------------------
+
+def test_undo_of_a_run_that_decided_a_sibling_again_puts_back_the_state_before_that_run(
+        world: World, start, state: Path) -> None:
+    """A is finished on Plex, B stopped at 20:00 on Plex; neither was watched on SageTV. The
+    sync's SetWatched(A) makes B watched through the show flag, so B is read and decided
+    again within the run (clear watched, then 20:00). ``--undo`` of that sync must put back
+    what SageTV had before it, not the flag the sync's own first write set: neither
+    recording watched (re-setting B's flag would re-watch A as well)."""
+    a, b = siblings(world, a_sage=none(), a_plex=watched(ago=HOUR),
+                    b_plex=at(20 * MIN, ago=30 * MIN))
+    env: Env = start()
+    r = ok(sync(env, state))
+    assert "decided again" in r.out
+    assert world.sage_watched(a) and not world.sage_watched(b)
+    assert near(world.sage_position_ms(b), 20 * MIN)
+
+    world.clock.advance(HOUR)
+    ok(run(env, state, "--undo"))
+    assert not world.sage_watched(a) and not world.sage_watched(b)
+    assert "SetWatched" not in functions(env.sage_writes())
+    # Plex was not written by the sync, so the undo leaves it as the user left it.
+    assert world.plex_item(a).view_count == 1
+    assert near(world.plex_item(b).view_offset_ms, 20 * MIN)
+
+
+def test_a_sibling_decided_again_is_journalled_with_the_writes_made_and_the_state_found(
+        world: World, start, state: Path) -> None:
+    """The journal of a run that decided an item again records the writes it made (clear
+    watched, then the position) with the state the run first found (not watched)."""
+    a, b = siblings(world, a_sage=none(), a_plex=watched(ago=HOUR),
+                    b_plex=at(20 * MIN, ago=30 * MIN))
+    env: Env = start()
+    ok(sync(env, state))
+    with sageplex_sync.StateStore(state, write=False) as store:
+        rows = {row.rating_key: row for row in store.journal(store.runs()[-1].run_id)}
+    row = rows[world.plex_item(b).rating_key]
+    assert row.sage_before == sageplex_sync.NOT_WATCHED
+    assert "clear watched" in row.writes and "0:20:00" in row.writes
+    assert row.outcome == "updated"

@@ -2459,7 +2459,7 @@ def _pending_from_columns(to_sage: str | None, to_plex: str | None, on: str | No
 
 
 ###############################################################################
-# The run: read everything, check, plan, guard, write, remember ###############
+# The run, a pipeline of values: read, check, plan, guard, write, remember ####
 ###############################################################################
 
 
@@ -3734,14 +3734,18 @@ class WritePhase:
         keys_by_file: dict[int, list[int]] = collections.defaultdict(list)
         for key, record in self.facts.bases.items():
             keys_by_file[record.media_file_id].append(key)
-        own_keys = {p.plex.rating_key for p in writing}
-        rows = [_journal_row(Result(p), INTENDED) for p in writing]
+        rows = {p.plex.rating_key: _journal_row(Result(p), INTENDED) for p in writing}
         for planned in writing:
             if planned.sage is not None and planned.sage.show_id:
-                rows += [row for row in _side_effect_rows(
-                    planned, self.facts.index.siblings(planned.sage), keys_by_file)
-                    if row.rating_key not in own_keys]
-        self.run_id = self.state.begin_run(self.opts.kind.value, self.opts.argv, rows)
+                for row in _side_effect_rows(planned, self.facts.index.siblings(planned.sage),
+                                             keys_by_file):
+                    own = rows.get(row.rating_key)
+                    # A sibling with writes of its own: the state the flag can leave it in
+                    # is this run's doing too (if the run dies before that item's writes).
+                    rows[row.rating_key] = row if own is None else replace(
+                        own, own_sage=own.own_sage + row.own_sage)
+        self.run_id = self.state.begin_run(self.opts.kind.value, self.opts.argv,
+                                           list(rows.values()))
 
     def intend_again(self, planned: Planned) -> None:
         """An item decided again: its journalled intent follows."""
@@ -4072,6 +4076,10 @@ def _base_record(result: Result) -> BaseRecord | None:
     if result.outcome is Outcome.FAILED:
         old = item.base_record
         own_sage, own_plex = own_states(result.planned)
+        if result.sage_after not in (None, item.sage_status, *own_sage):
+            # SageTV changed by the run's writes, a shared show flag's side effect included:
+            # the run's doing (§6.3), not the user's.
+            own_sage += (cast(Status, result.sage_after),)
         pending = Pending(result.decision.to_sage, result.decision.to_plex, item.sage.raw(),
                           item.plex.raw(), own_sage, own_plex,
                           known=old is not None and old.known)
@@ -4546,10 +4554,6 @@ class Report:
     def __post_init__(self) -> None:
         self._notable: list[Result] | None = None
         self._groups: dict[str, list[Result]] | None = None
-
-    @classmethod
-    def of(cls, plan: Plan, results: Sequence[Result], wrote: bool, **more: Any) -> Report:
-        return cls(results, wrote, plan.quiet, **more)
 
     def every(self) -> Iterator[Result]:
         """Every item's result, in listing order."""

@@ -1107,3 +1107,22 @@ def test_pinned_changed_settings_are_not_user_changes() -> None:
         m.sync(10, True, True)
         m.change_settings(30, 0.95)
         m.sync(10, True, True)
+
+
+def test_pinned_killed_run_sibling_flag_over_a_newer_position() -> None:
+    """The user stops B at 6:22 on SageTV (its own record) and finishes A on Plex. The sync
+    does SetWatched(A), which makes B watched through the shared show flag, and is killed
+    before B's position reaches Plex. B watched on SageTV is the killed run's doing: the
+    next sync must still give Plex B's 6:22, never mark it watched over it."""
+    with machine() as m:
+        m.sync(10, True, False)
+        m.act("nanny-b", False, "watch", ("ms", 6 * MIN + 22 * SEC), 0, 30)
+        m.act("nanny-a", True, "finish", ("frac", 0.5), 0, 30)
+        m.sync_killed(1)
+        m.sync(10, True, True)
+    with machine() as m:  # the same with B's write to Plex failing instead
+        m.sync(10, True, False)
+        m.act("nanny-b", False, "watch", ("ms", 6 * MIN + 22 * SEC), 0, 30)
+        m.act("nanny-a", True, "finish", ("frac", 0.5), 0, 30)
+        m.sync_with_failing_write(2, False)
+        m.sync(10, True, True)

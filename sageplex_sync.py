@@ -3748,9 +3748,12 @@ class WritePhase:
                                            list(rows.values()))
 
     def intend_again(self, planned: Planned) -> None:
-        """An item decided again: its journalled intent follows."""
+        """An item decided again: its journalled intent follows, with the state an earlier
+        write of this run left it in among the run's own (§6.3)."""
         if self.state is not None and self.run_id:
-            self.state.intend_again(self.run_id, _journal_row(Result(planned), INTENDED))
+            row = _journal_row(Result(planned), INTENDED)
+            row = replace(row, own_sage=row.own_sage + (planned.item.sage_status,))
+            self.state.intend_again(self.run_id, row)
 
     def step_done(self, rating_key: int, steps: int) -> None:
         if self.state is not None and self.run_id:

@@ -1343,3 +1343,31 @@ def test_a_sibling_decided_again_is_journalled_with_the_writes_made_and_the_stat
     assert row.sage_before == sageplex_sync.NOT_WATCHED
     assert "clear watched" in row.writes and "0:20:00" in row.writes
     assert row.outcome == "updated"
+
+
+def test_a_run_killed_after_deciding_a_sibling_again_journals_what_it_meant_to_do(
+        world: World, start, state: Path) -> None:
+    """The same run killed (kill -9) half way through B's new writes, after its ClearWatched:
+    the journal holds B's intent as decided again (clear watched, then 0:20:00), and the next
+    sync finishes it: B at 20:00 on both sides, A watched on both."""
+    a, b = siblings(world, a_sage=none(), a_plex=watched(ago=HOUR),
+                    b_plex=at(20 * MIN, ago=30 * MIN))
+    env: Env = start()
+    pid: list[int] = []
+    kill_after(env.sage, "ClearWatched", pid)
+    run_killed(env, state, ["all", "-s"], pid)
+    env.sage.clear_faults()
+    with sageplex_sync.StateStore(state, write=False) as store:
+        rows = {row.rating_key: row for row in store.journal(None)}
+    row = rows[world.plex_item(b).rating_key]
+    assert row.outcome == "intended"
+    assert "clear watched" in row.writes and "0:20:00" in row.writes
+    assert row.sage_before == sageplex_sync.NOT_WATCHED
+
+    world.clock.advance(HOUR)
+    ok(sync(env, state))
+    assert world.sage_watched(a) and world.plex_item(a).view_count == 1
+    assert not world.sage_watched(b) and near(world.sage_position_ms(b), 20 * MIN)
+    assert world.plex_item(b).view_count == 0
+    assert near(world.plex_item(b).view_offset_ms, 20 * MIN)
+    quiet(env, state)

@@ -255,6 +255,15 @@ class Run:
         return self.kind not in ("failed", "crashed")
 
 
+def note_failure(context: str) -> None:
+    """A failed check, kept in ``SAGEPLEX_MODEL_FAILURES`` (a file) when set: a hunt whose
+    failing example does not replay (real-time fakes) still says what failed."""
+    path = os.environ.get("SAGEPLEX_MODEL_FAILURES")
+    if path:
+        with open(path, "a", encoding="utf-8") as log:
+            log.write(context + "\n" + "=" * 79 + "\n")
+
+
 class SyncModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -638,6 +647,8 @@ class SyncModel(RuleBasedStateMachine):
         context = (f"{what}: {name}: expected SageTV in {outcome.sage}, Plex in "
                    f"{list(outcome.plex.values())}; got SageTV {sage}, Plex {list(plex.values())}"
                    f"\nsteps:\n  " + "\n  ".join(self.log[-25:]) + f"\n{out}")
+        if sage not in outcome.sage or any(s not in outcome.plex[k] for k, s in plex.items()):
+            note_failure(context)
         assert sage in outcome.sage, context
         for key, state in plex.items():
             assert state in outcome.plex[key], context

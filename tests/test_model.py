@@ -469,7 +469,11 @@ class SyncModel(RuleBasedStateMachine):
             last = view.sage_changes[-1]
             state = sage_cls(last.raw, b)
             if state != sage_cls(view.sage, b) or last.raw.stamp_ms > view.sage.stamp_ms:
-                sage_changed, sage_states, sage_time_ms = True, [state], last.time_ms
+                # §1.1: SageTV's last-watched time is the recording's own watch record; a
+                # change that left none (the show flag set through a sibling, a menu mark)
+                # has no time, and any dated viewing on Plex is newer.
+                sage_changed, sage_states = True, [state]
+                sage_time_ms = last.time_ms if last.stamped else 0
         plex_changed, plex_states, plex_time_ms = False, [], 0
         latest: dict[int, Change] = {}
         for change in view.plex_changes:
@@ -1136,4 +1140,15 @@ def test_pinned_killed_run_sibling_flag_over_a_newer_position() -> None:
         m.act("nanny-b", False, "watch", ("ms", 6 * MIN + 22 * SEC), 0, 30)
         m.act("nanny-a", True, "finish", ("frac", 0.5), 0, 30)
         m.sync_with_failing_write(2, False)
+        m.sync(10, True, True)
+
+
+def test_pinned_flag_only_watch_has_no_time_of_its_own() -> None:
+    """Plex A at 15:52, then B finished on SageTV (A watched there through the show flag,
+    with no watch record of its own): both sides of A changed, and §1.1 gives SageTV's side
+    no time, so Plex's dated viewing is the newer (its resume point kept on both sides)."""
+    with machine() as m:
+        m.sync(10, True, False)
+        m.act("nanny-a", True, "watch", ("ms", 15 * MIN + 52 * SEC), 0, 30)
+        m.act("nanny-b", False, "finish", ("frac", 0.5), 0, 30)
         m.sync(10, True, True)

@@ -2949,8 +2949,8 @@ class Replay:
         those of a later run that failed or died half way (its pending record)."""
         assert item.sage is not None
         base = item.base
-        own_sage = self.own_sage + (base.own_sage if base is not None else ())
-        own_plex = self.own_plex + (base.own_plex if base is not None else ())
+        own_sage = own_today(self.own_sage, item) + (base.own_sage if base else ())
+        own_plex = own_today(self.own_plex, item) + (base.own_plex if base else ())
         then_sage = raw_sage_status(self.sage_raw, self.sage, item)
         then_plex = raw_plex_status(self.plex_raw, self.plex, item)
         sage_moved = changed(item.sage_status, item.sage.real_end_ms, then_sage,
@@ -2997,6 +2997,12 @@ def at_today(target: Status | None, item: Item) -> Status | None:
     return classify(False, target.position_ms, bounds, is_sage=False)
 
 
+def own_today(states: tuple[Status, ...], item: Item) -> tuple[Status, ...]:
+    """The states an earlier run's own steps can have left, as this run's bounds read them
+    (§6.1): a position it wrote may be WATCHED at a lower played threshold."""
+    return tuple(cast(Status, at_today(state, item)) for state in states)
+
+
 def _raw_has_position(raw: dict) -> bool:
     return bool(int(raw.get("viewOffset") or 0)) or (
         not raw.get("IsWatched") and bool(int(raw.get("WatchedEndTime") or 0)))
@@ -3020,7 +3026,8 @@ def base_of(record: BaseRecord, item: Item) -> Base:
                    pending_on=(on_sage, on_plex),
                    pending_sage_ms=int(pending.sage_raw.get("RealWatchedEndTime") or 0),
                    pending_plex_ms=int(pending.plex_raw.get("lastViewedAt") or 0) * 1000,
-                   own_sage=pending.own_sage, own_plex=pending.own_plex)
+                   own_sage=own_today(pending.own_sage, item),
+                   own_plex=own_today(pending.own_plex, item))
 
 
 def with_unfinished(bases: dict[int, BaseRecord], unfinished: Sequence[JournalRow]

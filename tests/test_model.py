@@ -1152,3 +1152,17 @@ def test_pinned_flag_only_watch_has_no_time_of_its_own() -> None:
         m.act("nanny-a", True, "watch", ("ms", 15 * MIN + 52 * SEC), 0, 30)
         m.act("nanny-b", False, "finish", ("frac", 0.5), 0, 30)
         m.sync(10, True, True)
+
+
+def test_pinned_undo_of_a_killed_run_under_a_lower_played_threshold() -> None:
+    """A sync killed half way wrote a position of 85 % to Plex; Plex's played threshold then
+    drops to 80 %, so that position now reads as watched. It is still the killed run's own
+    step (§6.1: classified under today's bounds), so ``--undo`` of that run puts it back."""
+    with machine() as m:
+        m.sync(10, True, False)
+        m.act("castle", False, "watch", ("frac", 0.85), 0, 30)
+        m.act("heat", False, "unwatch", ("frac", 0.5), 0, 30)
+        m.sync_killed(1)
+        m.change_settings(60, 0.8)
+        m.undo()
+        m.sync(10, True, True)

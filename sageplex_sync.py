@@ -3439,9 +3439,12 @@ def decide_members(members: list[Item], opts: Options, replays: Mapping[int, Rep
 def replay_decision(members: list[Item], replayed: list[tuple[Item, Replay]]
                     ) -> tuple[Decision, int, dict[int, str] | None]:
     """--undo and --apply: the decision given, unless the user changed a side since
-    (§6.4): then the recording's items are skipped and left to the next sync."""
+    (§6.4), or viewed another Plex item holding the recording since its last sync: then
+    the recording's items are skipped and left to the next sync."""
     moved = [(m, r) for m, r in replayed if not r.holds(m)]
-    if not moved:
+    named = {m.plex.rating_key for m, _ in replayed}
+    viewed = [m for m in members if m.plex.rating_key not in named and _plex_changed(m)]
+    if not moved and not viewed:
         decision = replayed[0][1].decision
         return replace(decision, to_sage=at_today(decision.to_sage, members[0]),
                        to_plex=at_today(decision.to_plex, members[0])), 0, None
@@ -3450,6 +3453,9 @@ def replay_decision(members: list[Item], replayed: list[tuple[Item, Replay]]
         skipped[member.plex.rating_key] = (
             f"changed since (it was SageTV {replay.sage}, Plex {replay.plex}; now SageTV "
             f"{member.sage_status}, Plex {member.plex_status})")
+    for member in viewed:
+        skipped[member.plex.rating_key] = (f"viewed since the last sync (Plex "
+                                           f"{member.plex_status}): left to the next sync")
     return Decision(Verdict.SETTLED, None, None, replayed[0][1].decision.rule), 0, skipped
 
 
@@ -4880,7 +4886,10 @@ def check_plan_servers(plan: ReplayPlan, identity: dict[str, str], path: Path) -
 
 def save_plan(path: Path, plan: Plan, servers: dict[str, str]) -> int:
     """--plan FILE: the items with writes, their decisions and the states they were
-    taken on (what --apply checks first)."""
+    taken on (what --apply checks first), with every other Plex item holding the same
+    recording: a newer viewing of any of them since the plan skips the recording (§6.4).
+    Returns how many items have writes."""
+    written = {p.sage.media_file_id for p in plan.decided if p.sage is not None and p.writes}
     items = [{"media_id": p.plex.rating_key, "title": p.plex.title,
               "sage": p.item.sage_status.to_text(), "plex": p.item.plex_status.to_text(),
               "sage_stamp_ms": p.sage.real_end_ms if p.sage else 0,
@@ -4889,7 +4898,8 @@ def save_plan(path: Path, plan: Plan, servers: dict[str, str]) -> int:
               "to_sage": p.decision.to_sage.to_text() if p.decision.to_sage else None,
               "to_plex": p.decision.to_plex.to_text() if p.decision.to_plex else None,
               "rule": p.decision.rule, "writes": [str(w) for w in p.writes]}
-             for p in plan.decided if p.item.matched and p.writes]
+             for p in plan.decided if p.item.matched and p.sage is not None
+             and p.sage.media_file_id in written]
     temporary = path.with_name(path.name + ".tmp")
     try:
         temporary.write_text(json.dumps({"sageplex_sync_plan": 2, "servers": servers,
@@ -4898,7 +4908,7 @@ def save_plan(path: Path, plan: Plan, servers: dict[str, str]) -> int:
     except OSError as exc:
         raise UsageError(f"cannot write the plan {path} ({exc.strerror}); give a writable "
                          "place") from None
-    return len(items)
+    return sum(1 for item in items if item["writes"])
 
 
 def why_planned(plan: Plan, targets: Sequence[str]) -> list[Planned]:

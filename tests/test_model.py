@@ -1166,3 +1166,31 @@ def test_pinned_undo_of_a_killed_run_under_a_lower_played_threshold() -> None:
         m.change_settings(60, 0.8)
         m.undo()
         m.sync(10, True, True)
+
+
+def test_pinned_apply_skips_a_recording_whose_unwritten_twin_was_viewed_since() -> None:
+    """A plan sets the second Plex item of a twin pair to SageTV's 78:44 (the first is
+    there already, so it has no write). The user then finishes the first: the plan is stale
+    for the whole recording and ``--apply`` must leave it to the next sync (§4, §6.4)."""
+    with machine() as m:
+        m.sync(10, True, False)
+        m.act("ronin", False, "watch", ("ms", 78 * MIN + 44 * SEC), 0, 30)
+        m.act("ronin", True, "watch", ("ms", 78 * MIN + 44 * SEC), 0, 30)
+        m.make_plan()
+        m.act("ronin", True, "finish", ("frac", 0.5), 0, 30)
+        m.apply_plan(True)
+        m.sync(10, True, True)
+
+
+def test_pinned_undo_skips_a_recording_whose_unwritten_twin_was_viewed_since() -> None:
+    """The same for ``--undo``: the sync set only the second Plex item of the pair; the user
+    then finished the first. Undoing that sync would record the first's finish as synced
+    and lose it: the recording is left to the next sync."""
+    with machine() as m:
+        m.sync(10, True, False)
+        m.act("ronin", False, "watch", ("ms", 78 * MIN + 44 * SEC), 0, 30)
+        m.act("ronin", True, "watch", ("ms", 78 * MIN + 44 * SEC), 0, 30)
+        m.sync(10, True, False)
+        m.act("ronin", True, "finish", ("frac", 0.5), 0, 30)
+        m.undo()
+        m.sync(10, True, True)

@@ -1801,6 +1801,12 @@ def _merge(sage: Status, plex: Status, sage_last_ms: int, plex_last_ms: int, bas
     sage_changed = changed(sage, sage_stamp_ms, base.sage, base.sage_last_ms, base.own_sage)
     plex_changed = changed(plex, plex_stamp_ms, base.plex, base.plex_last_ms, base.own_plex)
     if sage_changed and plex_changed:
+        later = _changed_after_pending(sage, plex, base, sage_stamp_ms, plex_stamp_ms)
+        if later is not None:
+            result = sage if later == "SageTV" else plex
+            return _both(_verdict(sage, plex, result), result,
+                         f"both changed since the last sync; {later} changed after the "
+                         "failed write was decided: newer")
         two_way = decide_two_way(sage, plex, sage_last_ms, plex_last_ms)
         return replace(two_way, rule=f"both changed since the last sync; {two_way.rule}")
     if sage_changed or plex_changed:
@@ -1809,6 +1815,21 @@ def _merge(sage: Status, plex: Status, sage_last_ms: int, plex_last_ms: int, bas
     if sage == plex:
         return _both(Verdict.IN_SYNC, None, "in sync")
     return _both(Verdict.SETTLED, None, "neither side changed since the last sync")
+
+
+def _changed_after_pending(sage: Status, plex: Status, base: Base, sage_stamp_ms: int,
+                           plex_stamp_ms: int) -> str | None:
+    """A failed write's decision was taken on both sides as they then were: a side that
+    changed since those states changed after the other side's change, whatever the
+    stamps say (Plex's whole seconds cannot order two changes a second apart; §3.1)."""
+    if base.pending is None or base.pending_on is None:
+        return None
+    on_sage, on_plex = base.pending_on
+    sage_moved = changed(sage, sage_stamp_ms, on_sage, base.pending_sage_ms, base.own_sage)
+    plex_moved = changed(plex, plex_stamp_ms, on_plex, base.pending_plex_ms, base.own_plex)
+    if sage_moved == plex_moved:
+        return None
+    return "SageTV" if sage_moved else "Plex"
 
 
 def decide_position(sage: Status, plex: Status, position_ms: int) -> Decision:
@@ -3363,7 +3384,8 @@ def plan_recording(group: list[Item], facts: Facts, opts: Options,
     previous one's writes will leave it."""
     if len(group) == 1:  # most recordings: one Plex item
         decision, viewed_at, skipped = decide_members(group, opts, replays)
-        return [plan_item(group[0], decision, viewed_at, skipped=skipped)]
+        return _kept_if_idle([plan_item(group[0], decision, viewed_at, skipped=skipped)],
+                             replays)
     spans: dict[tuple[tuple[int, int], ...], list[Item]] = {}
     for item in sorted(group, key=lambda i: i.segments[0] if i.segments else (0, 0)):
         spans.setdefault(item.segments, []).append(item)
@@ -3379,6 +3401,16 @@ def plan_recording(group: list[Item], facts: Facts, opts: Options,
         written = next((w for w in planned[-len(members)].writes if _is_sage(w)), None)
         if written is not None:
             sage = after_sage_write(sage, cast(SageWrite, written))
+    return _kept_if_idle(planned, replays)
+
+
+def _kept_if_idle(planned: list[Planned], replays: Mapping[int, Replay]) -> list[Planned]:
+    """An undo or apply with nothing to write for a recording (the killed run it undoes
+    never reached the servers) leaves its bases as they are: the user's change that run
+    was carrying is still seen as the user's by the next sync."""
+    if replays and any(p.plex.rating_key in replays for p in planned) and not any(
+            p.writes for p in planned):
+        return [p._replace(keep_base=True) for p in planned]
     return planned
 
 
@@ -4798,7 +4830,9 @@ def undo_plan(state: StateStore | None, wanted: int | None) -> ReplayPlan:
     assert state is not None
     items: dict[int, Replay] = {}
     for row in state.journal(wanted):
-        if row.outcome != Outcome.UPDATED.value and not row.steps_done:
+        # A row still "intended" belongs to a killed run: a step can have reached its
+        # server before it was marked, so it is put back too (a no-op if it never did).
+        if row.outcome not in (Outcome.UPDATED.value, INTENDED) and not row.steps_done:
             continue
         undo = Decision(Verdict.BOTH_OUT_OF_SYNC,
                         row.sage_before if row.to_sage is not None else None,

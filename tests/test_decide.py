@@ -326,8 +326,26 @@ def test_a_pending_decision_is_carried_out_when_neither_side_changed_since() -> 
 def test_a_pending_decision_is_dropped_when_either_side_changed(
         sage: Status, plex: Status) -> None:
     fresh = decide(sage, plex, OLD, NEW, Base(PENDING.sage, PENDING.plex))
-    assert decide(sage, plex, OLD, NEW, PENDING) == fresh
-    assert "again" not in fresh.rule
+    again = decide(sage, plex, OLD, NEW, PENDING)
+    assert (again.verdict, again.to_sage, again.to_plex) == (
+        fresh.verdict, fresh.to_sage, fresh.to_plex)
+    assert "again" not in again.rule
+
+
+@pytest.mark.parametrize("sage_last_ms, plex_last_ms", [(NEW, NEW), (NEW, OLD), (OLD, NEW)])
+def test_a_side_changed_after_a_failed_write_was_decided_is_newer_whatever_its_stamp(
+        sage_last_ms: int, plex_last_ms: int) -> None:
+    """SageTV moved to 0:20:00 and the write of it to Plex failed; the user then stopped
+    Plex at 0:05:00 within the same second (Plex's stamps are whole seconds, a tie goes to
+    SageTV): Plex's stop came after the decision that read SageTV at 0:20:00, so it wins."""
+    base = Base(P10, P10, pending=(None, P20), pending_on=(P20, P10))
+    five = progress(5 * MIN)
+    decision = decide(P20, five, sage_last_ms, plex_last_ms, base)
+    assert (decision.to_sage, decision.to_plex) == (five, five), decision
+    # and the other way round: SageTV un-watched after a failed write of Plex's position
+    base = Base(P10, P10, pending=(P20, None), pending_on=(P10, P20))
+    decision = decide(NOT_WATCHED, P20, sage_last_ms, plex_last_ms, base)
+    assert (decision.to_sage, decision.to_plex) == (NOT_WATCHED, NOT_WATCHED), decision
 
 
 def test_a_pending_decision_on_both_sides_names_both() -> None:

@@ -2495,6 +2495,9 @@ class RunKind(Enum):
     WHY = "why"  # --why MEDIA-ID
     SAGEDATA = "sagedata"  # --sagedata
     WATCH = "watch"  # --watch: a full sync, then follow both servers
+    HISTORY = "history"  # --history [N]: the state alone, no server asked
+    CHECK = "check"  # --check: the config and both servers
+    LIBRARY = "library"  # -l, --addtv, --addmovie, --delsec, --refresh
 
 
 #: The kinds that write to the servers (unless simulated) and so record the base.
@@ -2521,6 +2524,18 @@ class Options:
     apply_file: Path | None = None
     state_path: Path | None = None
     argv: tuple[str, ...] = ()
+    config_path: str | None = None  # -c, as given (found when it is needed)
+    #: A library command (kind LIBRARY): its flag's name and its words.
+    library: tuple[str, tuple[str, ...]] = ("", ())
+    history_limit: int = 0
+    interval_min: int | None = None
+    poll_s: float = 0.0
+    #: What is printed: every item (--all-items or -v), JSON, less (-q), the log on stderr.
+    every_item: bool = False
+    as_json: bool = False
+    quiet: bool = False
+    verbose: bool = False
+    no_progress: bool = False
 
     @property
     def writes(self) -> bool:
@@ -5230,22 +5245,23 @@ def _offset_words(offset_ms: int | None) -> str:
             "computer's (corrected)")
 
 
-def run_admin(args: argparse.Namespace, config: Config, console: Console) -> ExitCode:
+def run_admin(opts: Options, config: Config, console: Console) -> ExitCode:
     """-l, --addtv, --addmovie, --delsec and --refresh."""
     out = console.out
+    command, words = opts.library
     with PlexClient(config.plex) as plex:
         sections = plex.sections()
-        if args.list:
+        if command == "list":
             for section in sections:
                 out.write(f"{section.key:>3}: {section.title} ({section.type})\n")
-        elif args.addtv or args.addmovie:
-            _add_section(args.addtv or args.addmovie, bool(args.addtv), sections, plex, out)
-        elif args.refresh:
-            for section in resolve_sections([args.refresh], sections, video_only=False):
+        elif command in ("addtv", "addmovie"):
+            _add_section(list(words), command == "addtv", sections, plex, out)
+        elif command == "refresh":
+            for section in resolve_sections(list(words), sections, video_only=False):
                 plex.refresh_section(section.key)
                 out.write(f"Refreshing library [{section.key}]: {section.title}\n")
         else:
-            _delete_section(args.delsec, args.yes, sections, plex, console)
+            _delete_section(words[0], opts.yes, sections, plex, console)
         return ExitCode.OK
 
 
@@ -5917,12 +5933,28 @@ def validate_args(args: argparse.Namespace) -> Options:
         undo_run=int(args.undo) if args.undo else None,
         plan_file=Path(args.plan) if args.plan else None,
         apply_file=Path(args.apply) if args.apply else None,
-        state_path=Path(os.path.expanduser(args.state)) if args.state else None)
+        state_path=Path(os.path.expanduser(args.state)) if args.state else None,
+        config_path=args.config, library=_library_command(args),
+        history_limit=args.history or 0, interval_min=args.interval,
+        poll_s=args.poll or POLL_S, every_item=bool(args.all_items or args.verbose),
+        as_json=bool(args.json), quiet=bool(args.quiet), verbose=bool(args.verbose),
+        no_progress=bool(args.no_progress))
+
+
+def _library_command(args: argparse.Namespace) -> tuple[str, tuple[str, ...]]:
+    for name in ("list", "addtv", "addmovie", "delsec", "refresh"):
+        value = getattr(args, name)
+        if value:
+            words = value if isinstance(value, list) else [] if value is True else [value]
+            return name, tuple(words)
+    return "", ()
 
 
 def _run_kind(args: argparse.Namespace) -> RunKind:
     """The run's kind, from the flags that name it (argparse keeps them exclusive)."""
-    named = [(args.watch, RunKind.WATCH), (args.why is not None, RunKind.WHY),
+    named = [(args.history is not None, RunKind.HISTORY), (args.check, RunKind.CHECK),
+             (_admin(args), RunKind.LIBRARY),
+             (args.watch, RunKind.WATCH), (args.why is not None, RunKind.WHY),
              (args.sagedata, RunKind.SAGEDATA),
              (args.undo is not None, RunKind.UNDO), (bool(args.apply), RunKind.APPLY),
              (bool(args.plan), RunKind.PLAN), (bool(args.sync or args.simulate), RunKind.SYNC)]
@@ -6012,28 +6044,26 @@ def stopping_on_signals(stop: threading.Event) -> Iterator[threading.Event]:
             signal.signal(sig, handler)
 
 
-def _dispatch(args: argparse.Namespace, opts: Options, console: Console,
-              stop: threading.Event) -> ExitCode:
-    if args.history is not None:  # the state alone: no server is asked
-        state_path = opts.state_path or default_state_path(find_config(args.config))
-        return show_history(state_path, console, args.history, args.json)
-    config = load_config(find_config(args.config), console.secrets)
+def _dispatch(opts: Options, console: Console, stop: threading.Event) -> ExitCode:
+    if opts.kind is RunKind.HISTORY:  # the state alone: no server is asked
+        state_path = opts.state_path or default_state_path(find_config(opts.config_path))
+        return show_history(state_path, console, opts.history_limit, opts.as_json)
+    config = load_config(find_config(opts.config_path), console.secrets)
     log.info("config %s: %r %r", config.path, config.sage, config.plex)
-    for warning in () if args.check else config.warnings:  # --check prints them itself
-        console.err.write(f"{PROG}: warning: {warning}\n")
-    if args.check:
+    if opts.kind is RunKind.CHECK:  # it prints the config's warnings itself
         return run_check(config, console)
-    if _admin(args):
-        return run_admin(args, config, console)
-    if args.watch:
+    for warning in config.warnings:
+        console.err.write(f"{PROG}: warning: {warning}\n")
+    if opts.kind is RunKind.LIBRARY:
+        return run_admin(opts, config, console)
+    if opts.kind is RunKind.WATCH:
         return run_watch(opts, config, console, stop, WatchSettings(
-            args.poll or POLL_S, args.interval or WATCH_INTERVAL_MIN,
-            args.all_items or args.verbose, args.json))
-    if args.interval is not None:
-        return run_rounds(opts, config, console, stop, args.interval, args.all_items
-                          or args.verbose, args.json, args.quiet)
-    return run_sync(opts, config, console, stop, args.all_items or args.verbose, args.json,
-                    args.quiet)
+            opts.poll_s, opts.interval_min or WATCH_INTERVAL_MIN, opts.every_item,
+            opts.as_json))
+    if opts.interval_min is not None:
+        return run_rounds(opts, config, console, stop, opts.interval_min, opts.every_item,
+                          opts.as_json, opts.quiet)
+    return run_sync(opts, config, console, stop, opts.every_item, opts.as_json, opts.quiet)
 
 
 def main(argv: list[str] | None = None, *, out: TextIO | None = None,
@@ -6059,20 +6089,20 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None,
         # --json's summary, unless the error is that --json does not go with the command
         return _failed(str(exc), exc.exit_code, out, err,
                        "--json" in words and "--json" not in str(exc))
-    progress = _isatty(err) and not args.no_progress and not args.verbose
+    progress = _isatty(err) and not opts.no_progress and not opts.verbose
     console = Console(out, err, stdin, secrets, progress, terminal)
     stop = stop if stop is not None else threading.Event()  # a test's, or the signals'
-    with logging_to(args.verbose, err, secrets), stopping_on_signals(stop):
+    with logging_to(opts.verbose, err, secrets), stopping_on_signals(stop):
         log.info("***** sageplex_sync %s %s *****", __version__, list(opts.argv))
         try:
-            code = _dispatch(args, opts, console, stop)
+            code = _dispatch(opts, console, stop)
             if stop.is_set() and code is ExitCode.OK:
                 code = ExitCode.INTERRUPTED
             return code
         except SyncError as exc:
             message = secrets.redact(str(exc))
             log.error("%s", message, extra=SAID_ON_STDERR)
-            return _failed(message, exc.exit_code, out, err, args.json)
+            return _failed(message, exc.exit_code, out, err, opts.as_json)
         except KeyboardInterrupt:
             err.write(f"{PROG}: interrupted\n")
             return ExitCode.INTERRUPTED
@@ -6082,7 +6112,7 @@ def main(argv: list[str] | None = None, *, out: TextIO | None = None,
             log.exception("unexpected error", extra=SAID_ON_STDERR)
             message = secrets.redact(f"{exc.__class__.__name__}: {exc}")
             err.write(f"{PROG}: internal error: {message} (details in the log)\n")
-            if args.json:
+            if opts.as_json:
                 out.write(json.dumps(error_summary(f"internal error: {message}",
                                                    ExitCode.FAILED)) + "\n")
             return ExitCode.FAILED

@@ -3780,7 +3780,7 @@ class WritePhase:
                                 thread_name_prefix="write-sagetv") as sage_pool, \
                 ThreadPoolExecutor(writer.plex.server.write_workers,
                                    thread_name_prefix="write-plex") as plex_pool:
-            futures = {key: (sage_pool if _is_sage(current[chunk[0]].writes[0]) else plex_pool
+            futures = {key: (sage_pool if _starts_on_sage(chunk, current) else plex_pool
                              ).submit(task, chunk, False) for key, chunk in chunks.items()}
             _wait(list(futures.values()), writer.stop, self.console)
             return {key: _settled_task(future, chunks[key], current)
@@ -3818,6 +3818,13 @@ class WritePhase:
     def step_done(self, rating_key: int, steps: int) -> None:
         if self.state is not None and self.run_id:
             self.state.step_done(self.run_id, rating_key, steps)
+
+
+def _starts_on_sage(chunk: list[int], plan: Sequence[Planned]) -> bool:
+    """Whether a round's first write goes to SageTV (an item decided again between
+    rounds can have none left)."""
+    first = next((plan[n].writes[0] for n in chunk if plan[n].writes), None)
+    return first is not None and _is_sage(first)
 
 
 def _rounds_of(task: list[int], plan: Sequence[Planned]) -> list[list[int]]:

@@ -1194,3 +1194,24 @@ def test_pinned_undo_skips_a_recording_whose_unwritten_twin_was_viewed_since() -
         m.act("ronin", True, "finish", ("frac", 0.5), 0, 30)
         m.undo()
         m.sync(10, True, True)
+
+
+def test_pinned_an_item_decided_again_to_nothing_in_a_later_round() -> None:
+    """Nanny's two recordings share SageTV's show flag: a write to one in the run's first
+    round leaves the other, decided again before the next round, with nothing to write.
+    That round starts with no write at all (the run stopped with an internal error)."""
+    with machine(clears=False, past="offset") as m:
+        m.make_plan()
+        m.sync_one("nanny-b", 1, False)
+        m.act("nanny-a", True, "watch", ("frac", 0.8771594661214683), 1, 524)
+        m.sync_one("heat", 1, True)
+        m.act("nanny-b", True, "unwatch", ("frac", 0.8784579420566093), 1, 287)
+        m.act("nanny-b", True, "watch", ("frac", 0.08237205513368676), 0, 375)
+        m.act("nanny-b", True, "finish", ("frac", 0.6282521984479028), 1, 194)
+        m.time_passes(256)
+        m.act("split", True, "watch", ("frac", 0.9455033136352123), 0, 272)
+        m.change_settings(30, 0.9)
+        m.sync_one("split", 0, True)
+        m.act("castle", False, "watch", ("ms", 18048), 1, 66)
+        m.sync_killed(2)
+        m.sync(10, True, True)

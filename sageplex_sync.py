@@ -4883,7 +4883,7 @@ def _expect_after(row: JournalRow, decision: Decision) -> Replay:
     plex_raw = row.plex_raw_after or row.plex_raw_before
     return Replay(row.sage_after or row.sage_before, row.plex_after or row.plex_before,
                   _stamp(sage_raw, "RealWatchedEndTime"), _stamp(plex_raw, "lastViewedAt", 1000),
-                  decision, sage_raw=row.sage_raw_after, plex_raw=row.plex_raw_after)
+                  decision, sage_raw=sage_raw, plex_raw=plex_raw)
 
 
 def _after_later_runs(items: dict[int, Replay], state: StateStore, later: list[int]

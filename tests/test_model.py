@@ -1215,3 +1215,15 @@ def test_pinned_an_item_decided_again_to_nothing_in_a_later_round() -> None:
         m.act("castle", False, "watch", ("ms", 18048), 1, 66)
         m.sync_killed(2)
         m.sync(10, True, True)
+
+
+def test_pinned_undo_of_a_plex_position_that_a_lower_threshold_reads_as_watched() -> None:
+    """A sync set Plex to SageTV's 88 % (SageTV itself not written); Plex's played threshold
+    then drops to 80 %. SageTV's side as that sync left it is read again under today's
+    bounds (watched), as today's read shows it: the undo puts Plex back, not "changed since"."""
+    with machine(past="offset") as m:
+        m.act("split", False, "watch", ("frac", 0.882209617983819), 1, 30)
+        m.sync(10, True, False)
+        m.change_settings(60, 0.8)
+        m.undo()
+        m.sync(10, True, True)

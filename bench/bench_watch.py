@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -99,9 +100,13 @@ def main() -> int:
         plex_side = (len(servers.sage.requests()), len(servers.plex.requests()))
         servers.sage.clear_log()
         servers.plex.clear_log()
+        phase = random.Random(17)
         for n in range(args.stops):
             item = items[args.stops + n]
             position = (10 + n % 20) * MIN
+            # A stop lands anywhere between two polls (one right after the last item's
+            # sync would always wait a whole poll).
+            time.sleep(phase.uniform(0, args.poll))
             user.sage_play(item, position - MIN)
             user.sage_stop(item, position)
             took = wait_for(lambda i=item, p=position: abs(

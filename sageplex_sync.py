@@ -1706,6 +1706,9 @@ class Base:
     #: the tool's doing, never the user's (§6.3).
     own_sage: tuple[Status, ...] = ()
     own_plex: tuple[Status, ...] = ()
+    #: The latest stamps those steps can have left (0: not known).
+    own_sage_until_ms: int = 0
+    own_plex_until_ms: int = 0
     #: False when the item had no base before the run that left the decision pending
     #: (its first sync): then a pending decision that no longer holds goes to the
     #: two-way table.
@@ -1742,11 +1745,14 @@ def decide_two_way(sage: Status, plex: Status, sage_last_ms: int, plex_last_ms: 
 
 
 def changed(now: Status, now_stamp_ms: int, then: Status, then_stamp_ms: int,
-            own: tuple[Status, ...] = ()) -> bool:
+            own: tuple[Status, ...] = (), own_until_ms: int = 0) -> bool:
     """§6.1: a side changed when its state differs (positions within 2 s are equal) or it
     was viewed since (a newer stamp, even one that ends in the same state), unless what it
-    shows is one of ``own``: the states the tool's own steps can have left (§6.3)."""
-    return (now != then or now_stamp_ms > then_stamp_ms + RESTAMP_MS) and now not in own
+    shows is one of ``own``: the states the tool's own steps can have left (§6.3), stamped
+    no later than ``own_until_ms`` where that is known."""
+    if now == then and now_stamp_ms <= then_stamp_ms + RESTAMP_MS:
+        return False
+    return now not in own or 0 < own_until_ms + RESTAMP_MS < now_stamp_ms
 
 
 def _pending_holds(sage: Status, plex: Status, base: Base, sage_stamp_ms: int,
@@ -1755,8 +1761,10 @@ def _pending_holds(sage: Status, plex: Status, base: Base, sage_stamp_ms: int,
     was taken on, the tool's own steps excepted (§6.3, §6.4)."""
     assert base.pending_on is not None
     on_sage, on_plex = base.pending_on
-    sage_moved = changed(sage, sage_stamp_ms, on_sage, base.pending_sage_ms, base.own_sage)
-    plex_moved = changed(plex, plex_stamp_ms, on_plex, base.pending_plex_ms, base.own_plex)
+    sage_moved = changed(sage, sage_stamp_ms, on_sage, base.pending_sage_ms, base.own_sage,
+                         base.own_sage_until_ms)
+    plex_moved = changed(plex, plex_stamp_ms, on_plex, base.pending_plex_ms, base.own_plex,
+                         base.own_plex_until_ms)
     return not sage_moved and not plex_moved
 
 
@@ -1798,8 +1806,10 @@ def _merge(sage: Status, plex: Status, sage_last_ms: int, plex_last_ms: int, bas
            sage_stamp_ms: int, plex_stamp_ms: int) -> Decision:
     """Three-way against the base (§6): who changed since the last sync wins."""
     # ``*_stamp_ms`` are the servers' own last-watched times, comparable with the base's.
-    sage_changed = changed(sage, sage_stamp_ms, base.sage, base.sage_last_ms, base.own_sage)
-    plex_changed = changed(plex, plex_stamp_ms, base.plex, base.plex_last_ms, base.own_plex)
+    sage_changed = changed(sage, sage_stamp_ms, base.sage, base.sage_last_ms, base.own_sage,
+                           base.own_sage_until_ms)
+    plex_changed = changed(plex, plex_stamp_ms, base.plex, base.plex_last_ms, base.own_plex,
+                           base.own_plex_until_ms)
     if sage_changed and plex_changed:
         later = _changed_after_pending(sage, plex, base, sage_stamp_ms, plex_stamp_ms)
         if later is not None:
@@ -1825,8 +1835,10 @@ def _changed_after_pending(sage: Status, plex: Status, base: Base, sage_stamp_ms
     if base.pending is None or base.pending_on is None:
         return None
     on_sage, on_plex = base.pending_on
-    sage_moved = changed(sage, sage_stamp_ms, on_sage, base.pending_sage_ms, base.own_sage)
-    plex_moved = changed(plex, plex_stamp_ms, on_plex, base.pending_plex_ms, base.own_plex)
+    sage_moved = changed(sage, sage_stamp_ms, on_sage, base.pending_sage_ms, base.own_sage,
+                         base.own_sage_until_ms)
+    plex_moved = changed(plex, plex_stamp_ms, on_plex, base.pending_plex_ms, base.own_plex,
+                         base.own_plex_until_ms)
     if sage_moved == plex_moved:
         return None
     return "SageTV" if sage_moved else "Plex"
@@ -2017,12 +2029,18 @@ class Pending:
     own_plex: tuple[Status, ...] = ()
     #: False when the item had no base before (its first sync failed).
     known: bool = True
+    #: The latest stamp each side's own steps can have left (the failed run's read-back;
+    #: 0: not known, as after a killed run): a later viewing is the user's, whatever its
+    #: state.
+    own_sage_until_ms: int = 0
+    own_plex_until_ms: int = 0
 
     def to_json(self) -> str:
         return json.dumps({"sage": self.sage_raw, "plex": self.plex_raw,
                            "own_sage": [s.to_text() for s in self.own_sage],
                            "own_plex": [s.to_text() for s in self.own_plex],
-                           "known": self.known})
+                           "known": self.known, "own_sage_until_ms": self.own_sage_until_ms,
+                           "own_plex_until_ms": self.own_plex_until_ms})
 
 
 @dataclass(frozen=True)
@@ -2476,7 +2494,8 @@ def _pending_from_columns(to_sage: str | None, to_plex: str | None, on: str | No
                    dict(data.get("sage") or {}), dict(data.get("plex") or {}),
                    tuple(Status.from_text(t) for t in data.get("own_sage") or ()),
                    tuple(Status.from_text(t) for t in data.get("own_plex") or ()),
-                   bool(data.get("known", True)))
+                   bool(data.get("known", True)), int(data.get("own_sage_until_ms") or 0),
+                   int(data.get("own_plex_until_ms") or 0))
 
 
 ###############################################################################
@@ -3063,7 +3082,9 @@ def base_of(record: BaseRecord, item: Item) -> Base:
                    pending_sage_ms=int(pending.sage_raw.get("RealWatchedEndTime") or 0),
                    pending_plex_ms=int(pending.plex_raw.get("lastViewedAt") or 0) * 1000,
                    own_sage=own_today(pending.own_sage, item),
-                   own_plex=own_today(pending.own_plex, item))
+                   own_plex=own_today(pending.own_plex, item),
+                   own_sage_until_ms=pending.own_sage_until_ms,
+                   own_plex_until_ms=pending.own_plex_until_ms)
 
 
 def with_unfinished(bases: dict[int, BaseRecord], unfinished: Sequence[JournalRow]
@@ -3559,14 +3580,16 @@ def _plex_changed(item: Item) -> bool:
     """Whether the user changed the item's Plex side since its base (§6.1)."""
     base = item.base
     return base is not None and changed(item.plex_status, item.plex.last_viewed_ms,
-                                        base.plex, base.plex_last_ms, base.own_plex)
+                                        base.plex, base.plex_last_ms, base.own_plex,
+                                        base.own_plex_until_ms)
 
 
 def _sage_changed(item: Item) -> bool:
     """Whether the user changed the item's SageTV side since its base (§6.1)."""
     base = item.base
     return base is not None and item.sage is not None and changed(
-        item.sage_status, item.sage.real_end_ms, base.sage, base.sage_last_ms, base.own_sage)
+        item.sage_status, item.sage.real_end_ms, base.sage, base.sage_last_ms, base.own_sage,
+        base.own_sage_until_ms)
 
 
 def _settled(item: Item) -> bool:
@@ -4150,9 +4173,14 @@ def _base_record(result: Result) -> BaseRecord | None:
             # SageTV changed by the run's writes, a shared show flag's side effect included:
             # the run's doing (§6.3), not the user's.
             own_sage += (cast(Status, result.sage_after),)
+        # The read-back shows the last stamp the run's steps left: a viewing after it is
+        # the user's even in a state those steps can have left.
+        sage_read, plex_read = result.sage_after_item, result.plex_after_item
         pending = Pending(result.decision.to_sage, result.decision.to_plex, item.sage.raw(),
                           item.plex.raw(), own_sage, own_plex,
-                          known=old is not None and old.known)
+                          known=old is not None and old.known,
+                          own_sage_until_ms=sage_read.real_end_ms if sage_read else 0,
+                          own_plex_until_ms=plex_read.last_viewed_ms if plex_read else 0)
         if old is None or not old.known:
             return BaseRecord(item.sage.media_file_id, name, item.sage_status,
                               item.plex_status, item.sage.raw(), item.plex.raw(), pending,

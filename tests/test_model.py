@@ -1227,3 +1227,18 @@ def test_pinned_undo_of_a_plex_position_that_a_lower_threshold_reads_as_watched(
         m.change_settings(60, 0.8)
         m.undo()
         m.sync(10, True, True)
+
+
+def test_pinned_a_viewing_after_a_failed_write_is_the_users_even_in_a_state_it_restored() -> None:
+    """Heat re-watched on Plex to 31 min; the sync's ClearWatched took on SageTV, its
+    SetWatchedTimes failed, so SageTV was put back to watched (the run's own state, with a
+    new stamp). The user then watches it to the end on SageTV: watched again, stamped after
+    the failed run's read-back. That is the user's viewing, and the pending write of 31 min
+    must not be carried out over it (§6.4)."""
+    with machine() as m:
+        m.act("heat", True, "finish", ("frac", 0.5), 0, 30)
+        m.sync(10, True, False)
+        m.act("heat", True, "watch", ("frac", 0.26), 0, 30)
+        m.sync_with_failing_write(k=2, drop=False)
+        m.act("heat", False, "watch", ("frac", 0.97), 0, 30)
+        m.sync(10, True, True)

@@ -2992,6 +2992,21 @@ class Replay:
     #: bounds (§6.1: a changed setting is not a change); empty: the states as stored.
     sage_raw: dict = field(default_factory=dict)
     plex_raw: dict = field(default_factory=dict)
+    #: The raw values behind the decision's targets (an undo's before-states), read
+    #: under this run's bounds; empty: the targets as stored (a saved plan).
+    to_sage_raw: dict = field(default_factory=dict)
+    to_plex_raw: dict = field(default_factory=dict)
+
+    def targets(self, item: Item) -> Decision:
+        """The decision with its targets as this run's bounds read them (§6.1): a side
+        the replayed run left as it was reads the same as today, so it gets no write."""
+        decision = self.decision
+        to_sage, to_plex = decision.to_sage, decision.to_plex
+        to_sage = raw_sage_status(self.to_sage_raw, to_sage, item) if (
+            to_sage is not None and self.to_sage_raw) else at_today(to_sage, item)
+        to_plex = raw_plex_status(self.to_plex_raw, to_plex, item) if (
+            to_plex is not None and self.to_plex_raw) else at_today(to_plex, item)
+        return replace(decision, to_sage=to_sage, to_plex=to_plex)
 
     def same_as(self, other: Replay) -> bool:
         """Both expect the same states and stamps (neither is a change of the other)."""
@@ -3461,8 +3476,7 @@ def _plan_members(members: list[Item], opts: Options, replays: Mapping[int, Repl
         own = replays.get(item.plex.rating_key)
         member_decision = decision
         if own is not None and decision.verdict is not Verdict.SETTLED:
-            member_decision = replace(own.decision, to_sage=at_today(own.decision.to_sage, item),
-                                      to_plex=at_today(own.decision.to_plex, item))
+            member_decision = own.targets(item)
         elif own is None and replays:  # a twin the replayed run did not write
             member_decision = replace(decision, to_plex=None)
         one = plan_item(item, member_decision, viewed_at, sage_too=position == 0,
@@ -3513,9 +3527,7 @@ def replay_decision(members: list[Item], replayed: list[tuple[Item, Replay]]
     named = {m.plex.rating_key for m, _ in replayed}
     viewed = [m for m in members if m.plex.rating_key not in named and _plex_changed(m)]
     if not moved and not viewed:
-        decision = replayed[0][1].decision
-        return replace(decision, to_sage=at_today(decision.to_sage, members[0]),
-                       to_plex=at_today(decision.to_plex, members[0])), 0, None
+        return replayed[0][1].targets(members[0]), 0, None
     skipped = dict.fromkeys((m.plex.rating_key for m in members), "")
     for member, replay in moved:  # the user's own change is kept, and left to a sync
         skipped[member.plex.rating_key] = (
@@ -4889,7 +4901,9 @@ def undo_plan(state: StateStore | None, wanted: int | None) -> ReplayPlan:
                         row.plex_before if row.to_plex is not None else None,
                         f"undo of run {wanted}",
                         plex_unplayed=not int(row.plex_raw_before.get("viewCount") or 0))
-        items[row.rating_key] = _expect_after(row, undo)
+        items[row.rating_key] = replace(_expect_after(row, undo),
+                                        to_sage_raw=row.sage_raw_before,
+                                        to_plex_raw=row.plex_raw_before)
     if not items:
         raise SyncError(f"run {wanted} changed nothing that can be undone; --history lists "
                         "the runs")
@@ -4931,7 +4945,9 @@ def _after_later_runs(items: dict[int, Replay], state: StateStore, later: list[i
                               expected.decision)
             if taken_on.same_as(expected):
                 items[row.rating_key] = replace(_expect_after(row, expected.decision),
-                                                own_sage=(), own_plex=())
+                                                own_sage=(), own_plex=(),
+                                                to_sage_raw=expected.to_sage_raw,
+                                                to_plex_raw=expected.to_plex_raw)
     return items
 
 

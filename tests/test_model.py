@@ -1242,3 +1242,18 @@ def test_pinned_a_viewing_after_a_failed_write_is_the_users_even_in_a_state_it_r
         m.sync_with_failing_write(k=2, drop=False)
         m.act("heat", False, "watch", ("frac", 0.97), 0, 30)
         m.sync(10, True, True)
+
+
+def test_pinned_an_undo_puts_back_only_what_the_run_changed_under_todays_bounds() -> None:
+    """A sync under an 80 % threshold found Nanny's first recording at 83 % on SageTV (so
+    watched) and marked Plex watched; SageTV it did not write. The threshold goes back to
+    90 %: SageTV's 83 % is a resume point again. Undoing that sync un-marks Plex and leaves
+    SageTV alone (its before-state, read under today's bounds, is what it shows), rather
+    than marking it watched."""
+    with machine(clears=False, past="ignore") as m:
+        m.change_settings(60, 0.8)
+        m.act("nanny-a", False, "watch", ("frac", 0.8301721430368125), 0, 63)
+        m.sync(10, True, False)
+        m.change_settings(120, 0.9)
+        m.undo()
+        m.sync(10, True, True)

@@ -14,9 +14,9 @@ Steps (one pinned evening, and seeded random evenings):
   played, mark unplayed; SageTV: play then stop at a position (the watch record keeps the
   furthest point: a stop short of it leaves it, with a new viewing time), play to the end,
   the menu's mark watched and mark unwatched (no viewing time: GetRecentlyWatched does not
-  list them, the backstop full pass every ``--interval`` finds them). ``race``: a manual
-  ``all -s -y`` right after the action, racing the watcher's own sync of it (either may find
-  the state locked: the watcher retries, the manual run exits 1 saying so).
+  list them; the backstop full pass every ``--interval`` or a manual run finds them).
+  ``race``: a manual ``all -s -y`` right after the action, racing the watcher's own sync of it
+  (either may find the state locked: the watcher retries, the manual run exits 1 saying so).
 - ``TwoScreens``: stop on one server and, 1.1 s later, go on on the other (before or after the
   tool synced the first: both orders must end at the second);
 - ``ManualRun``, ``Idle`` (seconds of nothing) and ``TimePasses`` (both servers' clocks jump).
@@ -30,7 +30,7 @@ Invariants, after each step:
     every sample while the tool syncs (the tool never writes over it), and once quiescent both
     servers show it (every twin too): a watched mark, a resume point, an un-watch;
 (b) the tool's own writes and their side effects are never taken for the user's: every write
-    request of the step is to the other side of the recording acted on (none to other
+    request of the step is to the other side of what the user acted on (none to other
     recordings, none for a manual run, idle time or a clock jump: the stamps of the tool's own
     SetWatchedTimes put the airing in GetRecentlyWatched, and that sync must write nothing);
 (c) once quiet, a further quiet period writes nothing, and neither does a manual full sync.
@@ -38,8 +38,9 @@ Invariants, after each step:
 What the model leaves out, on purpose:
 - Sub-second races. Plex stamps ``lastViewedAt`` in whole seconds and SageTV in ms, and a tie
   goes to SageTV (rules §3.1), so of two viewings on the two servers less than a second apart
-  the tool cannot tell which came last. The driver leaves 1.1 s between a user action and the
-  next on the same recording.
+  the tool cannot tell which came last (and a last-watched time must move by more than 1 s to
+  count as a new viewing). The driver leaves 1.1 s between a user action and the next on the
+  same recording.
 - An un-watch, or a mark on SageTV (no viewing time), as the second of two screens: if the tool
   has not synced the first viewing yet, both sides changed and "not watched" never wins
   (§3.1). Those are single steps, after the previous one is quiescent.

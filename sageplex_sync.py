@@ -454,12 +454,19 @@ class _Counter:
         self.count = 0
         self.local_ms = local_ms
         self.offset_ms: int | None = None
+        self.again = False
+
+    def measure_again(self) -> None:
+        """The next reply measures the clock again (a long-running mode: a server's clock
+        can be set while it runs)."""
+        self.again = True
 
     def __call__(self, response: requests.Response, *args: object, **kwargs: object) -> None:
         self.count += 1
         # The first reply of a run sets the offset: later ones would only add jitter, and
         # are not parsed.
-        date = response.headers.get("Date") if self.offset_ms is None else None
+        date = response.headers.get("Date") if self.offset_ms is None or self.again else None
+        self.again = False
         if date:
             try:
                 server_ms = int(email.utils.parsedate_to_datetime(date).timestamp() * 1000)
@@ -788,6 +795,9 @@ class SageClient(_Client):
     def now_ms(self) -> int:
         """The server's clock now, as far as its replies told."""
         return self._counter.local_ms() + (self._counter.offset_ms or 0)
+
+    def measure_clock_again(self) -> None:
+        self._counter.measure_again()
 
 
 ###############################################################################
@@ -5428,6 +5438,9 @@ RETRY_S = 5.0
 WATCH_INTERVAL_MIN = 60.0  # the backstop's full pass, unless --interval says otherwise
 POLL_S = 5.0  # SageTV's poll, unless --poll says otherwise
 LOOK_BACK_EXTRA_MS = 10_000  # the poll's look-back: the interval and this much more
+#: A Date header has whole seconds: offsets measured a poll apart differ by this much
+#: without the clock being set.
+CLOCK_JITTER_MS = 1_000
 BACKOFF_MAX_S = 60.0
 WATCH_TICK_S = 0.1
 NOTIFICATIONS = "/:/websockets/notifications"
@@ -5519,8 +5532,16 @@ class SagePoll:
 
     def stopped(self, sage: SageClient) -> set[int]:
         """The airing ids that stopped since the last poll."""
+        offset_before_ms = sage.measured_offset_ms
+        sage.measure_clock_again()  # SageTV's clock may have been set since the last poll
         sent_ms = sage.now_ms()
         reply = sage.call("GetRecentlyWatched", self.look_back_ms)
+        offset_ms = sage.measured_offset_ms
+        if offset_before_ms is not None and offset_ms is not None and abs(
+                offset_ms - offset_before_ms) > CLOCK_JITTER_MS:
+            # Its clock jumped: the last poll's time, and this one's, on its clock now.
+            self.last_ms += offset_ms - offset_before_ms
+            sent_ms += offset_ms - offset_before_ms
         airings = reply.get("Result")
         if not isinstance(airings, list):
             raise SageError(f"SageTV at {sage.server.address} sent recently watched airings "
@@ -5563,6 +5584,10 @@ class Watcher:
         self.settings = settings
         self.state_path = opts.state_path or default_state_path(config.path)
         self.due = DueItems()
+        #: Each item's states as its last printed line left them: the echo of the tool's
+        #: own write (Plex notifies it too) syncs the item again to find nothing new, and
+        #: that is logged, not printed.
+        self.shown: dict[int, tuple[Status | None, Status | None]] = {}
         self.down: set[str] = set()  # what has been logged as away, until it is back
         self.listener: Any = None
         self.connected = False
@@ -5723,7 +5748,13 @@ class Watcher:
             line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {entry.plex.rating_key} " \
                    f"{entry.plex.title}: {_watch_words(entry)}"
             log.info("watch: %s", line)
-            self.console.out.write(line + "\n")
+            states = (entry.sage_after or entry.sage_status, entry.plex_after or
+                      entry.plex_status)
+            echo = entry.outcome is Outcome.UNCHANGED and self.shown.get(
+                entry.plex.rating_key) == states
+            self.shown[entry.plex.rating_key] = states
+            if not echo:
+                self.console.out.write(line + "\n")
         self.console.out.flush()
 
 

@@ -268,3 +268,24 @@ def test_random_stops_on_either_side_while_watching_keep_both_sides_in_step(
     w.env.clear_logs()
     time.sleep(2 * POLL_S)
     assert w.env.writes() == [], "a quiet minute wrote something"
+
+
+@pytest.mark.parametrize("jump_ms", [0, -2 * MIN, 2 * MIN])
+def test_a_sagetv_clock_set_while_watching_still_syncs_a_stop_within_a_poll_and_seconds(
+        watching: Callable[..., Watching], item: Item, world: World, jump_ms: int) -> None:
+    """SageTV's clock set back or forward (an NTP correction) while the mode runs: the poll
+    measures it again, so a stop still reaches Plex within a poll and seconds, and the
+    tool's own write is not taken for a new stop at every poll after."""
+    w = watching()
+    world.sage_skew_ms += jump_ms
+    time.sleep(3 * POLL_S)
+    w.user.sage_play(item, 5 * MIN)
+    w.user.sage_stop(item, 20 * MIN)
+    assert eventually(lambda: near(world.plex_item(item).view_offset_ms, 20 * MIN),
+                      POLL_S + 5), w.out.getvalue() + w.err.getvalue()
+    time.sleep(1.5)  # Plex's notifications of the tool's own write come and go
+    w.env.clear_logs()
+    time.sleep(6 * POLL_S)
+    assert {r.function for r in w.env.sage.requests()} <= {"GetRecentlyWatched"}, \
+        "the poll took the tool's own write for a new stop"
+    assert w.out.getvalue().count(f" {item.rating_key} ") == 1, w.out.getvalue()

@@ -1716,9 +1716,9 @@ class Base:
     #: the tool's doing, never the user's (§6.3).
     own_sage: tuple[Status, ...] = ()
     own_plex: tuple[Status, ...] = ()
-    #: The latest stamps those steps can have left (0: not known).
-    own_sage_until_ms: int = 0
-    own_plex_until_ms: int = 0
+    #: The latest stamps those steps can have left (None: not known).
+    own_sage_until_ms: int | None = None
+    own_plex_until_ms: int | None = None
     #: False when the item had no base before the run that left the decision pending
     #: (its first sync): then a pending decision that no longer holds goes to the
     #: two-way table.
@@ -1755,14 +1755,15 @@ def decide_two_way(sage: Status, plex: Status, sage_last_ms: int, plex_last_ms: 
 
 
 def changed(now: Status, now_stamp_ms: int, then: Status, then_stamp_ms: int,
-            own: tuple[Status, ...] = (), own_until_ms: int = 0) -> bool:
+            own: tuple[Status, ...] = (), own_until_ms: int | None = None) -> bool:
     """§6.1: a side changed when its state differs (positions within 2 s are equal) or it
     was viewed since (a newer stamp, even one that ends in the same state), unless what it
     shows is one of ``own``: the states the tool's own steps can have left (§6.3), stamped
     no later than ``own_until_ms`` where that is known."""
     if now == then and now_stamp_ms <= then_stamp_ms + RESTAMP_MS:
         return False
-    return now not in own or 0 < own_until_ms + RESTAMP_MS < now_stamp_ms
+    return now not in own or (own_until_ms is not None
+                              and now_stamp_ms > own_until_ms + RESTAMP_MS)
 
 
 def _pending_holds(sage: Status, plex: Status, base: Base, sage_stamp_ms: int,
@@ -2039,11 +2040,11 @@ class Pending:
     own_plex: tuple[Status, ...] = ()
     #: False when the item had no base before (its first sync failed).
     known: bool = True
-    #: The latest stamp each side's own steps can have left (the failed run's read-back;
-    #: 0: not known, as after a killed run): a later viewing is the user's, whatever its
-    #: state.
-    own_sage_until_ms: int = 0
-    own_plex_until_ms: int = 0
+    #: The latest stamp each side's own steps can have left (the failed run's read-back,
+    #: 0 if it showed none; None: not known, as after a killed run): a later viewing is
+    #: the user's, whatever its state.
+    own_sage_until_ms: int | None = None
+    own_plex_until_ms: int | None = None
 
     def to_json(self) -> str:
         return json.dumps({"sage": self.sage_raw, "plex": self.plex_raw,
@@ -2504,8 +2505,12 @@ def _pending_from_columns(to_sage: str | None, to_plex: str | None, on: str | No
                    dict(data.get("sage") or {}), dict(data.get("plex") or {}),
                    tuple(Status.from_text(t) for t in data.get("own_sage") or ()),
                    tuple(Status.from_text(t) for t in data.get("own_plex") or ()),
-                   bool(data.get("known", True)), int(data.get("own_sage_until_ms") or 0),
-                   int(data.get("own_plex_until_ms") or 0))
+                   bool(data.get("known", True)), _stamp_or_none(data.get("own_sage_until_ms")),
+                   _stamp_or_none(data.get("own_plex_until_ms")))
+
+
+def _stamp_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 ###############################################################################
@@ -3511,7 +3516,7 @@ def decide_members(members: list[Item], opts: Options, replays: Mapping[int, Rep
         return decide_position(first.sage_status, first.plex_status, opts.position_ms), 0, None
     # Twins: one with a write still pending leads (a failed write to the second is
     # retried), else one whose Plex side changed, else the newest.
-    pending = [m for m in members if m.base is not None and m.base.pending is not None]
+    pending = [m for m in members if _pending_still_holds(m)]
     moved = [m for m in members if _plex_changed(m)]
     if any(m not in pending for m in moved):
         pending = []  # a twin viewed since beats a write left pending on another (§6.4)
@@ -3596,6 +3601,17 @@ def decided_again(planned: Planned, fresh: SageItem, now: Status, facts: Facts,
     again = plan_item(item, decision, item.plex_last_ms)
     return again._replace(notes=planned.notes + (note,),
                           read_as=planned.read_as or planned.item)
+
+
+def _pending_still_holds(item: Item) -> bool:
+    """A twin's failed write is retried for the recording while neither side changed
+    since it was decided; once one did, that twin's older base speaks for nothing (its
+    twin that was written holds the recording's newer one)."""
+    base = item.base
+    return (base is not None and base.pending is not None and base.pending_on is not None
+            and item.sage is not None and _pending_holds(
+                item.sage_status, item.plex_status, base, item.sage.real_end_ms,
+                item.plex.last_viewed_ms))
 
 
 def _plex_changed(item: Item) -> bool:
@@ -4201,8 +4217,8 @@ def _base_record(result: Result) -> BaseRecord | None:
         pending = Pending(result.decision.to_sage, result.decision.to_plex, item.sage.raw(),
                           item.plex.raw(), own_sage, own_plex,
                           known=old is not None and old.known,
-                          own_sage_until_ms=sage_read.real_end_ms if sage_read else 0,
-                          own_plex_until_ms=plex_read.last_viewed_ms if plex_read else 0)
+                          own_sage_until_ms=sage_read.real_end_ms if sage_read else None,
+                          own_plex_until_ms=plex_read.last_viewed_ms if plex_read else None)
         if old is None or not old.known:
             return BaseRecord(item.sage.media_file_id, name, item.sage_status,
                               item.plex_status, item.sage.raw(), item.plex.raw(), pending,

@@ -267,6 +267,23 @@ def test_a_pending_write_on_one_twin_yields_to_a_newer_viewing_on_the_other() ->
     assert viewed.decision.to_sage == P20
 
 
+def test_a_sagetv_unwatch_after_a_twins_failed_write_reaches_the_written_twin() -> None:
+    # The last sync set both twins to SageTV's 20:00: twin 2 took it (its base is new),
+    # twin 1's write failed (its base is the one before, SageTV not watched). The user then
+    # un-watched SageTV: the failed twin's pending no longer holds, and its stale base must
+    # not make the recording "in sync"; the un-watch reaches twin 2.
+    run = new_run()
+    at_20 = movie(pos=20 * MIN, stamp=MID)
+    sage = movie(stamp=0)
+    failed = entry(run, p_none(1), sage, base_record(
+        movie(stamp=0), p_none(1), pending(None, P20, at_20, p_none(1))))
+    written = entry(run, p_at(2, 20 * MIN, MID), sage, base_record(at_20, p_at(2, 20 * MIN, MID)))
+    failed, written = plan(run, [failed, written])
+    assert written.decision.to_plex == NOT_WATCHED, written.decision
+    assert written.writes == (PlexMarkUnwatched(),)
+    assert failed.writes == ()
+
+
 def test_a_twin_in_sync_with_sagetv_gives_its_state_to_a_lagging_twin() -> None:
     run = new_run()
     sage = movie(watched=True, stamp=OLD)

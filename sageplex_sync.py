@@ -4957,24 +4957,32 @@ def _expect_after(row: JournalRow, decision: Decision) -> Replay:
 def _after_later_runs(items: dict[int, Replay], state: StateStore, later: list[int]
                       ) -> dict[int, Replay]:
     """What the undone run left, followed through the tool's own later writes to the same
-    items: a later run that wrote an item just as the undone run left it (no viewing in
-    between) moves what the undo expects to find to what that run left (§6.4: the tool's
-    own steps are not a change)."""
+    items, side by side: a later run that found a side just as the undone run (or the
+    tool's writes since) left it moves what the undo expects to find there to what that
+    run left, its new stamps included (§6.4: the tool's own steps are not a change)."""
     for run_id in later:
         for row in state.journal(run_id):
             expected = items.get(row.rating_key)
-            if expected is None or row.outcome != Outcome.UPDATED.value:
-                continue
-            taken_on = Replay(row.sage_before, row.plex_before,
-                              _stamp(row.sage_raw_before, "RealWatchedEndTime"),
-                              _stamp(row.plex_raw_before, "lastViewedAt", 1000),
-                              expected.decision)
-            if taken_on.same_as(expected):
-                items[row.rating_key] = replace(_expect_after(row, expected.decision),
-                                                own_sage=(), own_plex=(),
-                                                to_sage_raw=expected.to_sage_raw,
-                                                to_plex_raw=expected.to_plex_raw)
+            if expected is not None and row.outcome == Outcome.UPDATED.value:
+                items[row.rating_key] = _followed(expected, row)
     return items
+
+
+def _followed(expected: Replay, row: JournalRow) -> Replay:
+    """One later journalled write of the tool's, taken into what an undo expects."""
+    if row.sage_after is not None and row.sage_raw_after and row.sage_before == expected.sage \
+            and abs(_stamp(row.sage_raw_before, "RealWatchedEndTime")
+                    - expected.sage_stamp_ms) <= RESTAMP_MS:
+        expected = replace(expected, sage=row.sage_after, sage_raw=row.sage_raw_after,
+                           sage_stamp_ms=_stamp(row.sage_raw_after, "RealWatchedEndTime"),
+                           own_sage=())
+    if row.plex_after is not None and row.plex_raw_after and row.plex_before == expected.plex \
+            and abs(_stamp(row.plex_raw_before, "lastViewedAt", 1000)
+                    - expected.plex_stamp_ms) <= RESTAMP_MS:
+        expected = replace(expected, plex=row.plex_after, plex_raw=row.plex_raw_after,
+                           plex_stamp_ms=_stamp(row.plex_raw_after, "lastViewedAt", 1000),
+                           own_plex=())
+    return expected
 
 
 def read_plan(path: Path) -> ReplayPlan:

@@ -1257,3 +1257,39 @@ def test_pinned_an_undo_puts_back_only_what_the_run_changed_under_todays_bounds(
         m.change_settings(120, 0.9)
         m.undo()
         m.sync(10, True, True)
+
+
+def test_pinned_an_undo_takes_the_tools_own_later_restamps_of_a_side_for_no_viewing() -> None:
+    """Run A marked Plex watched for nanny-b; through the show flag the user un-watched and
+    re-watched it on SageTV, and in between a sync un-marked Plex and an undo of that sync
+    marked it again (a new lastViewedAt, the tool's own). Undoing A must follow the tool's
+    own writes on the Plex side and put nanny-b back, not take the restamp for a viewing."""
+    with machine(clears=False, skew=(0, -660000), past="offset") as m:
+        m.make_plan()
+        m.act("nanny-b", True, "watch", ("ms", 3161), 1, 326)
+        m.sync(quiet=True, wait_min=17, yes=False)
+        m.make_plan()
+        m.make_plan()
+        m.simulate("-m -n", "split")
+        m.act("nanny-b", False, "unwatch", ("frac", 0.713325), 0, 513)
+        m.sync(quiet=True, wait_min=71, yes=False)
+        m.act("nanny-b", True, "watch", ("frac", 0.513976), 0, 258)
+        m.sync(quiet=True, wait_min=101, yes=False)
+        m.simulate("report", "heat")
+        m.undo_run(pick=2)
+        m.act("castle", True, "finish", ("frac", 0.95), 1, 387)
+        m.act("ronin", True, "watch", ("ms", 100001), 1, 224)
+        m.act("nanny-a", False, "finish", ("ms", 25052), 0, 19)
+        m.make_plan()
+        m.act("nanny-b", True, "watch", ("ms", 5090), 1, 100)
+        m.sync(quiet=False, wait_min=287, yes=True)
+        m.simulate("report", "ronin")
+        m.make_plan()
+        m.sync(quiet=True, wait_min=494, yes=False)
+        m.act("nanny-a", False, "watch", ("ms", 131072), 0, 82)
+        m.sync(quiet=True, wait_min=0, yes=False)
+        m.simulate("report", "heat")
+        m.undo()
+        m.simulate("-n", "ronin")
+        m.act("nanny-a", False, "finish", ("frac", 0.334803), 0, 34)
+        m.undo()

@@ -1036,6 +1036,19 @@ def test_model_random() -> None:
                                                                    False))
 
 
+SEPARATE = int(os.environ.get("SAGEPLEX_MODEL_SEPARATE", "0"))
+
+
+@pytest.mark.skipif(not SEPARATE, reason="separate sequences run with SAGEPLEX_MODEL_SEPARATE=N")
+@pytest.mark.parametrize("number", range(SEPARATE))
+def test_model_separate(number: int) -> None:
+    """One new sequence per test (for a long hunt): the fakes follow real time, so an
+    engine generating many sequences can meet one that went differently the second time
+    (FlakyStrategyDefinition) and stop the batch; a sequence of its own never does, and
+    the batch spreads over the suite's workers."""
+    run_state_machine_as_test(SyncModel, settings=machine_settings(1, False))
+
+
 # -- pinned sequences ------------------------------------------------------------------------
 
 @contextlib.contextmanager

@@ -3023,12 +3023,6 @@ class Replay:
             to_plex is not None and self.to_plex_raw) else at_today(to_plex, item)
         return replace(decision, to_sage=to_sage, to_plex=to_plex)
 
-    def same_as(self, other: Replay) -> bool:
-        """Both expect the same states and stamps (neither is a change of the other)."""
-        return self.sage == other.sage and self.plex == other.plex \
-            and abs(self.sage_stamp_ms - other.sage_stamp_ms) <= RESTAMP_MS \
-            and abs(self.plex_stamp_ms - other.plex_stamp_ms) <= RESTAMP_MS
-
     def holds(self, item: Item) -> bool:
         """Neither side changed since, the tool's own steps excepted: this run's, and
         those of a later run that failed or died half way (its pending record)."""

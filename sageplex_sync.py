@@ -4201,13 +4201,15 @@ def _base_record(result: Result) -> BaseRecord | None:
     if result.outcome is Outcome.FAILED:
         old = item.base_record
         own_sage, own_plex = own_states(result.planned)
-        if result.sage_after not in (None, item.sage_status, *own_sage):
-            # SageTV changed by the run's writes, a shared show flag's side effect included:
-            # the run's doing (§6.3), not the user's.
+        sage_read, plex_read = result.sage_after_item, result.plex_after_item
+        if result.sage_after not in (None, item.sage_status, *own_sage) and (
+                sage_read is None or sage_read.real_end_ms <= item.sage.real_end_ms):
+            # SageTV changed with no watch record of its own: a shared show flag's side
+            # effect of the run's writes, the run's doing (§6.3). A new watch record in a
+            # state none of the steps leaves is the user's viewing during the run.
             own_sage += (cast(Status, result.sage_after),)
         # The read-back shows the last stamp the run's steps left: a viewing after it is
         # the user's even in a state those steps can have left.
-        sage_read, plex_read = result.sage_after_item, result.plex_after_item
         pending = Pending(result.decision.to_sage, result.decision.to_plex, item.sage.raw(),
                           item.plex.raw(), own_sage, own_plex,
                           known=old is not None and old.known,

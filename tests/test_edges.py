@@ -570,6 +570,43 @@ def test_pending_clear_is_not_retried_over_a_full_rewatch_on_sagetv(
     quiet(env, state)
 
 
+def test_a_sagetv_finish_during_the_write_of_a_plex_position_is_kept(
+        world: World, start, state: Path) -> None:
+    """The user stops Plex at 8:04; the sync sets SageTV to 8:04, and the user finishes the
+    show on SageTV before the sync reads it back (two screens): the read-back shows watched,
+    with a new watch record. That is the user's viewing, not the run's doing: the next sync
+    keeps SageTV watched and marks Plex watched, rather than retrying 8:04 over it."""
+    item = world.episode("Bones", 2, 7, "The Woman in the Sand", duration_ms=60 * MIN,
+                         sage=at(20 * MIN, ago=DAY), plex=at(20 * MIN, ago=DAY))
+    env: Env = start()
+    user = User(world, env.plex)
+    ok(sync(env, state))
+
+    world.clock.advance(HOUR)
+    user.plex_stop(item, 8 * MIN + 4 * SEC)
+    written = [False]
+
+    def finish_before_the_read_back(request: Request) -> bool:
+        if request.function == "SetWatchedTimes":
+            written[0] = True
+        elif written[0] and request.function not in world.sage.WRITE_FUNCTIONS:
+            written[0] = False
+            world.clock.advance(2 * SEC)
+            user.sage_finish(item)
+        return False
+
+    env.sage.add_fault(Fault(when=finish_before_the_read_back))
+    sync(env, state)
+    env.sage.clear_faults()
+    assert world.sage_watched(item)
+
+    world.clock.advance(HOUR)
+    ok(sync(env, state))
+    assert world.sage_watched(item), "the stale 8:04 was written over the user's finish"
+    assert world.plex_item(item).view_count >= 1 and world.plex_item(item).view_offset_ms == 0
+    quiet(env, state)
+
+
 def test_rewatch_on_sagetv_after_unwatch_on_plex_keeps_both_watched(
         world: World, start, state: Path) -> None:
     """Synced watched on both. The user un-watches on Plex, and later watches it again on

@@ -32,6 +32,7 @@ import itertools
 import json
 import logging
 import logging.handlers
+import marshal
 import os
 import re
 import signal
@@ -46,7 +47,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from enum import Enum, IntEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, TextIO, TypeVar, cast
+from typing import IO, TYPE_CHECKING, Any, Generic, NamedTuple, NoReturn, TextIO, TypeVar, cast
 from xml.etree.ElementTree import Element, ParseError, fromstring
 from xml.parsers import expat
 
@@ -757,6 +758,47 @@ class SageClient(_Client):
             if len(page) < SAGEX_PAGE_SIZE:  # sagex gives no total: a short page is the last
                 return records
 
+    def listing(self, fields: Sequence[str], background: ThreadPoolExecutor,
+                build: Callable[[Iterable[object]], _BuiltT]) -> SageListing[_BuiltT]:
+        """The whole listing (media_files), made into ``build``'s value on ``background``'s
+        thread. On Linux, before any other thread runs, a child process fetches and parses
+        it: json.loads of a 100,000-file reply is a second of CPU that would otherwise
+        share the interpreter lock with the Plex listings read meanwhile."""
+        process = _ListingProcess.start(lambda: self._listing_answer(fields)) \
+            if _listing_may_fork() else None
+        if process is None:
+            return SageListing(background.submit(
+                lambda: build(self.media_files(fields, convert_media_file))))
+        return SageListing(background.submit(
+            lambda: build(self._listing_records(process, fields))), process)
+
+    def _listing_answer(self, fields: Sequence[str]) -> tuple:
+        """In the listing's process: the records packed (sage_packed; those it cannot pack
+        as sent, for the parent to read one by one), or the error's message; and what the
+        parent's client would have learnt from the replies."""
+        before = self._counter.count
+        try:
+            answer: tuple = ("ok", self.media_files(fields, _packed_or_raw))
+        except SyncError as exc:
+            answer = ("error", str(exc))
+        return (*answer, self._counter.count - before, self._counter.offset_ms)
+
+    def _listing_records(self, process: _ListingProcess, fields: Sequence[str]
+                         ) -> Iterator[object]:
+        """The listing's process's records as items (those it could not pack as they were
+        sent); when it gave no answer at all (killed, a bug), the listing read here."""
+        answer = process.result()
+        if answer is None:
+            log.warning("SageTV's listing process gave no answer: reading the listing here")
+            return iter(self.media_files(fields, convert_media_file))
+        kind, value, count, offset_ms = answer
+        self._counter.count += count
+        if self._counter.offset_ms is None:
+            self._counter.offset_ms = offset_ms
+        if kind != "ok":
+            raise SageError(value)
+        return (sage_item_from_packed(r) if type(r) is tuple else r for r in value)
+
     def media_file(self, media_file_id: int, fields: Sequence[str] | None = None) -> dict | None:
         """One media file by id (None when SageTV does not know it)."""
         record = self.call("GetMediaFileForID", media_file_id, fields=fields).get("MediaFile")
@@ -788,6 +830,104 @@ class SageClient(_Client):
     def now_ms(self) -> int:
         """The server's clock now, as far as its replies told."""
         return self._counter.local_ms() + (self._counter.offset_ms or 0)
+
+
+_BuiltT = TypeVar("_BuiltT")
+#: SageTV's listing read in a child process where that is safe (see SageClient.listing).
+LISTING_PROCESS = sys.platform.startswith("linux") and hasattr(os, "fork")
+
+
+def _listing_may_fork() -> bool:
+    """Only while the process has one thread: a child gets a copy of every lock, and one
+    held by another thread at the fork would be held in the child for ever."""
+    return LISTING_PROCESS and threading.active_count() == 1
+
+
+def _packed_or_raw(record: dict) -> object:
+    return sage_packed(record) or record
+
+
+class SageListing(Generic[_BuiltT]):
+    """SageTV's listing on its way: ``result()`` waits for it; ``close()`` ends its child
+    process, if it has one and the run no longer needs it (a failed Plex read)."""
+
+    def __init__(self, future: Future[_BuiltT], process: _ListingProcess | None = None
+                 ) -> None:
+        self.future, self.process = future, process
+
+    def result(self) -> _BuiltT:
+        return self.future.result()
+
+    def close(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+
+class _ListingProcess:
+    """A forked child that runs one function and hands its value back through a
+    temporary file with marshal (plain values only: a 100,000-file listing loads in a
+    tenth of a second). It always ends with os._exit: it shares the parent's files,
+    buffers and atexit handlers, none of which are its to flush or run."""
+
+    def __init__(self, pid: int, answer: IO[bytes]) -> None:
+        self.pid, self._answer = pid, answer
+        self._lock = threading.Lock()
+        self._running = True
+
+    @classmethod
+    def start(cls, work: Callable[[], Any]) -> _ListingProcess | None:
+        """The child started (None: it could not be, and the caller works in-process)."""
+        import tempfile  # here: --version and the like start without it
+
+        answer = tempfile.TemporaryFile()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            log.info("no process for SageTV's listing (%s): reading it in this one", exc)
+            answer.close()
+            return None
+        if pid == 0:
+            _run_child(work, answer)
+        return cls(pid, answer)
+
+    def result(self) -> Any:
+        """The child's value, once it has ended; None when it gave none."""
+        try:
+            _, status = os.waitpid(self.pid, 0)
+        finally:
+            with self._lock:
+                self._running = False
+        with self._answer:
+            if os.waitstatus_to_exitcode(status) != 0:
+                log.info("SageTV's listing process ended with status %d", status)
+                return None
+            self._answer.seek(0)
+            try:
+                return marshal.load(self._answer)
+            except (EOFError, ValueError, TypeError):
+                return None
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._running:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+
+
+def _run_child(work: Callable[[], Any], answer: IO[bytes]) -> NoReturn:
+    code = 70
+    try:
+        # The parent's handlers only set its stop event: the child ends as a process does.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        marshal.dump(work(), answer)
+        answer.flush()
+        code = 0
+    except BaseException:  # noqa: BLE001 - anything: the parent reads the listing itself
+        with contextlib.suppress(BaseException):
+            log.debug("SageTV's listing process failed", exc_info=True)
+    finally:
+        os._exit(code)
 
 
 ###############################################################################
@@ -1373,10 +1513,17 @@ def _ints(*values: object) -> bool:
     return {*map(type, values)} == _INT  # bool is not int here
 
 
-def sage_item_from_json(record: object) -> SageItem:
-    """One media file of the listing (SageError naming it when it cannot be read)."""
+#: A media file packed as the values a SageItem is made of, in its order (Airing's apart):
+#: what the listing's process hands back, marshal's plain tuples.
+SagePacked = tuple[int, int, tuple[str, ...], int, int, int, int, int, int, bool, bool, bool,
+                   int, int, int, str]
+
+
+def sage_packed(record: object) -> SagePacked | None:
+    """A listing record's values when each is there and of its type (the common case, in
+    one go); None: the record needs sage_item_from_json's field-by-field reading."""
     fields = cast(dict, record)  # anything else fails the lookups below
-    try:  # the common case, in one go: every field there and of its type
+    try:
         airing_json = fields["Airing"]
         show = airing_json["Show"]
         paths = fields["SegmentFiles"]
@@ -1388,18 +1535,31 @@ def sage_item_from_json(record: object) -> SageItem:
                   airing_json["RealWatchedEndTime"])
         show_id = show["ShowExternalID"]
     except (KeyError, TypeError, IndexError):
-        return _sage_item_checked(record)
+        return None
     if not (_ints(*values) and values[1] and type(show_id) is str and type(paths) is list
             and paths and all(type(p) is str for p in paths)):
-        return _sage_item_checked(record)
+        return None
     (media_file_id, airing_id, file_start, duration, segments, airing_start, airing_end,
      show_duration, watched_end, real_start, real_end) = values
-    return SageItem(media_file_id, airing_id, tuple(paths), max(1, segments), file_start,
-                    duration, Airing(airing_start, airing_end, show_duration, file_start,
-                                     _is_movie(show, show_id)),
-                    airing_json.get("IsWatched") is True,
-                    airing_json.get("IsWatchedCompletely") is True, watched_end, real_start,
-                    real_end, show_id)
+    return (media_file_id, airing_id, tuple(paths), max(1, segments), file_start, duration,
+            airing_start, airing_end, show_duration, _is_movie(show, show_id),
+            airing_json.get("IsWatched") is True, airing_json.get("IsWatchedCompletely") is True,
+            watched_end, real_start, real_end, show_id)
+
+
+def sage_item_from_packed(packed: SagePacked) -> SageItem:
+    (media_file_id, airing_id, paths, segments, file_start, duration, airing_start, airing_end,
+     show_duration, is_movie, watched, watched_completely, watched_end, real_start, real_end,
+     show_id) = packed
+    return SageItem(media_file_id, airing_id, paths, segments, file_start, duration,
+                    Airing(airing_start, airing_end, show_duration, file_start, is_movie),
+                    watched, watched_completely, watched_end, real_start, real_end, show_id)
+
+
+def sage_item_from_json(record: object) -> SageItem:
+    """One media file of the listing (SageError naming it when it cannot be read)."""
+    packed = sage_packed(record)
+    return _sage_item_checked(record) if packed is None else sage_item_from_packed(packed)
 
 
 def _is_movie(show: dict, show_id: str) -> bool:
@@ -3073,14 +3233,16 @@ class Reader:
         A read that fails ends the run here, before any write."""
         background = ThreadPoolExecutor(1, thread_name_prefix="sage-listing")
         targeted = self.targeted_files()
+        # The listing first: its process (if any) is forked before any thread starts.
+        listing = self.sage.listing(SAGE_FIELDS, background, SageIndex) if targeted is None \
+            else SageListing(background.submit(lambda: SageIndex(self.read_sage_files(targeted))))
         try:
-            listing = background.submit(self.sage.media_files, SAGE_FIELDS, convert_media_file
-                                        ) if targeted is None else background.submit(
-                self.read_sage_files, targeted)
-            plex_items, unreadable = self.read_plex()
-            played_fraction, played_from = self.plex.played_threshold()
-            index = SageIndex(listing.result())
+            with self.console.waiting("waiting for SageTV's listing"):
+                plex_items, unreadable = self.read_plex()
+                played_fraction, played_from = self.plex.played_threshold()
+                index = listing.result()  # made into the index on the listing's thread
         finally:
+            listing.close()
             background.shutdown(wait=False, cancel_futures=True)
         bases: dict[int, BaseRecord] = {}
         if self.state is not None:
@@ -5026,8 +5188,7 @@ def run_sync(opts: Options, config: Config, console: Console, stop: threading.Ev
         replays = replay.items if replay is not None else {}
         reader = Reader(opts, sage, plex, state, console, replays)
         with _failure_recorded(state, opts, console, on_failure):
-            with console.waiting("waiting for SageTV's listing"):
-                facts = reader.read()
+            facts = reader.read()
             if replay is not None and opts.apply_file is not None:
                 check_plan_servers(replay, reader.identity(), opts.apply_file)
             _say_clocks(sage, plex)

@@ -1657,28 +1657,38 @@ def plex_item_from_element(video: Element) -> PlexItem:
 def plex_item_from_record(record: VideoRecord) -> PlexItem:
     """One movie or episode of a listing (PlexError naming it when it cannot be read)."""
     attrs, files = record
-    key = attrs.get("ratingKey", "")
+    get = attrs.get
+    # Each number once, as sent: most are missing (never viewed, no position) or short.
+    key = get("ratingKey") or ""
+    view_count, offset, duration, viewed_at, show_key, season, index, season_key = texts = (
+        get("viewCount") or "", get("viewOffset") or "", get("duration") or "",
+        get("lastViewedAt") or "", get("grandparentRatingKey") or "", get("parentIndex") or "",
+        get("index") or "", get("parentRatingKey") or "")
+    joined = key + view_count + offset + duration + viewed_at + show_key + season + index \
+        + season_key
+    if not (key and joined.isdigit() and joined.isascii()):  # one check for all of them
+        _bad_plex_numbers(key, attrs, texts)
+    if get("type") == "episode":
+        return PlexItem(  # by position: a hundred thousand of these
+            int(key), get("title", ""), tuple(files), int(view_count or 0),
+            int(offset or 0), int(duration or 0), int(viewed_at or 0) * 1000,
+            # one string per show, however many episodes share it
+            sys.intern(get("grandparentTitle", "")), int(show_key or 0), int(season_key or 0),
+            # an empty or missing number is an unnumbered special
+            int(season) if season else None, int(index) if index else None,
+            sys.intern(get("year", "")), True)
+    return PlexItem(int(key), get("title", ""), tuple(files), int(view_count or 0),
+                    int(offset or 0), int(duration or 0), int(viewed_at or 0) * 1000,
+                    sys.intern(get("grandparentTitle", "")), int(show_key or 0), 0, None,
+                    None, sys.intern(get("year", "")), False)
+
+
+def _bad_plex_numbers(key: str, attrs: dict[str, str], texts: tuple[str, ...]) -> NoReturn:
     if not (key.isdigit() and key.isascii()):
         raise PlexError(f"a Plex item has no media id (ratingKey {key!r})")
-    texts = [attrs.get(name) or "" for name in _PLEX_NUMBERS]
-    joined = "".join(texts)
-    if joined and not (joined.isdigit() and joined.isascii()):  # one check for all of them
-        bad = next(n for n, t in zip(_PLEX_NUMBERS, texts, strict=True)
-                   if t and not (t.isdigit() and t.isascii()))
-        raise PlexError(f"Plex media id {key}: {bad} is {attrs[bad]!r}, not a number")
-    view_count, offset, duration, viewed_at, show_key, season, index, season_key = [
-        int(t) if t else 0 for t in texts]
-    episode = attrs.get("type") == "episode"
-    return PlexItem(  # by position: a hundred thousand of these
-        int(key), attrs.get("title", ""), tuple(files),
-        view_count, offset, duration, viewed_at * 1000,
-        # one string per show and year, however many episodes share it
-        sys.intern(attrs.get("grandparentTitle", "")), show_key,
-        season_key if episode else 0,
-        # an empty or missing number is an unnumbered special
-        season if episode and texts[5] else None,
-        index if episode and texts[6] else None,
-        sys.intern(attrs.get("year", "")), episode)
+    bad = next(n for n, t in zip(_PLEX_NUMBERS, texts, strict=True)
+               if t and not (t.isdigit() and t.isascii()))
+    raise PlexError(f"Plex media id {key}: {bad} is {attrs[bad]!r}, not a number")
 
 
 def file_name(path: str) -> str:
@@ -3252,7 +3262,7 @@ class Reader:
         log.info("SageTV lists %d media files; Plex %d items", len(index), len(plex_items))
         offsets = self.clock_offsets()  # the replies so far have told them
         rule = (played_fraction, self.opts.ignore_ms)
-        items = [self.assess(Item(plex, order), index, bases, rule, offsets)
+        items = [self.assess(plex, order, index, bases, rule, offsets)
                  for order, plex in enumerate(plex_items)]
         items += [item._replace(order=len(items) + n) for n, item in enumerate(
             unreadable + [_gone_item(key) for key in self.gone])]
@@ -3374,22 +3384,23 @@ class Reader:
                                  "season or show")
         return videos
 
-    def assess(self, item: Item, index: SageIndex, bases: Mapping[int, BaseRecord],
-               rule: tuple[float, int], offsets: tuple[int, int]) -> Item:
+    def assess(self, plex: PlexItem, order: int, index: SageIndex,
+               bases: Mapping[int, BaseRecord], rule: tuple[float, int],
+               offsets: tuple[int, int]) -> Item:
         """Match one Plex item and read both sides' states through the item's bounds."""
-        matches = index.match(item.plex)
+        matches = index.match(plex)
         if len(matches) != 1:
             if matches:
-                return item._replace(candidates=len(matches), detail="media files " + ", ".join(
-                    str(m.media_file_id) for m in matches))
-            return item._replace(unreadable=index.unreadable_reason(item.plex))
+                return Item(plex, order, candidates=len(matches), detail="media files " +
+                            ", ".join(str(m.media_file_id) for m in matches))
+            return Item(plex, order, unreadable=index.unreadable_reason(plex))
         sage = matches[0]
-        record = bases.get(item.plex.rating_key)
-        if sage.segments is None and self._needs_segments(item.plex, sage, record):
+        record = bases.get(plex.rating_key)
+        if sage.segments is None and self._needs_segments(plex, sage, record):
             # Read here, once: each item of a split recording then measures against them.
             sage.segments = tuple(self.sage.segment_times(sage.media_file_id,
                                                           sage.segment_count))
-        item = measured(item, sage, rule, offsets)
+        item = measured_new(plex, order, sage, rule, offsets)
         if record is not None and record.media_file_id == sage.media_file_id and (
                 not record.file_name or record.file_name == _item_file_name(item)):
             if item.measured_bounds is None and (_raw_has_position(record.sage_raw)
@@ -3440,6 +3451,21 @@ def measured(item: Item, sage: SageItem, rule: tuple[float, int], offsets: tuple
     return item._replace(measured_bounds=bounds, sage_status=sage_status(sage, segments, bounds),
                          plex_status=classify(plex.watched, plex.position_ms, bounds,
                                               is_sage=False))
+
+
+def measured_new(plex: PlexItem, order: int, sage: SageItem, rule: tuple[float, int],
+                 offsets: tuple[int, int]) -> Item:
+    """measured() of a Plex item just read: made in one go when neither side has a
+    position (most items), where each _replace would copy all of Item's fields again."""
+    if plex.position_ms or not (sage.watched or sage.watched_end_ms == 0) or (
+            sage.segments is not None and sage.segment_count > 1):
+        return measured(Item(plex, order), sage, rule, offsets)
+    return Item(plex, order, sage, 1, segments=sage.segments if sage.segments is not None
+                else ((sage.file_start_ms, sage.file_start_ms + sage.file_duration_ms),),
+                bounds_rule=rule, sage_status=WATCHED if sage.watched else NOT_WATCHED,
+                plex_status=WATCHED if plex.view_count > 0 else NOT_WATCHED,
+                sage_last_ms=local_time(sage.real_end_ms, offsets[0]),
+                plex_last_ms=local_time(plex.last_viewed_ms, offsets[1]))
 
 
 def _item_file_name(item: Item) -> str:

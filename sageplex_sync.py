@@ -769,6 +769,7 @@ class SageClient(_Client):
         if process is None:
             return SageListing(background.submit(
                 lambda: build(self.media_files(fields, convert_media_file))))
+        log.info("SageTV's listing is read in process %d", process.pid)
         return SageListing(background.submit(
             lambda: build(self._listing_records(process, fields))), process)
 

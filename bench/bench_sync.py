@@ -9,7 +9,8 @@
 For each size it builds a world in both fakes (40 shows of many seasons and episodes plus
 ~12 % movies, 1 in 500 a split two-file recording; 5 % out of sync, spread over every row of
 the decision table), serves it from this process on 127.0.0.1 and runs, each in its own
-subprocess so that peak memory (``os.wait4`` rusage) and start-up are the tool's own:
+subprocess so that peak memory (``os.wait4`` rusage, plus the peaks of any process it starts,
+sampled from /proc: the sum of every process's peak) and start-up are the tool's own:
 
 * the FLOOR: the tool's own listing requests (SageTV's GetMediaFiles for exactly
   ``sageplex_sync.SAGE_FIELDS``, each Plex section's listing in one page), their paths and
@@ -286,27 +287,76 @@ def build_world(size: int, out_of_sync_pct: float = OUT_OF_SYNC_PCT, rows: int =
 class ChildRun:
     wall_s: float
     code: int
-    rss_mb: float
+    rss_mb: float  # the sum of each process's peak: the subprocess's and its children's
     cpu_s: float
     out: str
     err: str
+    children_rss_mb: float = 0.0  # of that, the children's (0: it started none)
     server_s: dict[str, float] = field(default_factory=dict)  # per fake: seconds in the app
     listings: tuple[int, int] = (0, 0)  # SageTV GetMediaFiles calls, the most at once
     serve_s: dict[str, float] = field(default_factory=dict)  # ... and handling requests
     requests: dict[str, dict[str, int]] = field(default_factory=dict)  # fake -> function -> n
 
 
+class DescendantPeaks:
+    """The peak RSS of each process a subprocess starts (the tool forks one to read
+    SageTV's listing): their high-water marks (VmHWM, which only grows) sampled every
+    few milliseconds from /proc while they live. os.wait4's ru_maxrss is the largest of
+    the subprocess and its children, not their sum, so it alone would hide a child."""
+
+    INTERVAL_S = 0.005
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peaks_kb: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _children(pid: int) -> list[int]:
+        try:
+            text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+        except OSError:
+            return []
+        return [int(c) for c in text.split()]
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.INTERVAL_S):
+            pending = self._children(self.pid)
+            while pending:
+                child = pending.pop()
+                pending += self._children(child)
+                try:
+                    status = Path(f"/proc/{child}/status").read_text()
+                except OSError:
+                    continue
+                found = re.search(r"^VmHWM:\s+(\d+) kB", status, re.M)
+                if found:  # none once it has exited
+                    self.peaks_kb[child] = max(self.peaks_kb.get(child, 0), int(found[1]))
+
+    def stop(self) -> int:
+        """The sum of the children's peaks (KB)."""
+        self._stop.set()
+        self._thread.join()
+        return sum(self.peaks_kb.values())
+
+
 def spawn(job: dict) -> dict:
     """Run one subprocess, stdout and stderr to files (nothing to drain); its wall time,
-    exit code, peak RSS (KB) and CPU seconds from os.wait4."""
+    exit code, peak RSS (KB) and CPU seconds from os.wait4 (the CPU of the children it
+    waited for included), and the peak RSS of its children (DescendantPeaks)."""
     with open(job["out"], "wb") as out, open(job["err"], "wb") as err:
         started = time.perf_counter()
         proc = subprocess.Popen(job["argv"], stdout=out, stderr=err, env=job["env"],
                                 cwd=job["cwd"])
+        peaks = DescendantPeaks(proc.pid)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - started
+        children_kb = peaks.stop()
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
     return {"wall_s": wall, "code": proc.returncode, "maxrss_kb": usage.ru_maxrss,
+            "children_rss_kb": children_kb, "children": len(peaks.peaks_kb),
             "cpu_s": usage.ru_utime + usage.ru_stime}
 
 
@@ -349,9 +399,12 @@ def run_child(argv: list[str], env: dict[str, str], workdir: Path) -> ChildRun:
     job = {"argv": argv, "env": env, "cwd": str(ROOT), "out": str(out_path),
            "err": str(err_path)}
     result = SPAWNER.run(job) if SPAWNER is not None else spawn(job)
-    return ChildRun(result["wall_s"], result["code"], result["maxrss_kb"] / 1024,
+    # Each process's peak added up: more than they ever held at once, and pages a fork
+    # shares with its parent count twice, so the figure can only flatter no one.
+    children_kb = result.get("children_rss_kb", 0)
+    return ChildRun(result["wall_s"], result["code"], (result["maxrss_kb"] + children_kb) / 1024,
                     result["cpu_s"], out_path.read_text(encoding="utf-8", errors="replace"),
-                    err_path.read_text(encoding="utf-8", errors="replace"))
+                    err_path.read_text(encoding="utf-8", errors="replace"), children_kb / 1024)
 
 
 def run_worker(name: str, spec: dict, env: dict[str, str], workdir: Path) -> tuple[ChildRun, dict]:
@@ -655,6 +708,14 @@ def measure(size: int, repeat: int, samples: int, latency: Latency, say) -> Size
     return result
 
 
+def rss_split(run: ChildRun) -> str:
+    """How a peak RSS over several processes adds up."""
+    if not run.children_rss_mb:
+        return ""
+    return (f" (the tool's process {run.rss_mb - run.children_rss_mb:.0f} + its listing "
+            f"process {run.children_rss_mb:.0f})")
+
+
 def server_share(run: ChildRun) -> str:
     total = sum(run.server_s.values())
     return (f"server {total:.2f} s = {100 * total / run.wall_s:.0f} % "
@@ -681,12 +742,12 @@ def report_size(r: SizeResult, say) -> None:
         f"included) = {r.ratio:.2f}x the floor ({r.check.wall_s / r.floor.wall_s:.2f}x the "
         f"floor's subprocess wall); CPU {r.check.cpu_s:.2f} s = "
         f"{r.check.cpu_s / r.floor.cpu_s:.2f}x the floor's subprocess CPU; peak RSS "
-        f"{r.check.rss_mb:.0f} MB; {server_share(r.check)}")
+        f"{r.check.rss_mb:.0f} MB{rss_split(r.check)}; {server_share(r.check)}")
     sync_writes = writes(r.sync)
     say(f"  sync  `all -s` (first sync) {r.sync.wall_s:6.2f} s wall; "
         f"{r.info.out_of_sync:,} items updated with {sync_writes['SageTV']:,} SageTV + "
         f"{sync_writes['Plex']:,} Plex writes; CPU {r.sync.cpu_s:.2f} s; peak RSS "
-        f"{r.sync.rss_mb:.0f} MB; {server_share(r.sync)}")
+        f"{r.sync.rss_mb:.0f} MB{rss_split(r.sync)}; {server_share(r.sync)}")
     say(f"  again `all` after the sync {r.after.wall_s:6.2f} s wall; "
         f"{total_line(r.after.out)} (0 writes); in the sync, ClearWatched came before "
         f"SetWatchedTimes for all {r.cleared_then_set:,} items that had both")
@@ -1072,8 +1133,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         say(f"sizes {', '.join(f'{s:,}' for s in sizes)}; floor and check: best of "
             f"{args.repeat}, alternately; the tool's wall times are around a subprocess (python "
-            "start-up included), the floor is timed inside its process; peak RSS and CPU from "
-            "rusage")
+            "start-up included), the floor is timed inside its process; CPU from rusage "
+            "(children included); peak RSS: the sum of every process's peak (rusage, and "
+            "/proc for the processes a run starts)")
         say(f"server latency: {latency}")
         say("server = seconds inside the fakes' code; 'with HTTP handling' adds parsing the "
             "requests and writing the replies, which waits while the client is busy reading")

@@ -897,7 +897,11 @@ class _ListingProcess:
         """The child started (None: it could not be, and the caller works in-process)."""
         import tempfile  # here: --version and the like start without it
 
-        answer = tempfile.TemporaryFile()
+        try:
+            answer = tempfile.TemporaryFile()
+        except OSError as exc:
+            log.info("no file for SageTV's listing process (%s): reading it in this one", exc)
+            return None
         try:
             pid = os.fork()
         except OSError as exc:
@@ -910,12 +914,18 @@ class _ListingProcess:
 
     def result(self) -> Iterator[Any] | None:
         """The values the child gave, read one by one once it has ended; None when it
-        gave none."""
+        failed (a bug: the caller does the work itself). One killed by a signal (the
+        user's ^C, the kernel out of memory, stop()) is an error: doing its work again
+        would only meet the same end, or keep a stopping run alive."""
         try:
             _, status = os.waitpid(self.pid, 0)
         finally:
             with self._lock:
                 self._running = False
+        if os.WIFSIGNALED(status):
+            self._answer.close()
+            raise SageError(f"SageTV's listing process was killed (signal "
+                            f"{os.WTERMSIG(status)}) while it read the listing")
         if os.waitstatus_to_exitcode(status) != 0:
             log.info("SageTV's listing process ended with status %d", status)
             self._answer.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -205,6 +206,21 @@ def test_a_child_that_fails_with_a_bug_means_reading_the_listing_here(
 
     assert r.code == 0, r.err
     assert "Total: 14 videos" in r.total
+
+
+def test_a_child_killed_by_a_signal_is_a_one_line_error_not_a_second_listing(
+        world: World, start: Any, monkeypatch: pytest.MonkeyPatch, forked: None) -> None:
+    declare_library(world)
+    env = start()
+    monkeypatch.setattr(sageplex_sync.SageClient, "_listing_answer",
+                        lambda self, fields: os.kill(os.getpid(), signal.SIGKILL))
+
+    r = env.run("all")
+
+    assert r.code == 1
+    assert r.err == ("sageplex-sync: error: SageTV's listing process was killed (signal 9) "
+                     "while it read the listing\n")
+    assert not env.sage.requests(function="GetMediaFiles")
 
 
 def test_a_failed_plex_read_ends_the_listing_process(

@@ -29,6 +29,8 @@ from tests.fakes.world import DAY, HOUR, MIN, SAGE_PASSWORD, SAGE_USER, World, a
 
 TOOL = Path(sageplex_sync.__file__)
 FORKED = "SageTV's listing is read in process"
+pytestmark = pytest.mark.skipif(not sageplex_sync.LISTING_PROCESS,
+                                reason="the listing's process is for Linux only")
 
 
 def declare_library(world: World) -> None:

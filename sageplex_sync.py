@@ -32,6 +32,7 @@ import itertools
 import json
 import logging
 import logging.handlers
+import marshal
 import os
 import re
 import signal
@@ -46,7 +47,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from enum import Enum, IntEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, TextIO, TypeVar, cast
+from typing import IO, TYPE_CHECKING, Any, Generic, NamedTuple, NoReturn, TextIO, TypeVar, cast
 from xml.etree.ElementTree import Element, ParseError, fromstring
 from xml.parsers import expat
 
@@ -702,11 +703,15 @@ class SageClient(_Client):
         session = self._writes if write else self._listing if listing else self._reads
         timeout = self.server.list_timeout_s if listing else self.server.timeout_s
 
-        def get() -> tuple[requests.Response, bytes]:
+        def get() -> tuple[requests.Response, bytearray]:
             with self._prepared.send(session, "get", query, None, timeout, True) as response:
                 # The body in big pieces: in requests' own 10 KB ones, a 50 MB listing
-                # spends a fifth of its read in Python.
-                return response, b"".join(response.iter_content(SAGE_READ_CHUNK))
+                # spends a fifth of its read in Python. Into one buffer, which _decode
+                # empties: joined pieces would hold the body twice.
+                body = bytearray()
+                for piece in response.iter_content(SAGE_READ_CHUNK):
+                    body += piece
+                return response, body
         try:
             response, body = get() if write else _read_again_if_cut_off(get)
         except requests.RequestException as exc:
@@ -716,7 +721,7 @@ class SageClient(_Client):
                 "list_timeout" if listing else "timeout")) from None
         return self._decode(response, body, what, convert)
 
-    def _decode(self, response: requests.Response, body: bytes, what: str,
+    def _decode(self, response: requests.Response, body: bytearray, what: str,
                 convert: Callable[[dict], Any] | None = None) -> dict:
         where = f"SageTV at {self.server.address}"
         if response.status_code in (401, 403):
@@ -732,10 +737,15 @@ class SageClient(_Client):
             # media file is converted as soon as it is parsed, so the raw ones never pile up.
             hook = None if convert is None else (
                 lambda obj: convert(obj) if "MediaFileID" in obj else obj)
-            data = json.loads(body, object_hook=hook)
+            size = len(body)
+            # As json.loads decodes bytes, but the bytes let go before the parse builds
+            # its objects: a 100,000-file listing's peak is 50 MB lower.
+            text = body.decode(json.detect_encoding(body), "surrogatepass")
+            body.clear()
+            data = json.loads(text, object_hook=hook)
         except ValueError:
             raise SageError(f"{where} sent a reply {what} that is not JSON "
-                            f"({len(body)} bytes); is this a sagex server?") from None
+                            f"({size} bytes); is this a sagex server?") from None
         if not isinstance(data, dict):
             raise SageError(f"{where} sent an unexpected reply {what} (not a JSON object)")
         # A top-level "error" is a failed call; one nested inside a serialized object is
@@ -763,6 +773,54 @@ class SageClient(_Client):
             records.extend(page)
             if len(page) < SAGEX_PAGE_SIZE:  # sagex gives no total: a short page is the last
                 return records
+
+    def listing(self, fields: Sequence[str], background: ThreadPoolExecutor,
+                build: Callable[[Iterable[object]], _BuiltT]) -> SageListing[_BuiltT]:
+        """The whole listing (media_files), made into ``build``'s value on ``background``'s
+        thread. On Linux, before any other thread runs, a child process fetches and parses
+        it: json.loads of a 100,000-file reply is a second of CPU that would otherwise
+        share the interpreter lock with the Plex listings read meanwhile."""
+        process = _ListingProcess.start(lambda: self._listing_answer(fields)) \
+            if _listing_may_fork() else None
+        if process is None:
+            return SageListing(background.submit(
+                lambda: build(self.media_files(fields, convert_media_file))))
+        log.info("SageTV's listing is read in process %d", process.pid)
+        return SageListing(background.submit(
+            lambda: build(self._listing_records(process, fields))), process)
+
+    def _listing_answer(self, fields: Sequence[str]) -> Iterator[object]:
+        """In the listing's process: what the parent's client would have learnt from the
+        replies and the error's message, if any; then the records packed (sage_packed;
+        those it cannot pack as sent, for the parent to read one by one) in batches,
+        so that neither process holds them all marshalled at once."""
+        before = self._counter.count
+        try:
+            records = self.media_files(fields, _packed_or_raw)
+            error = None
+        except SyncError as exc:
+            records, error = [], str(exc)
+        yield error, self._counter.count - before, self._counter.offset_ms
+        for first in range(0, len(records), LISTING_BATCH):
+            yield records[first:first + LISTING_BATCH]
+
+    def _listing_records(self, process: _ListingProcess, fields: Sequence[str]
+                         ) -> Iterator[object]:
+        """The listing's process's records as items (those it could not pack as they were
+        sent); when it gave no answer at all (killed, a bug), the listing read here."""
+        answer = process.result()
+        header = None if answer is None else next(answer, None)
+        if answer is None or header is None:
+            log.warning("SageTV's listing process gave no answer: reading the listing here")
+            return iter(self.media_files(fields, convert_media_file))
+        error, count, offset_ms = header
+        self._counter.count += count
+        if self._counter.offset_ms is None:
+            self._counter.offset_ms = offset_ms
+        if error is not None:
+            raise SageError(error)
+        return (sage_item_from_packed(r) if type(r) is tuple else r
+                for batch in answer for r in batch)
 
     def media_file(self, media_file_id: int, fields: Sequence[str] | None = None) -> dict | None:
         """One media file by id (None when SageTV does not know it)."""
@@ -798,6 +856,123 @@ class SageClient(_Client):
 
     def measure_clock_again(self) -> None:
         self._counter.measure_again()
+
+
+_BuiltT = TypeVar("_BuiltT")
+#: Records marshalled at a time by the listing's process.
+LISTING_BATCH = 10_000
+#: SageTV's listing read in a child process where that is safe (see SageClient.listing).
+LISTING_PROCESS = sys.platform.startswith("linux") and hasattr(os, "fork")
+
+
+def _listing_may_fork() -> bool:
+    """Only while the process has one thread: a child gets a copy of every lock, and one
+    held by another thread at the fork would be held in the child for ever."""
+    return LISTING_PROCESS and threading.active_count() == 1
+
+
+def _packed_or_raw(record: dict) -> object:
+    return sage_packed(record) or record
+
+
+class SageListing(Generic[_BuiltT]):
+    """SageTV's listing on its way: ``result()`` waits for it; ``close()`` ends its child
+    process, if it has one and the run no longer needs it (a failed Plex read)."""
+
+    def __init__(self, future: Future[_BuiltT], process: _ListingProcess | None = None
+                 ) -> None:
+        self.future, self.process = future, process
+
+    def result(self) -> _BuiltT:
+        return self.future.result()
+
+    def close(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+
+class _ListingProcess:
+    """A forked child that runs one generator and hands its values back through a
+    temporary file with marshal (plain values only: a 100,000-file listing loads in a
+    tenth of a second). It always ends with os._exit: it shares the parent's files,
+    buffers and atexit handlers, none of which are its to flush or run."""
+
+    def __init__(self, pid: int, answer: IO[bytes]) -> None:
+        self.pid, self._answer = pid, answer
+        self._lock = threading.Lock()
+        self._running = True
+
+    @classmethod
+    def start(cls, work: Callable[[], Any]) -> _ListingProcess | None:
+        """The child started (None: it could not be, and the caller works in-process)."""
+        import tempfile  # here: --version and the like start without it
+
+        try:
+            answer = tempfile.TemporaryFile()
+        except OSError as exc:
+            log.info("no file for SageTV's listing process (%s): reading it in this one", exc)
+            return None
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            log.info("no process for SageTV's listing (%s): reading it in this one", exc)
+            answer.close()
+            return None
+        if pid == 0:
+            _run_child(work, answer)
+        return cls(pid, answer)
+
+    def result(self) -> Iterator[Any] | None:
+        """The values the child gave, read one by one once it has ended; None when it
+        failed (a bug: the caller does the work itself). One killed by a signal (the
+        user's ^C, the kernel out of memory, stop()) is an error: doing its work again
+        would only meet the same end, or keep a stopping run alive."""
+        try:
+            _, status = os.waitpid(self.pid, 0)
+        finally:
+            with self._lock:
+                self._running = False
+        if os.WIFSIGNALED(status):
+            self._answer.close()
+            raise SageError(f"SageTV's listing process was killed (signal "
+                            f"{os.WTERMSIG(status)}) while it read the listing")
+        if os.waitstatus_to_exitcode(status) != 0:
+            log.info("SageTV's listing process ended with status %d", status)
+            self._answer.close()
+            return None
+        self._answer.seek(0)
+        return self._values()
+
+    def _values(self) -> Iterator[Any]:
+        with self._answer:
+            while size := int.from_bytes(self._answer.read(8), "little"):
+                # marshal.loads of the bytes: marshal.load reads a file a value at a time
+                yield marshal.loads(self._answer.read(size))
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._running:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+
+
+def _run_child(work: Callable[[], Any], answer: IO[bytes]) -> NoReturn:
+    code = 70
+    try:
+        # The parent's handlers only set its stop event: the child ends as a process does.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for value in work():
+            data = marshal.dumps(value)
+            answer.write(len(data).to_bytes(8, "little"))
+            answer.write(data)
+        answer.flush()
+        code = 0
+    except BaseException:  # noqa: BLE001 - anything: the parent reads the listing itself
+        with contextlib.suppress(BaseException):
+            log.debug("SageTV's listing process failed", exc_info=True)
+    finally:
+        os._exit(code)
 
 
 ###############################################################################
@@ -1383,10 +1558,17 @@ def _ints(*values: object) -> bool:
     return {*map(type, values)} == _INT  # bool is not int here
 
 
-def sage_item_from_json(record: object) -> SageItem:
-    """One media file of the listing (SageError naming it when it cannot be read)."""
+#: A media file packed as the values a SageItem is made of, in its order (Airing's apart):
+#: what the listing's process hands back, marshal's plain tuples.
+SagePacked = tuple[int, int, tuple[str, ...], int, int, int, int, int, int, bool, bool, bool,
+                   int, int, int, str]
+
+
+def sage_packed(record: object) -> SagePacked | None:
+    """A listing record's values when each is there and of its type (the common case, in
+    one go); None: the record needs sage_item_from_json's field-by-field reading."""
     fields = cast(dict, record)  # anything else fails the lookups below
-    try:  # the common case, in one go: every field there and of its type
+    try:
         airing_json = fields["Airing"]
         show = airing_json["Show"]
         paths = fields["SegmentFiles"]
@@ -1398,18 +1580,31 @@ def sage_item_from_json(record: object) -> SageItem:
                   airing_json["RealWatchedEndTime"])
         show_id = show["ShowExternalID"]
     except (KeyError, TypeError, IndexError):
-        return _sage_item_checked(record)
+        return None
     if not (_ints(*values) and values[1] and type(show_id) is str and type(paths) is list
             and paths and all(type(p) is str for p in paths)):
-        return _sage_item_checked(record)
+        return None
     (media_file_id, airing_id, file_start, duration, segments, airing_start, airing_end,
      show_duration, watched_end, real_start, real_end) = values
-    return SageItem(media_file_id, airing_id, tuple(paths), max(1, segments), file_start,
-                    duration, Airing(airing_start, airing_end, show_duration, file_start,
-                                     _is_movie(show, show_id)),
-                    airing_json.get("IsWatched") is True,
-                    airing_json.get("IsWatchedCompletely") is True, watched_end, real_start,
-                    real_end, show_id)
+    return (media_file_id, airing_id, tuple(paths), max(1, segments), file_start, duration,
+            airing_start, airing_end, show_duration, _is_movie(show, show_id),
+            airing_json.get("IsWatched") is True, airing_json.get("IsWatchedCompletely") is True,
+            watched_end, real_start, real_end, show_id)
+
+
+def sage_item_from_packed(packed: SagePacked) -> SageItem:
+    (media_file_id, airing_id, paths, segments, file_start, duration, airing_start, airing_end,
+     show_duration, is_movie, watched, watched_completely, watched_end, real_start, real_end,
+     show_id) = packed
+    return SageItem(media_file_id, airing_id, paths, segments, file_start, duration,
+                    Airing(airing_start, airing_end, show_duration, file_start, is_movie),
+                    watched, watched_completely, watched_end, real_start, real_end, show_id)
+
+
+def sage_item_from_json(record: object) -> SageItem:
+    """One media file of the listing (SageError naming it when it cannot be read)."""
+    packed = sage_packed(record)
+    return _sage_item_checked(record) if packed is None else sage_item_from_packed(packed)
 
 
 def _is_movie(show: dict, show_id: str) -> bool:
@@ -1507,28 +1702,38 @@ def plex_item_from_element(video: Element) -> PlexItem:
 def plex_item_from_record(record: VideoRecord) -> PlexItem:
     """One movie or episode of a listing (PlexError naming it when it cannot be read)."""
     attrs, files = record
-    key = attrs.get("ratingKey", "")
+    get = attrs.get
+    # Each number once, as sent: most are missing (never viewed, no position) or short.
+    key = get("ratingKey") or ""
+    view_count, offset, duration, viewed_at, show_key, season, index, season_key = texts = (
+        get("viewCount") or "", get("viewOffset") or "", get("duration") or "",
+        get("lastViewedAt") or "", get("grandparentRatingKey") or "", get("parentIndex") or "",
+        get("index") or "", get("parentRatingKey") or "")
+    joined = key + view_count + offset + duration + viewed_at + show_key + season + index \
+        + season_key
+    if not (key and joined.isdigit() and joined.isascii()):  # one check for all of them
+        _bad_plex_numbers(key, attrs, texts)
+    if get("type") == "episode":
+        return PlexItem(  # by position: a hundred thousand of these
+            int(key), get("title", ""), tuple(files), int(view_count or 0),
+            int(offset or 0), int(duration or 0), int(viewed_at or 0) * 1000,
+            # one string per show, however many episodes share it
+            sys.intern(get("grandparentTitle", "")), int(show_key or 0), int(season_key or 0),
+            # an empty or missing number is an unnumbered special
+            int(season) if season else None, int(index) if index else None,
+            sys.intern(get("year", "")), True)
+    return PlexItem(int(key), get("title", ""), tuple(files), int(view_count or 0),
+                    int(offset or 0), int(duration or 0), int(viewed_at or 0) * 1000,
+                    sys.intern(get("grandparentTitle", "")), int(show_key or 0), 0, None,
+                    None, sys.intern(get("year", "")), False)
+
+
+def _bad_plex_numbers(key: str, attrs: dict[str, str], texts: tuple[str, ...]) -> NoReturn:
     if not (key.isdigit() and key.isascii()):
         raise PlexError(f"a Plex item has no media id (ratingKey {key!r})")
-    texts = [attrs.get(name) or "" for name in _PLEX_NUMBERS]
-    joined = "".join(texts)
-    if joined and not (joined.isdigit() and joined.isascii()):  # one check for all of them
-        bad = next(n for n, t in zip(_PLEX_NUMBERS, texts, strict=True)
-                   if t and not (t.isdigit() and t.isascii()))
-        raise PlexError(f"Plex media id {key}: {bad} is {attrs[bad]!r}, not a number")
-    view_count, offset, duration, viewed_at, show_key, season, index, season_key = [
-        int(t) if t else 0 for t in texts]
-    episode = attrs.get("type") == "episode"
-    return PlexItem(  # by position: a hundred thousand of these
-        int(key), attrs.get("title", ""), tuple(files),
-        view_count, offset, duration, viewed_at * 1000,
-        # one string per show and year, however many episodes share it
-        sys.intern(attrs.get("grandparentTitle", "")), show_key,
-        season_key if episode else 0,
-        # an empty or missing number is an unnumbered special
-        season if episode and texts[5] else None,
-        index if episode and texts[6] else None,
-        sys.intern(attrs.get("year", "")), episode)
+    bad = next(n for n, t in zip(_PLEX_NUMBERS, texts, strict=True)
+               if t and not (t.isdigit() and t.isascii()))
+    raise PlexError(f"Plex media id {key}: {bad} is {attrs[bad]!r}, not a number")
 
 
 def file_name(path: str) -> str:
@@ -3154,14 +3359,16 @@ class Reader:
         A read that fails ends the run here, before any write."""
         background = ThreadPoolExecutor(1, thread_name_prefix="sage-listing")
         targeted = self.targeted_files()
+        # The listing first: its process (if any) is forked before any thread starts.
+        listing = self.sage.listing(SAGE_FIELDS, background, SageIndex) if targeted is None \
+            else SageListing(background.submit(lambda: SageIndex(self.read_sage_files(targeted))))
         try:
-            listing = background.submit(self.sage.media_files, SAGE_FIELDS, convert_media_file
-                                        ) if targeted is None else background.submit(
-                self.read_sage_files, targeted)
-            plex_items, unreadable = self.read_plex()
-            played_fraction, played_from = self.plex.played_threshold()
-            index = SageIndex(listing.result())
+            with self.console.waiting("waiting for SageTV's listing"):
+                plex_items, unreadable = self.read_plex()
+                played_fraction, played_from = self.plex.played_threshold()
+                index = listing.result()  # made into the index on the listing's thread
         finally:
+            listing.close()
             background.shutdown(wait=False, cancel_futures=True)
         bases: dict[int, BaseRecord] = {}
         if self.state is not None:
@@ -3171,7 +3378,7 @@ class Reader:
         log.info("SageTV lists %d media files; Plex %d items", len(index), len(plex_items))
         offsets = self.clock_offsets()  # the replies so far have told them
         rule = (played_fraction, self.opts.ignore_ms)
-        items = [self.assess(Item(plex, order), index, bases, rule, offsets)
+        items = [self.assess(plex, order, index, bases, rule, offsets)
                  for order, plex in enumerate(plex_items)]
         items += [item._replace(order=len(items) + n) for n, item in enumerate(
             unreadable + [_gone_item(key) for key in self.gone])]
@@ -3293,22 +3500,23 @@ class Reader:
                                  "season or show")
         return videos
 
-    def assess(self, item: Item, index: SageIndex, bases: Mapping[int, BaseRecord],
-               rule: tuple[float, int], offsets: tuple[int, int]) -> Item:
+    def assess(self, plex: PlexItem, order: int, index: SageIndex,
+               bases: Mapping[int, BaseRecord], rule: tuple[float, int],
+               offsets: tuple[int, int]) -> Item:
         """Match one Plex item and read both sides' states through the item's bounds."""
-        matches = index.match(item.plex)
+        matches = index.match(plex)
         if len(matches) != 1:
             if matches:
-                return item._replace(candidates=len(matches), detail="media files " + ", ".join(
-                    str(m.media_file_id) for m in matches))
-            return item._replace(unreadable=index.unreadable_reason(item.plex))
+                return Item(plex, order, candidates=len(matches), detail="media files " +
+                            ", ".join(str(m.media_file_id) for m in matches))
+            return Item(plex, order, unreadable=index.unreadable_reason(plex))
         sage = matches[0]
-        record = bases.get(item.plex.rating_key)
-        if sage.segments is None and self._needs_segments(item.plex, sage, record):
+        record = bases.get(plex.rating_key)
+        if sage.segments is None and self._needs_segments(plex, sage, record):
             # Read here, once: each item of a split recording then measures against them.
             sage.segments = tuple(self.sage.segment_times(sage.media_file_id,
                                                           sage.segment_count))
-        item = measured(item, sage, rule, offsets)
+        item = measured_new(plex, order, sage, rule, offsets)
         if record is not None and record.media_file_id == sage.media_file_id and (
                 not record.file_name or record.file_name == _item_file_name(item)):
             if item.measured_bounds is None and (_raw_has_position(record.sage_raw)
@@ -3359,6 +3567,21 @@ def measured(item: Item, sage: SageItem, rule: tuple[float, int], offsets: tuple
     return item._replace(measured_bounds=bounds, sage_status=sage_status(sage, segments, bounds),
                          plex_status=classify(plex.watched, plex.position_ms, bounds,
                                               is_sage=False))
+
+
+def measured_new(plex: PlexItem, order: int, sage: SageItem, rule: tuple[float, int],
+                 offsets: tuple[int, int]) -> Item:
+    """measured() of a Plex item just read: made in one go when neither side has a
+    position (most items), where each _replace would copy all of Item's fields again."""
+    if plex.position_ms or not (sage.watched or sage.watched_end_ms == 0) or (
+            sage.segments is not None and sage.segment_count > 1):
+        return measured(Item(plex, order), sage, rule, offsets)
+    return Item(plex, order, sage, 1, segments=sage.segments if sage.segments is not None
+                else ((sage.file_start_ms, sage.file_start_ms + sage.file_duration_ms),),
+                bounds_rule=rule, sage_status=WATCHED if sage.watched else NOT_WATCHED,
+                plex_status=WATCHED if plex.view_count > 0 else NOT_WATCHED,
+                sage_last_ms=local_time(sage.real_end_ms, offsets[0]),
+                plex_last_ms=local_time(plex.last_viewed_ms, offsets[1]))
 
 
 def _item_file_name(item: Item) -> str:
@@ -5156,8 +5379,7 @@ def run_sync(opts: Options, config: Config, console: Console, stop: threading.Ev
         replays = replay.items if replay is not None else {}
         reader = Reader(opts, sage, plex, state, console, replays)
         with _failure_recorded(state, opts, console, on_failure):
-            with console.waiting("waiting for SageTV's listing"):
-                facts = reader.read()
+            facts = reader.read()
             if replay is not None and opts.apply_file is not None:
                 check_plan_servers(replay, reader.identity(), opts.apply_file)
             _say_clocks(sage, plex)

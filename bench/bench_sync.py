@@ -9,7 +9,8 @@
 For each size it builds a world in both fakes (40 shows of many seasons and episodes plus
 ~12 % movies, 1 in 500 a split two-file recording; 5 % out of sync, spread over every row of
 the decision table), serves it from this process on 127.0.0.1 and runs, each in its own
-subprocess so that peak memory (``os.wait4`` rusage) and start-up are the tool's own:
+subprocess so that peak memory (the most it and any process it starts held at once, sampled
+from /proc, and never less than ``os.wait4``'s peak) and start-up are the tool's own:
 
 * the FLOOR: the tool's own listing requests (SageTV's GetMediaFiles for exactly
   ``sageplex_sync.SAGE_FIELDS``, each Plex section's listing in one page), their paths and
@@ -286,27 +287,84 @@ def build_world(size: int, out_of_sync_pct: float = OUT_OF_SYNC_PCT, rows: int =
 class ChildRun:
     wall_s: float
     code: int
-    rss_mb: float
+    rss_mb: float  # the most its processes held at once (itself alone when it starts none)
     cpu_s: float
     out: str
     err: str
+    children_rss_mb: float = 0.0  # the largest peak of a process it started (0: none)
+    peaks_sum_mb: float = 0.0  # each process's own peak, added up: a bound never reached
     server_s: dict[str, float] = field(default_factory=dict)  # per fake: seconds in the app
     listings: tuple[int, int] = (0, 0)  # SageTV GetMediaFiles calls, the most at once
     serve_s: dict[str, float] = field(default_factory=dict)  # ... and handling requests
     requests: dict[str, dict[str, int]] = field(default_factory=dict)  # fake -> function -> n
 
 
+class TreeMemory:
+    """The memory of a subprocess and of every process it starts (the tool forks one to
+    read SageTV's listing), sampled from /proc every few milliseconds while they live:
+    the largest sum of their resident sizes at one moment (pages a fork shares with its
+    parent count twice), and each process's own peak (VmHWM). os.wait4's ru_maxrss is
+    the largest of the subprocess and its children, never their sum."""
+
+    INTERVAL_S = 0.005
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peaks_kb: dict[int, int] = {}  # each process's own high-water mark
+        self.at_once_kb = 0  # the largest sum at one sample
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _children(pid: int) -> list[int]:
+        try:
+            text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+        except OSError:
+            return []
+        return [int(c) for c in text.split()]
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.INTERVAL_S):
+            pending, total = [self.pid], 0
+            while pending:
+                pid = pending.pop()
+                pending += self._children(pid)
+                try:
+                    status = Path(f"/proc/{pid}/status").read_text()
+                except OSError:
+                    continue
+                rss = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
+                hwm = re.search(r"^VmHWM:\s+(\d+) kB", status, re.M)
+                if rss and hwm:  # neither once it has exited
+                    total += int(rss[1])
+                    self.peaks_kb[pid] = max(self.peaks_kb.get(pid, 0), int(hwm[1]))
+            self.at_once_kb = max(self.at_once_kb, total)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def spawn(job: dict) -> dict:
     """Run one subprocess, stdout and stderr to files (nothing to drain); its wall time,
-    exit code, peak RSS (KB) and CPU seconds from os.wait4."""
+    exit code, peak RSS (KB) and CPU seconds from os.wait4 (the CPU of the children it
+    waited for included), and the memory of all its processes (TreeMemory)."""
     with open(job["out"], "wb") as out, open(job["err"], "wb") as err:
         started = time.perf_counter()
         proc = subprocess.Popen(job["argv"], stdout=out, stderr=err, env=job["env"],
                                 cwd=job["cwd"])
+        memory = TreeMemory(proc.pid)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - started
+        memory.stop()
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+    children = {pid: kb for pid, kb in memory.peaks_kb.items() if pid != proc.pid}
     return {"wall_s": wall, "code": proc.returncode, "maxrss_kb": usage.ru_maxrss,
+            # never less than one process's own peak, which a sample may have missed
+            "tree_rss_kb": max(usage.ru_maxrss, memory.at_once_kb),
+            "children_rss_kb": max(children.values(), default=0),
+            "peaks_sum_kb": usage.ru_maxrss + sum(children.values()),
             "cpu_s": usage.ru_utime + usage.ru_stime}
 
 
@@ -349,9 +407,10 @@ def run_child(argv: list[str], env: dict[str, str], workdir: Path) -> ChildRun:
     job = {"argv": argv, "env": env, "cwd": str(ROOT), "out": str(out_path),
            "err": str(err_path)}
     result = SPAWNER.run(job) if SPAWNER is not None else spawn(job)
-    return ChildRun(result["wall_s"], result["code"], result["maxrss_kb"] / 1024,
+    return ChildRun(result["wall_s"], result["code"], result["tree_rss_kb"] / 1024,
                     result["cpu_s"], out_path.read_text(encoding="utf-8", errors="replace"),
-                    err_path.read_text(encoding="utf-8", errors="replace"))
+                    err_path.read_text(encoding="utf-8", errors="replace"),
+                    result["children_rss_kb"] / 1024, result["peaks_sum_kb"] / 1024)
 
 
 def run_worker(name: str, spec: dict, env: dict[str, str], workdir: Path) -> tuple[ChildRun, dict]:
@@ -655,6 +714,14 @@ def measure(size: int, repeat: int, samples: int, latency: Latency, say) -> Size
     return result
 
 
+def rss_split(run: ChildRun) -> str:
+    """How a peak RSS over several processes adds up."""
+    if not run.children_rss_mb:
+        return ""
+    return (f" at once over its processes (its listing process alone {run.children_rss_mb:.0f};"
+            f" each process's own peak added up {run.peaks_sum_mb:.0f})")
+
+
 def server_share(run: ChildRun) -> str:
     total = sum(run.server_s.values())
     return (f"server {total:.2f} s = {100 * total / run.wall_s:.0f} % "
@@ -681,12 +748,12 @@ def report_size(r: SizeResult, say) -> None:
         f"included) = {r.ratio:.2f}x the floor ({r.check.wall_s / r.floor.wall_s:.2f}x the "
         f"floor's subprocess wall); CPU {r.check.cpu_s:.2f} s = "
         f"{r.check.cpu_s / r.floor.cpu_s:.2f}x the floor's subprocess CPU; peak RSS "
-        f"{r.check.rss_mb:.0f} MB; {server_share(r.check)}")
+        f"{r.check.rss_mb:.0f} MB{rss_split(r.check)}; {server_share(r.check)}")
     sync_writes = writes(r.sync)
     say(f"  sync  `all -s` (first sync) {r.sync.wall_s:6.2f} s wall; "
         f"{r.info.out_of_sync:,} items updated with {sync_writes['SageTV']:,} SageTV + "
         f"{sync_writes['Plex']:,} Plex writes; CPU {r.sync.cpu_s:.2f} s; peak RSS "
-        f"{r.sync.rss_mb:.0f} MB; {server_share(r.sync)}")
+        f"{r.sync.rss_mb:.0f} MB{rss_split(r.sync)}; {server_share(r.sync)}")
     say(f"  again `all` after the sync {r.after.wall_s:6.2f} s wall; "
         f"{total_line(r.after.out)} (0 writes); in the sync, ClearWatched came before "
         f"SetWatchedTimes for all {r.cleared_then_set:,} items that had both")
@@ -1072,8 +1139,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         say(f"sizes {', '.join(f'{s:,}' for s in sizes)}; floor and check: best of "
             f"{args.repeat}, alternately; the tool's wall times are around a subprocess (python "
-            "start-up included), the floor is timed inside its process; peak RSS and CPU from "
-            "rusage")
+            "start-up included), the floor is timed inside its process; CPU from rusage "
+            "(children included); peak RSS: the most a run's processes held at once (/proc "
+            "every 5 ms; never below rusage's)")
         say(f"server latency: {latency}")
         say("server = seconds inside the fakes' code; 'with HTTP handling' adds parsing the "
             "requests and writing the replies, which waits while the client is busy reading")

@@ -40,7 +40,9 @@ What the model leaves out, on purpose:
   goes to SageTV (rules §3.1), so of two viewings on the two servers less than a second apart
   the tool cannot tell which came last (and a last-watched time must move by more than 1 s to
   count as a new viewing). The driver leaves 1.1 s between a user action and the next on the
-  same recording.
+  same recording (after a Plex pause, 1.1 s after the pause has settled and is synced: the
+  tool reads and writes within a fraction of a second, and neither server offers a write
+  that checks what it overwrites).
 - An un-watch, or a mark on SageTV (no viewing time), as the second of two screens: if the tool
   has not synced the first viewing yet, both sides changed and "not watched" never wins
   (§3.1). Those are single steps, after the previous one is quiescent.
@@ -359,7 +361,10 @@ class Evening:
             self.plex_act(act.what, item, self.key(act), act.position_ms)
         else:
             self.sage_act(act.what, item, act.position_ms)
-        self.last_act[act.name] = time.monotonic()
+        # A pause is synced once it has settled: the next action waits for that too, or
+        # the tool's read and write of the pause race it (the sub-second class above).
+        settles = PAUSE_S if act.side == "plex" and act.what == "pause" else 0.0
+        self.last_act[act.name] = time.monotonic() + settles
         self.model[act.name] = after(self.model[act.name], act)
 
     def plex_act(self, what: str, item: Item, key: int, at_ms: int) -> None:

@@ -1975,13 +1975,18 @@ def _pending_holds(sage: Status, plex: Status, base: Base, sage_stamp_ms: int,
                    plex_stamp_ms: int) -> bool:
     """A pending decision is carried out only if neither side changed since the states it
     was taken on, the tool's own steps excepted (§6.3, §6.4)."""
+    return not any(_moved_since_pending(sage, plex, base, sage_stamp_ms, plex_stamp_ms))
+
+
+def _moved_since_pending(sage: Status, plex: Status, base: Base, sage_stamp_ms: int,
+                         plex_stamp_ms: int) -> tuple[bool, bool]:
+    """Whether each side changed since the states the pending decision was taken on."""
     assert base.pending_on is not None
     on_sage, on_plex = base.pending_on
-    sage_moved = changed(sage, sage_stamp_ms, on_sage, base.pending_sage_ms, base.own_sage,
-                         base.own_sage_until_ms)
-    plex_moved = changed(plex, plex_stamp_ms, on_plex, base.pending_plex_ms, base.own_plex,
-                         base.own_plex_until_ms)
-    return not sage_moved and not plex_moved
+    return (changed(sage, sage_stamp_ms, on_sage, base.pending_sage_ms, base.own_sage,
+                    base.own_sage_until_ms),
+            changed(plex, plex_stamp_ms, on_plex, base.pending_plex_ms, base.own_plex,
+                    base.own_plex_until_ms))
 
 
 def decide(sage: Status, plex: Status, sage_last_ms: int, plex_last_ms: int,
@@ -2050,11 +2055,8 @@ def _changed_after_pending(sage: Status, plex: Status, base: Base, sage_stamp_ms
     stamps say (Plex's whole seconds cannot order two changes a second apart; §3.1)."""
     if base.pending is None or base.pending_on is None:
         return None
-    on_sage, on_plex = base.pending_on
-    sage_moved = changed(sage, sage_stamp_ms, on_sage, base.pending_sage_ms, base.own_sage,
-                         base.own_sage_until_ms)
-    plex_moved = changed(plex, plex_stamp_ms, on_plex, base.pending_plex_ms, base.own_plex,
-                         base.own_plex_until_ms)
+    sage_moved, plex_moved = _moved_since_pending(sage, plex, base, sage_stamp_ms,
+                                                  plex_stamp_ms)
     if sage_moved == plex_moved:
         return None
     return "SageTV" if sage_moved else "Plex"
@@ -6168,9 +6170,12 @@ def parse_position(text: str) -> int:
     return seconds * 1000
 
 
+#: The library commands' flags (argparse keeps them exclusive).
+LIBRARY_FLAGS = ("list", "addtv", "addmovie", "delsec", "refresh")
+
+
 def _admin(args: argparse.Namespace) -> bool:
-    return bool(args.list or args.addtv or args.addmovie or args.delsec or args.refresh
-                or args.check)
+    return bool(args.check or _library_command(args)[0])
 
 
 #: Rules that make no sense together, checked before any server is asked (exit 2).
@@ -6266,7 +6271,7 @@ def validate_args(args: argparse.Namespace) -> Options:
 
 
 def _library_command(args: argparse.Namespace) -> tuple[str, tuple[str, ...]]:
-    for name in ("list", "addtv", "addmovie", "delsec", "refresh"):
+    for name in LIBRARY_FLAGS:
         value = getattr(args, name)
         if value:
             words = value if isinstance(value, list) else [] if value is True else [value]
@@ -6277,7 +6282,7 @@ def _library_command(args: argparse.Namespace) -> tuple[str, tuple[str, ...]]:
 def _run_kind(args: argparse.Namespace) -> RunKind:
     """The run's kind, from the flags that name it (argparse keeps them exclusive)."""
     named = [(args.history is not None, RunKind.HISTORY), (args.check, RunKind.CHECK),
-             (_admin(args), RunKind.LIBRARY),
+             (bool(_library_command(args)[0]), RunKind.LIBRARY),
              (args.watch, RunKind.WATCH), (args.why is not None, RunKind.WHY),
              (args.sagedata, RunKind.SAGEDATA),
              (args.undo is not None, RunKind.UNDO), (bool(args.apply), RunKind.APPLY),

@@ -812,7 +812,8 @@ class SyncModel(RuleBasedStateMachine):
         argv = ["--apply", str(path), *self.common(yes)]
         code, out = self.run(*argv)
         assert code == 0, out
-        carried = {n for n in maybe if self.snapshot()[n] != now[n]}
+        after = self.snapshot() if maybe else now
+        carried = {n for n in maybe if after[n] != now[n]}
         self.after_success("apply", unchanged | carried, expected, now, out)
 
     def unchanged_since(self, name: str, then: Snapshot, now: Snapshot, since_ms: int) -> bool:

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
 
+import sageplex_sync
 from tests.conftest import Env
 from tests.fakes.world import DAY, HOUR, MIN, World, at, none, watched
 
@@ -218,3 +220,32 @@ def test_why_explains_the_decision_in_words_and_writes_nothing(world: World, sta
     again = env.run("--why", str(paused_on_sage.rating_key))
     assert "base:        SageTV at 0:40:00, Plex at 0:40:00" in again.out
     assert "would do:    nothing" in again.out
+
+
+def test_steps_marked_by_many_writing_threads_at_once_all_reach_the_journal(
+        tmp_path: Path) -> None:
+    """The write phase's threads mark their steps without waiting for the disk; the marks
+    are committed in groups, and every one is in the journal once the run is recorded or
+    the state closed (here: a run that never finished, as after a kill)."""
+    path = tmp_path / "state.sqlite"
+    intended = [sageplex_sync.JournalRow(
+        0, key, 1000 + key, f"item {key}", "plex newer", "SageTV SetWatched",
+        sageplex_sync.NOT_WATCHED, sageplex_sync.WATCHED, None, None, "intended", "")
+        for key in range(1, 201)]
+    with sageplex_sync.StateStore(path, write=True) as store:
+        run_id = store.begin_run("sync", ["all", "-s"], intended)
+
+        def mark(keys: range) -> None:
+            for key in keys:
+                store.step_done(run_id, key, 1)
+                store.step_done(run_id, key, 2)
+        threads = [threading.Thread(target=mark, args=(range(first, first + 25),))
+                   for first in range(1, 201, 25)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    with sageplex_sync.StateStore(path, write=False) as store:
+        rows = store.journal(None)  # the unfinished run's items
+    assert sorted(row.rating_key for row in rows) == list(range(1, 201))
+    assert {row.steps_done for row in rows} == {2}

@@ -699,7 +699,7 @@ class SageClient(_Client):
             params["filter"] = "|".join(fields)
         what = f"to {function}"
         # "airing:ID" as it is: a query with nothing to escape takes urllib3's fast path
-        # (re-escaping "%3A" cost a write a fifth of its CPU).
+        # (re-escaping "%3A" cost a write 0.15 ms of its 1.1 ms of CPU).
         query = "/sagex/api?" + urllib.parse.urlencode(params, safe=":")
         log.debug("sagex %s %s", function, args)
         session = self._writes if write else self._listing if listing else self._reads
@@ -2649,7 +2649,7 @@ class StateStore:
 
     def _marks_committed(self) -> None:
         """Every step marked so far committed, and the marking thread ended (a failure to
-        commit them was raised to the writing threads)."""
+        commit was raised to the threads that marked a step after it)."""
         with self._marks_ready:
             marker, self._marker = self._marker, None
             self._marks_stop = True

@@ -4,9 +4,11 @@ the servers' state."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -249,3 +251,30 @@ def test_steps_marked_by_many_writing_threads_at_once_all_reach_the_journal(
         rows = store.journal(None)  # the unfinished run's items
     assert sorted(row.rating_key for row in rows) == list(range(1, 201))
     assert {row.steps_done for row in rows} == {2}
+
+
+def test_a_journal_that_cannot_be_marked_fails_the_next_step_and_the_run_still_closes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk that fails while the steps are marked (nothing a fake server can cause): the
+    thread that commits the marks stops, every later mark raises the state error to the
+    writing thread that makes it, and closing the state neither hangs nor raises."""
+    path = tmp_path / "state.sqlite"
+    row = sageplex_sync.JournalRow(
+        0, 1, 1001, "item 1", "plex newer", "SageTV SetWatched", sageplex_sync.NOT_WATCHED,
+        sageplex_sync.WATCHED, None, None, "intended", "")
+    store = sageplex_sync.StateStore(path, write=True)
+    run_id = store.begin_run("sync", ["all", "-s"], [row])
+
+    @contextlib.contextmanager
+    def failing(what: str):
+        raise sageplex_sync.StateError(f"cannot write the sync state file; {what}")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(store, "_writing", failing)
+    store.step_done(run_id, 1, 1)  # queued: the marking thread meets the failure
+    deadline = time.monotonic() + 5
+    with pytest.raises(sageplex_sync.StateError, match="the journal misses a step"):
+        while time.monotonic() < deadline:
+            store.step_done(run_id, 1, 2)
+            time.sleep(0.01)
+    store.close()

@@ -1722,19 +1722,16 @@ def plex_item_from_record(record: VideoRecord) -> PlexItem:
         + season_key
     if not (key and joined.isdigit() and joined.isascii()):  # one check for all of them
         _bad_plex_numbers(key, attrs, texts)
-    if get("type") == "episode":
-        return PlexItem(  # by position: a hundred thousand of these
-            int(key), get("title", ""), tuple(files), int(view_count or 0),
-            int(offset or 0), int(duration or 0), int(viewed_at or 0) * 1000,
-            # one string per show, however many episodes share it
-            sys.intern(get("grandparentTitle", "")), int(show_key or 0), int(season_key or 0),
-            # an empty or missing number is an unnumbered special
-            int(season) if season else None, int(index) if index else None,
-            sys.intern(get("year", "")), True)
-    return PlexItem(int(key), get("title", ""), tuple(files), int(view_count or 0),
-                    int(offset or 0), int(duration or 0), int(viewed_at or 0) * 1000,
-                    sys.intern(get("grandparentTitle", "")), int(show_key or 0), 0, None,
-                    None, sys.intern(get("year", "")), False)
+    episode = get("type") == "episode"
+    return PlexItem(  # by position: a hundred thousand of these
+        int(key), get("title", ""), tuple(files), int(view_count or 0), int(offset or 0),
+        int(duration or 0), int(viewed_at or 0) * 1000,
+        # one string per show, however many episodes share it
+        sys.intern(get("grandparentTitle", "")), int(show_key or 0),
+        int(season_key or 0) if episode else 0,
+        # an empty or missing number is an unnumbered special
+        int(season) if episode and season else None,
+        int(index) if episode and index else None, sys.intern(get("year", "")), episode)
 
 
 def _bad_plex_numbers(key: str, attrs: dict[str, str], texts: tuple[str, ...]) -> NoReturn:
@@ -2263,11 +2260,11 @@ class Pending:
     own_plex_until_ms: int | None = None
 
     def to_json(self) -> str:
-        return json.dumps({"sage": self.sage_raw, "plex": self.plex_raw,
-                           "own_sage": [s.to_text() for s in self.own_sage],
-                           "own_plex": [s.to_text() for s in self.own_plex],
-                           "known": self.known, "own_sage_until_ms": self.own_sage_until_ms,
-                           "own_plex_until_ms": self.own_plex_until_ms})
+        return _state_json({"sage": self.sage_raw, "plex": self.plex_raw,
+                            "own_sage": [s.to_text() for s in self.own_sage],
+                            "own_plex": [s.to_text() for s in self.own_plex],
+                            "known": self.known, "own_sage_until_ms": self.own_sage_until_ms,
+                            "own_plex_until_ms": self.own_plex_until_ms})
 
 
 @dataclass(frozen=True)
@@ -2724,9 +2721,8 @@ def _text_or_none(status: Status | None) -> str | None:
     return status.to_text() if status is not None else None
 
 
-def _journal_values(j: JournalRow, run_id: int | None = None) -> tuple:
-    return (j.run_id if run_id is None else run_id, j.rating_key, j.media_file_id, j.title,
-            j.rule, j.writes,
+def _journal_values(j: JournalRow, run_id: int) -> tuple:
+    return (run_id, j.rating_key, j.media_file_id, j.title, j.rule, j.writes,
             j.sage_before.to_text(), j.plex_before.to_text(), _text_or_none(j.sage_after),
             _text_or_none(j.plex_after), j.outcome, j.detail, _text_or_none(j.to_sage),
             _text_or_none(j.to_plex), _state_json(j.sage_raw_before),

@@ -42,12 +42,12 @@ import threading
 import time
 import unicodedata
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from enum import Enum, IntEnum
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Generic, NamedTuple, NoReturn, TextIO, TypeVar, cast
+from typing import IO, TYPE_CHECKING, Any, NamedTuple, NoReturn, TextIO, TypeVar, cast
 from xml.etree.ElementTree import Element, ParseError, fromstring
 from xml.parsers import expat
 
@@ -92,6 +92,8 @@ PLEX_PAGE_SIZE = 1_000_000
 PLEX_STREAM_CHUNK = 512 * 1024
 #: A SageTV reply is read in pieces of this size.
 SAGE_READ_CHUNK = 1024 * 1024
+#: Plex items handed on at a time by the listing (from its process, in one message).
+LISTING_BATCH = 2_000
 #: Plex items read back in one request after the writes.
 PLEX_BATCH = 100
 #: Above this many SageTV files to read back, one listing is cheaper than one call each.
@@ -776,54 +778,6 @@ class SageClient(_Client):
             if len(page) < SAGEX_PAGE_SIZE:  # sagex gives no total: a short page is the last
                 return records
 
-    def listing(self, fields: Sequence[str], background: ThreadPoolExecutor,
-                build: Callable[[Iterable[object]], _BuiltT]) -> SageListing[_BuiltT]:
-        """The whole listing (media_files), made into ``build``'s value on ``background``'s
-        thread. On Linux, before any other thread runs, a child process fetches and parses
-        it: json.loads of a 100,000-file reply is a second of CPU that would otherwise
-        share the interpreter lock with the Plex listings read meanwhile."""
-        process = _ListingProcess.start(lambda: self._listing_answer(fields)) \
-            if _listing_may_fork() else None
-        if process is None:
-            return SageListing(background.submit(
-                lambda: build(self.media_files(fields, convert_media_file))))
-        log.info("SageTV's listing is read in process %d", process.pid)
-        return SageListing(background.submit(
-            lambda: build(self._listing_records(process, fields))), process)
-
-    def _listing_answer(self, fields: Sequence[str]) -> Iterator[object]:
-        """In the listing's process: what the parent's client would have learnt from the
-        replies and the error's message, if any; then the records packed (sage_packed;
-        those it cannot pack as sent, for the parent to read one by one) in batches,
-        so that neither process holds them all marshalled at once."""
-        before = self._counter.count
-        try:
-            records = self.media_files(fields, _packed_or_raw)
-            error = None
-        except SyncError as exc:
-            records, error = [], str(exc)
-        yield error, self._counter.count - before, self._counter.offset_ms
-        for first in range(0, len(records), LISTING_BATCH):
-            yield records[first:first + LISTING_BATCH]
-
-    def _listing_records(self, process: _ListingProcess, fields: Sequence[str]
-                         ) -> Iterator[object]:
-        """The listing's process's records as items (those it could not pack as they were
-        sent); when it gave no answer at all (killed, a bug), the listing read here."""
-        answer = process.result()
-        header = None if answer is None else next(answer, None)
-        if answer is None or header is None:
-            log.warning("SageTV's listing process gave no answer: reading the listing here")
-            return iter(self.media_files(fields, convert_media_file))
-        error, count, offset_ms = header
-        self._counter.count += count
-        if self._counter.offset_ms is None:
-            self._counter.offset_ms = offset_ms
-        if error is not None:
-            raise SageError(error)
-        return (sage_item_from_packed(r) if type(r) is tuple else r
-                for batch in answer for r in batch)
-
     def media_file(self, media_file_id: int, fields: Sequence[str] | None = None) -> dict | None:
         """One media file by id (None when SageTV does not know it)."""
         record = self.call("GetMediaFileForID", media_file_id, fields=fields).get("MediaFile")
@@ -858,123 +812,6 @@ class SageClient(_Client):
 
     def measure_clock_again(self) -> None:
         self._counter.measure_again()
-
-
-_BuiltT = TypeVar("_BuiltT")
-#: Records marshalled at a time by the listing's process.
-LISTING_BATCH = 10_000
-#: SageTV's listing read in a child process where that is safe (see SageClient.listing).
-LISTING_PROCESS = sys.platform.startswith("linux") and hasattr(os, "fork")
-
-
-def _listing_may_fork() -> bool:
-    """Only while the process has one thread: a child gets a copy of every lock, and one
-    held by another thread at the fork would be held in the child for ever."""
-    return LISTING_PROCESS and threading.active_count() == 1
-
-
-def _packed_or_raw(record: dict) -> object:
-    return sage_packed(record) or record
-
-
-class SageListing(Generic[_BuiltT]):
-    """SageTV's listing on its way: ``result()`` waits for it; ``close()`` ends its child
-    process, if it has one and the run no longer needs it (a failed Plex read)."""
-
-    def __init__(self, future: Future[_BuiltT], process: _ListingProcess | None = None
-                 ) -> None:
-        self.future, self.process = future, process
-
-    def result(self) -> _BuiltT:
-        return self.future.result()
-
-    def close(self) -> None:
-        if self.process is not None:
-            self.process.stop()
-
-
-class _ListingProcess:
-    """A forked child that runs one generator and hands its values back through a
-    temporary file with marshal (plain values only: a 100,000-file listing loads in a
-    tenth of a second). It always ends with os._exit: it shares the parent's files,
-    buffers and atexit handlers, none of which are its to flush or run."""
-
-    def __init__(self, pid: int, answer: IO[bytes]) -> None:
-        self.pid, self._answer = pid, answer
-        self._lock = threading.Lock()
-        self._running = True
-
-    @classmethod
-    def start(cls, work: Callable[[], Any]) -> _ListingProcess | None:
-        """The child started (None: it could not be, and the caller works in-process)."""
-        import tempfile  # here: --version and the like start without it
-
-        try:
-            answer = tempfile.TemporaryFile()
-        except OSError as exc:
-            log.info("no file for SageTV's listing process (%s): reading it in this one", exc)
-            return None
-        try:
-            pid = os.fork()
-        except OSError as exc:
-            log.info("no process for SageTV's listing (%s): reading it in this one", exc)
-            answer.close()
-            return None
-        if pid == 0:
-            _run_child(work, answer)
-        return cls(pid, answer)
-
-    def result(self) -> Iterator[Any] | None:
-        """The values the child gave, read one by one once it has ended; None when it
-        failed (a bug: the caller does the work itself). One killed by a signal (the
-        user's ^C, the kernel out of memory, stop()) is an error: doing its work again
-        would only meet the same end, or keep a stopping run alive."""
-        try:
-            _, status = os.waitpid(self.pid, 0)
-        finally:
-            with self._lock:
-                self._running = False
-        if os.WIFSIGNALED(status):
-            self._answer.close()
-            raise SageError(f"SageTV's listing process was killed (signal "
-                            f"{os.WTERMSIG(status)}) while it read the listing")
-        if os.waitstatus_to_exitcode(status) != 0:
-            log.info("SageTV's listing process ended with status %d", status)
-            self._answer.close()
-            return None
-        self._answer.seek(0)
-        return self._values()
-
-    def _values(self) -> Iterator[Any]:
-        with self._answer:
-            while size := int.from_bytes(self._answer.read(8), "little"):
-                # marshal.loads of the bytes: marshal.load reads a file a value at a time
-                yield marshal.loads(self._answer.read(size))
-
-    def stop(self) -> None:
-        with self._lock:
-            if self._running:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.pid, signal.SIGKILL)
-
-
-def _run_child(work: Callable[[], Any], answer: IO[bytes]) -> NoReturn:
-    code = 70
-    try:
-        # The parent's handlers only set its stop event: the child ends as a process does.
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        for value in work():
-            data = marshal.dumps(value)
-            answer.write(len(data).to_bytes(8, "little"))
-            answer.write(data)
-        answer.flush()
-        code = 0
-    except BaseException:  # noqa: BLE001 - anything: the parent reads the listing itself
-        with contextlib.suppress(BaseException):
-            log.debug("SageTV's listing process failed", exc_info=True)
-    finally:
-        os._exit(code)
 
 
 ###############################################################################
@@ -1189,6 +1026,65 @@ class PlexClient(_Client):
             except requests.RequestException as exc:
                 raise PlexError(_transport_error(self.server, exc, what)) from None
 
+    def listing(self, sections: Sequence[PlexSection]) -> PlexListing:
+        """Every movie and episode of the sections, in batches as they arrive. On Linux,
+        before any other thread runs, a child process reads and converts them: expat and
+        the conversion are most of a check's CPU, and SageTV's listing is read meanwhile
+        in this process."""
+        process = _ListingProcess.start(lambda: self._listing_answer(sections)) \
+            if _listing_may_fork() else None
+        if process is None:
+            return PlexListing(self._listed(sections))
+        log.info("Plex's listing is read in process %d", process.pid)
+        return PlexListing(self._listed_by(process, sections), process)
+
+    def _listed(self, sections: Sequence[PlexSection]
+                ) -> Generator[list[PlexListed], None, None]:
+        batch: list[PlexListed] = []
+        for section in sections:
+            for record in self.section_videos(section):
+                batch.append(plex_listed(record))
+                if len(batch) == LISTING_BATCH:
+                    yield batch
+                    batch = []
+        yield batch
+
+    def _listing_answer(self, sections: Sequence[PlexSection]) -> Iterator[Any]:
+        """In the listing's process: the batches, then what the parent's client would have
+        learnt from the replies (how many, and the error's message and status if any)."""
+        # The pooled connections are the parent's, which goes on using them.
+        self._reads.close()
+        before = self._counter.count
+        error = None
+        try:
+            yield from self._listed(sections)
+        except PlexError as exc:
+            error = (str(exc), exc.status)
+        yield error, self._counter.count - before
+
+    def _listed_by(self, process: _ListingProcess, sections: Sequence[PlexSection]
+                   ) -> Generator[list[PlexListed], None, None]:
+        """The listing's process's batches as they come; when it ends without finishing
+        (a bug), the rest read here. One killed by a signal (the user's ^C, the kernel out
+        of memory) is an error: doing its work again would only meet the same end."""
+        handed = 0
+        try:
+            for value in process.values():
+                if type(value) is list:
+                    handed += len(value)
+                    yield value
+                    continue
+                error, count = value
+                self._counter.count += count
+                if error is not None:
+                    raise PlexError(*error)
+        except _NoAnswer as ended:
+            if ended.signal_number is not None:
+                raise PlexError(f"Plex's listing process was killed (signal "
+                                f"{ended.signal_number}) while it read the listing") from None
+            log.warning("Plex's listing process gave no answer: reading the listing here")
+            yield from _skipped(self._listed(sections), handed)
+
     def metadata(self, rating_keys: Sequence[int]) -> list[Element]:
         """Items by media id, many in one request (movie, episode, season or show); the
         requests of a long list a few at a time (a sync's read-back of thousands of
@@ -1322,6 +1218,164 @@ class _ListingParser:
 def video_record(video: Element) -> VideoRecord:
     """A movie or episode element (from a metadata or children reply) as a record."""
     return video.attrib, [file for part in video.iter("Part") if (file := part.get("file"))]
+
+
+#: A movie or episode as a listing hands it on: a PlexItem's fields in order (the
+#: listing's process sends marshal's plain values), or, for a record that cannot be one,
+#: a list of its attributes and why.
+PlexListed = tuple | list
+
+
+def plex_listed(record: VideoRecord) -> PlexListed:
+    try:
+        return plex_fields(record)
+    except PlexError as exc:
+        return [record[0], str(exc)]
+
+
+def _skipped(batches: Iterator[list[PlexListed]], count: int) -> Iterator[list[PlexListed]]:
+    """The batches without their first ``count`` items (those handed on already)."""
+    for batch in batches:
+        if count < len(batch):
+            yield batch[count:]
+        count = max(0, count - len(batch))
+
+
+class PlexListing:
+    """Plex's listing on its way: iterate for its batches. ``stop()`` (from any thread)
+    ends its process, if it has one: a run that stops reading, after a failed SageTV
+    read; ``close()`` also lets go of what the listing holds."""
+
+    def __init__(self, batches: Generator[list[PlexListed], None, None],
+                 process: _ListingProcess | None = None) -> None:
+        self.batches, self.process = batches, process
+
+    def __iter__(self) -> Iterator[list[PlexListed]]:
+        return self.batches
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+    def close(self) -> None:
+        self.stop()
+        self.batches.close()
+        if self.process is not None:
+            self.process.close()
+
+
+#: Plex's listing read in a child process where that is safe (see PlexClient.listing).
+LISTING_PROCESS = sys.platform.startswith("linux") and hasattr(os, "fork")
+
+
+def _listing_may_fork() -> bool:
+    """Only while the process has one thread: a child gets a copy of every lock, and one
+    held by another thread at the fork would be held in the child for ever."""
+    return LISTING_PROCESS and threading.active_count() == 1
+
+
+class _NoAnswer(Exception):
+    """A listing's process ended before it gave all its values: killed by a signal (its
+    number), or failed (None)."""
+
+    def __init__(self, signal_number: int | None) -> None:
+        super().__init__(signal_number)
+        self.signal_number = signal_number
+
+
+class _ListingProcess:
+    """A forked child that runs one generator and streams its values back through a pipe,
+    each with marshal (plain values only: a batch of 2,000 items loads in a millisecond).
+    It always ends with os._exit: it shares the parent's files, buffers and atexit
+    handlers, none of which are its to flush or run."""
+
+    def __init__(self, pid: int, answer: IO[bytes]) -> None:
+        self.pid, self._answer = pid, answer
+        self._status: int | None = None
+        self._lock = threading.Lock()  # reaped once, by whichever thread comes first
+
+    @classmethod
+    def start(cls, work: Callable[[], Iterable[Any]]) -> _ListingProcess | None:
+        """The child started (None: it could not be, and the caller works in-process)."""
+        try:
+            read_end, write_end = os.pipe()
+        except OSError as exc:
+            log.info("no pipe for Plex's listing process (%s): reading it in this one", exc)
+            return None
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            log.info("no process for Plex's listing (%s): reading it in this one", exc)
+            os.close(read_end)
+            os.close(write_end)
+            return None
+        if pid == 0:
+            os.close(read_end)
+            _run_child(work, write_end)
+        os.close(write_end)
+        return cls(pid, open(read_end, "rb", buffering=PIPE_BUFFER))  # noqa: SIM115
+
+    def values(self) -> Iterator[Any]:
+        """The child's values as they come; _NoAnswer when it ended without giving them
+        all (its exit status says whether it did)."""
+        with self._answer as answer:
+            while len(head := answer.read(8)) == 8:
+                size = int.from_bytes(head, "little")
+                data = answer.read(size)
+                if len(data) < size:
+                    break
+                yield marshal.loads(data)
+        status = self._reaped()
+        if os.WIFSIGNALED(status):
+            raise _NoAnswer(os.WTERMSIG(status))
+        if os.waitstatus_to_exitcode(status) != 0:
+            log.info("Plex's listing process ended with status %d", status)
+            raise _NoAnswer(None)
+
+    def _reaped(self) -> int:
+        with self._lock:
+            if self._status is None:
+                _, self._status = os.waitpid(self.pid, 0)
+            return self._status
+
+    def stop(self) -> None:
+        """The child ended, if it still runs, and reaped (from any thread)."""
+        with self._lock:
+            if self._status is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+                _, self._status = os.waitpid(self.pid, 0)
+
+    def close(self) -> None:
+        self.stop()
+        self._answer.close()
+
+
+#: The pipe's reading end is read in pieces this big (a batch of 2,000 items is 250 KB).
+PIPE_BUFFER = 1024 * 1024
+
+
+def _run_child(work: Callable[[], Iterable[Any]], write_end: int) -> NoReturn:
+    code = 70
+    try:
+        # The parent's handlers only set its stop event: the child ends as a process does.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for handler in (*logging.getLogger().handlers, *log.handlers):
+            if isinstance(handler, logging.handlers.RotatingFileHandler):
+                handler.maxBytes = 0  # the log is the parent's to roll over
+        with open(write_end, "wb", buffering=PIPE_BUFFER) as answer:
+            for value in work():
+                data = marshal.dumps(value)
+                answer.write(len(data).to_bytes(8, "little"))
+                answer.write(data)
+                answer.flush()  # each batch as soon as it is made
+        code = 0
+    except BaseException:  # noqa: BLE001 - anything: the parent reads the listing itself
+        with contextlib.suppress(BaseException):
+            log.debug("Plex's listing process failed", exc_info=True)
+    finally:
+        os._exit(code)
 
 
 ###############################################################################
@@ -1710,6 +1764,12 @@ def plex_item_from_element(video: Element) -> PlexItem:
 
 def plex_item_from_record(record: VideoRecord) -> PlexItem:
     """One movie or episode of a listing (PlexError naming it when it cannot be read)."""
+    return PlexItem(*plex_fields(record))
+
+
+def plex_fields(record: VideoRecord) -> tuple:
+    """A movie's or episode's PlexItem fields, in their order (PlexError naming it when it
+    cannot be read)."""
     attrs, files = record
     get = attrs.get
     # Each number once, as sent: most are missing (never viewed, no position) or short.
@@ -1723,7 +1783,7 @@ def plex_item_from_record(record: VideoRecord) -> PlexItem:
     if not (key and joined.isdigit() and joined.isascii()):  # one check for all of them
         _bad_plex_numbers(key, attrs, texts)
     episode = get("type") == "episode"
-    return PlexItem(  # by position: a hundred thousand of these
+    return (  # by position: a hundred thousand of these
         int(key), get("title", ""), tuple(files), int(view_count or 0), int(offset or 0),
         int(duration or 0), int(viewed_at or 0) * 1000,
         # one string per show, however many episodes share it
@@ -3234,6 +3294,16 @@ class Facts:
     bases: Mapping[int, BaseRecord] = field(default_factory=dict)
 
 
+class Assessing(NamedTuple):
+    """What assessing a Plex item takes besides the item: SageTV's side, the bases, the
+    played rule (Plex's threshold, -x) and the clock offsets."""
+
+    sage: SageIndex
+    bases: Mapping[int, BaseRecord]
+    rule: tuple[float, int]
+    offsets: tuple[int, int]
+
+
 @dataclass(frozen=True)
 class Plan:
     """Every item decided, one decision per SageTV recording (§4). ``decided``: the items
@@ -3393,6 +3463,23 @@ def with_unfinished(bases: dict[int, BaseRecord], unfinished: Sequence[JournalRo
 
 
 # -- 1. read ---------------------------------------------------------------------------------
+_T = TypeVar("_T")
+
+
+def _on_thread(name: str, work: Callable[[], _T]) -> Future[_T]:
+    """``work`` done on a daemon thread of its own: a run that fails meanwhile does not
+    wait at its exit for a listing it no longer needs."""
+    future: Future[_T] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(work())
+        except BaseException as exc:  # noqa: BLE001 - the future's reader raises it
+            future.set_exception(exc)
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
+
+
 class Reader:
     """Phase 1: read what the run needs from both servers and the state, into Facts. The
     speed-ups live here (both servers at once, SageTV by id for a media run, segment
@@ -3412,34 +3499,79 @@ class Reader:
         self.gone: list[int] = []
 
     def read(self) -> Facts:
-        """Both servers at once: the SageTV listing is built while the Plex listings stream.
-        A read that fails ends the run here, before any write."""
-        background = ThreadPoolExecutor(1, thread_name_prefix="sage-listing")
+        """Both servers at once: SageTV's listing is read on a thread while Plex's items
+        arrive (from the listing's process, if any), each assessed as soon as SageTV's
+        side is in. A read that fails ends the run here, before any write."""
         targeted = self.targeted_files()
-        # The listing first: its process (if any) is forked before any thread starts.
-        listing = self.sage.listing(SAGE_FIELDS, background, SageIndex) if targeted is None \
-            else SageListing(background.submit(lambda: SageIndex(self.read_sage_files(targeted))))
-        try:
-            with self.console.waiting("waiting for SageTV's listing"):
-                plex_items, unreadable = self.read_plex()
-                played_fraction, played_from = self.plex.played_threshold()
-                index = listing.result()  # made into the index on the listing's thread
-        finally:
-            listing.close()
-            background.shutdown(wait=False, cancel_futures=True)
+        listing = self.plex_listing()  # first: its process is forked before any thread
+        with contextlib.closing(listing):
+            sage = _on_thread("sage-listing", lambda: SageIndex(
+                self.sage.media_files(SAGE_FIELDS, convert_media_file) if targeted is None
+                else self.read_sage_files(targeted)))
+
+            def failed_ends_listing(done: Future[SageIndex]) -> None:
+                if done.exception() is not None:  # the run ends now, not once Plex's is in
+                    listing.stop()
+            sage.add_done_callback(failed_ends_listing)
+            try:
+                with self.console.waiting("waiting for SageTV's listing"):
+                    played_fraction, played_from = self.plex.played_threshold()
+                    plex_items, unreadable, items, assessing = self.read_plex(
+                        listing, sage, (played_fraction, self.opts.ignore_ms))
+            except PlexError:
+                failed = sage.exception() if sage.done() else None
+                if failed is not None:  # the listing's process was ended for it
+                    raise failed from None
+                raise
+        index, bases = assessing.sage, assessing.bases
+        plex_items += self.twins_outside(plex_items, index, bases)
+        log.info("SageTV lists %d media files; Plex %d items", len(index), len(plex_items))
+        items += self.assessed(plex_items, len(items), assessing)
+        items += [item._replace(order=len(items) + n) for n, item in enumerate(
+            unreadable + [_gone_item(key) for key in self.gone])]
+        return Facts(tuple(items), index, played_fraction, played_from, assessing.offsets,
+                     bases)
+
+    def read_plex(self, listing: PlexListing, sage: Future[SageIndex], rule: tuple[float, int]
+                  ) -> tuple[list[PlexItem], list[Item], list[Item], Assessing]:
+        """The Plex items to work on, each once, those that could not be read, and those
+        assessed so far: from the moment SageTV's side is in, while the rest arrive."""
+        plex_items: list[PlexItem] = []
+        keys: set[int] = set()
+        unreadable: list[Item] = []
+        items: list[Item] = []
+        assessing: Assessing | None = None
+        bar = self.console.bar(None, "reading Plex")
+        for batch in listing:
+            for listed in batch:
+                if type(listed) is not tuple:
+                    unreadable.append(_unreadable_item(listed[0], "unreadable from Plex: "
+                                                       + listed[1]))
+                elif listed[0] not in keys:  # an item listed twice is one item
+                    keys.add(listed[0])
+                    plex_items.append(PlexItem(*listed))
+            bar.update(len(batch))
+            if assessing is None and sage.done():
+                assessing = self.assessing(sage.result(), rule)
+            if assessing is not None:
+                items += self.assessed(plex_items, len(items), assessing)
+        bar.close()
+        return plex_items, unreadable, items, assessing or self.assessing(sage.result(), rule)
+
+    def assessing(self, index: SageIndex, rule: tuple[float, int]) -> Assessing:
+        """What assessing an item takes besides the item, once SageTV's side is in."""
         bases: dict[int, BaseRecord] = {}
         if self.state is not None:
             self.state.check_servers(self.identity())
             bases = with_unfinished(self.state.bases(), self.state.journal(None))
-        plex_items += self.twins_outside(plex_items, index, bases)
-        log.info("SageTV lists %d media files; Plex %d items", len(index), len(plex_items))
-        offsets = self.clock_offsets()  # the replies so far have told them
-        rule = (played_fraction, self.opts.ignore_ms)
-        items = [self.assess(plex, order, index, bases, rule, offsets)
-                 for order, plex in enumerate(plex_items)]
-        items += [item._replace(order=len(items) + n) for n, item in enumerate(
-            unreadable + [_gone_item(key) for key in self.gone])]
-        return Facts(tuple(items), index, played_fraction, played_from, offsets, bases)
+        return Assessing(index, bases, rule, self.clock_offsets())
+
+    def assessed(self, plex_items: list[PlexItem], first: int, assessing: Assessing
+                 ) -> list[Item]:
+        """The items from ``first`` on, assessed (their order is their place)."""
+        index, bases, rule, offsets = assessing
+        return [self.assess(plex, order, index, bases, rule, offsets)
+                for order, plex in enumerate(plex_items[first:], first)]
 
     def targeted_files(self) -> list[int] | None:
         """A media sync whose items all have bases (the continuous mode's events) reads
@@ -3497,30 +3629,13 @@ class Reader:
                 twins.append(plex_item_from_element(element))
         return twins
 
-    def read_plex(self) -> tuple[list[PlexItem], list[Item]]:
-        """The Plex items to work on, each once, and those that could not be read."""
-        items: dict[int, PlexItem] = {}
-        unreadable: list[Item] = []
-        bar = self.console.bar(None, "reading Plex")
-        for record in self.plex_videos():
-            try:
-                item = plex_item_from_record(record)
-            except PlexError as exc:
-                unreadable.append(_unreadable_item(record[0], f"unreadable from Plex: {exc}"))
-                continue
-            items.setdefault(item.rating_key, item)
-            bar.update()
-        bar.close()
-        return list(items.values()), unreadable
-
-    def plex_videos(self) -> Iterator[VideoRecord]:
+    def plex_listing(self) -> PlexListing:
+        """The Plex items to work on, in batches: those an undo, a plan or a -m run names
+        (read when the first batch is asked for), or the sections' listing."""
         if self.replays:  # --undo, --apply: the items they name, those still there
-            yield from map(video_record, self.media_elements(list(self.replays),
-                                                             gone_ok=True))
-            return
+            return PlexListing(self._named(list(self.replays), gone_ok=True))
         if self.opts.media and self.opts.kind is not RunKind.WHY:
-            yield from map(video_record, self.media_elements([int(t) for t in self.opts.targets]))
-            return
+            return PlexListing(self._named([int(t) for t in self.opts.targets]))
         # --why reads what a full sync reads, so that it decides twins as the sync does.
         wanted = ["all"] if self.opts.kind is RunKind.WHY else list(self.opts.targets)
         sections = resolve_sections(wanted, self.plex.sections())
@@ -3528,7 +3643,12 @@ class Reader:
             self.console.err.write("Plex has no movie or show sections to sync\n")
         for section in sections:
             log.info("section %s (%s)", section.key, section.title)
-            yield from self.plex.section_videos(section)
+        return self.plex.listing(sections)
+
+    def _named(self, rating_keys: list[int], gone_ok: bool = False
+               ) -> Generator[list[PlexListed], None, None]:
+        yield [plex_listed(video_record(video))
+               for video in self.media_elements(rating_keys, gone_ok)]
 
     def media_elements(self, rating_keys: list[int], gone_ok: bool = False) -> list[Element]:
         """Movies and episodes by media id; a show or season gives all its episodes. An

@@ -1,6 +1,6 @@
-"""SageTV's bulk listing read in a child process (SageClient.listing): the same items, the
-same errors and the same report as the listing read in the tool's own process, and a run
-that ends (never hangs) whatever the child does.
+"""Plex's listing read in a child process (PlexClient.listing) while SageTV's is read in the
+tool's own: the same items, the same errors and the same report as the listing read in the
+tool's own process, and a run that ends (never hangs) whatever the child does.
 
 In-process tests run with the fakes' threads going, where the tool itself never forks: the
 ``forked`` mode forces it (the child only talks HTTP to the fakes); one test runs the tool
@@ -9,14 +9,12 @@ as a real command, where it forks of its own accord.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +23,10 @@ import requests
 
 import sageplex_sync
 from tests.conftest import Env
-from tests.fakes.world import DAY, HOUR, MIN, SAGE_PASSWORD, SAGE_USER, World, at, none, watched
+from tests.fakes.world import DAY, HOUR, MIN, PLEX_TOKEN, World, at, none, watched
 
 TOOL = Path(sageplex_sync.__file__)
-FORKED = "SageTV's listing is read in process"
+FORKED = "Plex's listing is read in process"
 pytestmark = pytest.mark.skipif(not sageplex_sync.LISTING_PROCESS,
                                 reason="the listing's process is for Linux only")
 
@@ -75,33 +73,35 @@ def same_run(child: Any, own: Any) -> bool:
     return (child.code, undated(child.out), child.err) == (own.code, undated(own.out), own.err)
 
 
-def index_snapshot(env: Env) -> tuple[dict[int, tuple], dict[str, str], int]:
-    """Every SageTV item of the listing, field by field, and the unreadable records."""
+def listing_snapshot(env: Env) -> tuple[list[Any], int]:
+    """Every value the listing hands on, in order, and the Plex requests it counted."""
     config = sageplex_sync.load_config(env.config_path)
-    with sageplex_sync.SageClient(config.sage) as sage, ThreadPoolExecutor(1) as pool:
-        listing = sage.listing(sageplex_sync.SAGE_FIELDS, pool, sageplex_sync.SageIndex)
-        index = listing.result()
-        listing.close()
-        offset = sage.measured_offset_ms
-    items = {key: tuple(getattr(item, name) for name in sageplex_sync.SageItem.__slots__)
-             for key, item in index.items.items()}
-    assert offset is not None  # the clock, learnt from the child's reply too
-    return items, dict(index.unreadable), index.unreadable_count
+    with sageplex_sync.PlexClient(config.plex) as plex:
+        sections = sageplex_sync.resolve_sections(["all"], plex.sections())
+        before = plex.request_count
+        listing = plex.listing(sections)
+        try:
+            listed = [value for batch in listing for value in batch]
+        finally:
+            listing.close()
+        return listed, plex.request_count - before
 
 
-def test_the_child_and_the_own_process_read_the_same_items(
+def test_the_child_and_the_own_process_list_the_same_items(
         world: World, start: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     declare_library(world)
     env = start()
 
     monkeypatch.setattr(sageplex_sync, "_listing_may_fork", lambda: True)
-    from_child = index_snapshot(env)
+    from_child = listing_snapshot(env)
     monkeypatch.setattr(sageplex_sync, "_listing_may_fork", lambda: False)
-    from_own = index_snapshot(env)
+    from_own = listing_snapshot(env)
 
     assert from_child == from_own
-    assert len(from_child[0]) == 14
-    assert any(fields[3] == 2 for fields in from_child[0].values())  # the split recording
+    listed, requests_made = from_child
+    assert len(listed) == 14 and requests_made == 2  # one listing request per section
+    assert {sageplex_sync.PlexItem(*v).title for v in listed} >= {"Heat (1995)",
+                                                                  "Show - s01e05 - Episode 4"}
 
 
 def test_a_check_and_a_sync_report_alike(world: World, start: Any,
@@ -120,58 +120,64 @@ def test_a_check_and_a_sync_report_alike(world: World, start: Any,
     assert "out-of-sync" not in after.total and after.code == 0
 
 
-def listing_body(env: Env) -> dict:
-    """SageTV's listing reply as the tool asks for it."""
-    params = {"c": "GetMediaFiles", "encoder": "json", "1": "TV", "start": 0,
-              "size": sageplex_sync.SAGEX_PAGE_SIZE, "filter": "|".join(sageplex_sync.SAGE_FIELDS)}
-    reply = requests.get(f"http://127.0.0.1:{env.sage.port}/sagex/api", params=params,
-                         auth=(SAGE_USER, SAGE_PASSWORD), timeout=10)
-    reply.raise_for_status()
-    return reply.json()
-
-
-@pytest.mark.parametrize("odd", [
-    None,  # a null in the Result list
-    {"Airing": {"AiringID": 5}, "SegmentFiles": ["x.mpg"]},  # no MediaFileID at all
-    {"MediaFileID": None, "SegmentFiles": ["y.mpg"]},
-    {"MediaFileID": 777, "Airing": None, "SegmentFiles": ["z.mpg"]},
-    {"MediaFileID": 778, "Airing": [], "SegmentFiles": "w.mpg"},
-    "a string",
-], ids=["null", "no-id", "null-id", "null-airing", "odd-types", "string"])
-def test_a_record_the_tool_cannot_read_is_skipped_alike(
-        world: World, start: Any, monkeypatch: pytest.MonkeyPatch, odd: object) -> None:
+def test_many_batches_arrive_whole_and_in_order(world: World, start: Any,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     declare_library(world)
     env = start()
-    body = listing_body(env)
-    body["Result"].insert(3, odd)
-    env.sage.add_fault(function="GetMediaFiles", body=json.dumps(body).encode(),
-                       content_type="application/json")
+    monkeypatch.setattr(sageplex_sync, "LISTING_BATCH", 3)
 
     child, own = run_both(env, monkeypatch, "all")
 
     assert same_run(child, own)
     assert "Total: 14 videos" in child.total
-    monkeypatch.setattr(sageplex_sync, "_listing_may_fork", lambda: True)
-    items, unreadable, count = index_snapshot(env)
-    monkeypatch.setattr(sageplex_sync, "_listing_may_fork", lambda: False)
-    assert (items, unreadable, count) == index_snapshot(env)
-    assert len(items) == 14 and count == 1
+
+
+def movie_section_listing(env: Env) -> tuple[str, bytes]:
+    """The movie section's path and its listing as the server sends it."""
+    headers = {"X-Plex-Token": PLEX_TOKEN}
+    base = f"http://127.0.0.1:{env.plex.port}"
+    sections = requests.get(f"{base}/library/sections", headers=headers, timeout=10).text
+    key = re.search(r'<Directory[^>]*key="(\d+)"[^>]*type="movie"', sections)
+    assert key is not None
+    path = f"/library/sections/{key.group(1)}/all"
+    reply = requests.get(f"{base}{path}?type=1", headers=headers, timeout=10)
+    reply.raise_for_status()
+    return path, reply.content
+
+
+@pytest.mark.parametrize("odd", [
+    b'<Video ratingKey="abc" type="movie" title="No key"/>',
+    b'<Video type="movie" title="No key at all"/>',
+    b'<Video ratingKey="901" type="movie" title="Odd count" viewCount="many">'
+    b'<Media><Part file="/mnt/m/odd.mpg"/></Media></Video>',
+], ids=["bad-key", "no-key", "bad-number"])
+def test_a_record_the_tool_cannot_read_is_reported_alike(
+        world: World, start: Any, monkeypatch: pytest.MonkeyPatch, odd: bytes) -> None:
+    declare_library(world)
+    env = start()
+    path, body = movie_section_listing(env)
+    env.plex.add_fault(path=path, body=body.replace(b"</MediaContainer>",
+                                                    odd + b"</MediaContainer>"),
+                       content_type="text/xml;charset=utf-8")
+
+    child, own = run_both(env, monkeypatch, "all")
+
+    assert same_run(child, own)
+    assert "unreadable from Plex" in child.out
 
 
 @pytest.mark.parametrize("fault", [
     {"status": 500},
     {"status": 401},
-    {"body": b"<html>not json</html>"},
-    {"body": b'{"Result": 3}'},
-    {"body": b'{"error": {"message": "listing broke\\nat line 2"}}'},
-    {"delay_s": 3.0},  # past sagex.list_timeout
+    {"body": b"<html>not xml", "content_type": "text/xml"},
+    {"delay_s": 3.0},  # past plex.timeout
     {"drop": True},
-], ids=["500", "401", "not-json", "no-list", "error", "timeout", "dropped"])
+], ids=["500", "401", "not-xml", "timeout", "dropped"])
 def test_a_failed_listing_gives_the_same_one_line_error(
         world: World, start: Any, monkeypatch: pytest.MonkeyPatch, fault: dict) -> None:
     declare_library(world)
-    env = start(sagex__list_timeout=1)
-    env.sage.add_fault(function="GetMediaFiles", **fault)
+    env = start(plex__timeout=1)
+    env.plex.add_fault(function="section_all", **fault)
 
     child, own = run_both(env, monkeypatch, "all")
 
@@ -184,29 +190,36 @@ def test_a_child_that_gives_no_answer_means_reading_the_listing_here(
         world: World, start: Any, monkeypatch: pytest.MonkeyPatch, forked: None) -> None:
     declare_library(world)
     env = start()
-    monkeypatch.setattr(sageplex_sync.SageClient, "_listing_answer",
-                        lambda self, fields: os._exit(9))
+    monkeypatch.setattr(sageplex_sync.PlexClient, "_listing_answer",
+                        lambda self, sections: os._exit(9))
 
     r = env.run("all")
 
     assert r.code == 0, r.err
     assert "Total: 14 videos" in r.total
     assert "listing process gave no answer: reading the listing here" in r.log
-    assert len(env.sage.requests(function="GetMediaFiles")) == 1  # the child's never came
+    assert len(env.plex.requests(function="section_all")) == 2  # the child's never came
 
 
-def test_a_child_that_fails_with_a_bug_means_reading_the_listing_here(
-        world: World, start: Any, monkeypatch: pytest.MonkeyPatch, forked: None) -> None:
+def test_a_child_that_fails_half_way_leaves_the_rest_to_this_process(
+        world: World, start: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     declare_library(world)
     env = start()
+    own = env.run("all")
+    monkeypatch.setattr(sageplex_sync, "LISTING_BATCH", 4)
+    monkeypatch.setattr(sageplex_sync, "_listing_may_fork", lambda: True)
+    answer = sageplex_sync.PlexClient._listing_answer
 
-    def broken(self: Any, fields: Any) -> tuple:
-        raise RuntimeError("a bug")
-    monkeypatch.setattr(sageplex_sync.SageClient, "_listing_answer", broken)
+    def broken(self: Any, sections: Any) -> Any:
+        for number, value in enumerate(answer(self, sections)):
+            if number == 2:
+                raise RuntimeError("a bug after two batches")
+            yield value
+    monkeypatch.setattr(sageplex_sync.PlexClient, "_listing_answer", broken)
 
     r = env.run("all")
 
-    assert r.code == 0, r.err
+    assert same_run(r, own)  # each item once: the eight handed on are not listed again
     assert "Total: 14 videos" in r.total
 
 
@@ -214,38 +227,32 @@ def test_a_child_killed_by_a_signal_is_a_one_line_error_not_a_second_listing(
         world: World, start: Any, monkeypatch: pytest.MonkeyPatch, forked: None) -> None:
     declare_library(world)
     env = start()
-    monkeypatch.setattr(sageplex_sync.SageClient, "_listing_answer",
-                        lambda self, fields: os.kill(os.getpid(), signal.SIGKILL))
+    monkeypatch.setattr(sageplex_sync.PlexClient, "_listing_answer",
+                        lambda self, sections: os.kill(os.getpid(), signal.SIGKILL))
 
     r = env.run("all")
 
     assert r.code == 1
-    assert r.err == ("sageplex-sync: error: SageTV's listing process was killed (signal 9) "
+    assert r.err == ("sageplex-sync: error: Plex's listing process was killed (signal 9) "
                      "while it read the listing\n")
-    assert not env.sage.requests(function="GetMediaFiles")
+    assert not env.plex.requests(function="section_all")
 
 
-def test_a_failed_plex_read_ends_the_listing_process(
+def test_a_failed_sagetv_read_ends_the_listing_process(
         world: World, start: Any, forked: None) -> None:
     declare_library(world)
-    env = start()
-    env.sage.add_fault(function="GetMediaFiles", delay_s=30)
-    env.plex.add_fault(function="section_all", status=500, body=b"broken")
+    env = start(plex__timeout=60)
+    env.plex.add_fault(function="section_all", delay_s=30)
+    env.sage.add_fault(function="GetMediaFiles", status=500, body=b"broken")
 
     began = time.monotonic()
     r = env.run("all")
 
-    assert r.code == 1 and "Plex" in r.err
+    assert r.code == 1 and "SageTV" in r.err
     assert time.monotonic() - began < 20
     pid = int(re.search(FORKED + r" (\d+)", r.log).group(1))  # type: ignore[union-attr]
-    for _ in range(100):  # killed, then reaped by the listing's thread
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.05)
-    else:
-        pytest.fail(f"the listing's process {pid} is still there")
+    with pytest.raises(ProcessLookupError):  # killed and reaped before the run ended
+        os.kill(pid, 0)
 
 
 def test_the_command_forks_by_itself_and_reports_as_the_library_call(

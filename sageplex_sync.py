@@ -1284,13 +1284,16 @@ class _NoAnswer(Exception):
 
 
 class _ListingProcess:
-    """A forked child that runs one generator and streams its values back through a pipe,
-    each with marshal (plain values only: a batch of 2,000 items loads in a millisecond).
-    It always ends with os._exit: it shares the parent's files, buffers and atexit
-    handlers, none of which are its to flush or run."""
+    """A forked child that runs one generator and hands its values on as it makes them,
+    each with marshal (plain values only: a batch of 2,000 items loads in a millisecond)
+    into a temporary file, and a byte on a pipe to say that one more is there. Through a
+    pipe alone, the child would wait whenever this process cannot read: json.loads of
+    SageTV's listing holds the interpreter lock for a second at 100,000 items. It always
+    ends with os._exit: it shares the parent's files, buffers and atexit handlers, none of
+    which are its to flush or run."""
 
-    def __init__(self, pid: int, answer: IO[bytes]) -> None:
-        self.pid, self._answer = pid, answer
+    def __init__(self, pid: int, answer: IO[bytes], told: int) -> None:
+        self.pid, self._answer, self._told = pid, answer, told
         self._status: int | None = None
         self._lock = threading.Lock()  # reaped once, by whichever thread comes first
 
@@ -1298,33 +1301,35 @@ class _ListingProcess:
     def start(cls, work: Callable[[], Iterable[Any]]) -> _ListingProcess | None:
         """The child started (None: it could not be, and the caller works in-process)."""
         try:
-            read_end, write_end = os.pipe()
+            answer = _anonymous_file()
+            told, tell = os.pipe()
         except OSError as exc:
-            log.info("no pipe for Plex's listing process (%s): reading it in this one", exc)
+            log.info("no file for Plex's listing process (%s): reading it in this one", exc)
             return None
         try:
             pid = os.fork()
         except OSError as exc:
             log.info("no process for Plex's listing (%s): reading it in this one", exc)
-            os.close(read_end)
-            os.close(write_end)
+            answer.close()
+            os.close(told)
+            os.close(tell)
             return None
         if pid == 0:
-            os.close(read_end)
-            _run_child(work, write_end)
-        os.close(write_end)
-        return cls(pid, open(read_end, "rb", buffering=PIPE_BUFFER))  # noqa: SIM115
+            os.close(told)
+            _run_child(work, answer, tell)
+        os.close(tell)
+        return cls(pid, answer, told)
 
     def values(self) -> Iterator[Any]:
         """The child's values as they come; _NoAnswer when it ended without giving them
-        all (its exit status says whether it did)."""
-        with self._answer as answer:
-            while len(head := answer.read(8)) == 8:
-                size = int.from_bytes(head, "little")
-                data = answer.read(size)
-                if len(data) < size:
-                    break
-                yield marshal.loads(data)
+        all (its exit status says whether it did). Read with pread: the file's offset is
+        the child's, which writes at it."""
+        where, fd = 0, self._answer.fileno()
+        while os.read(self._told, 1):
+            size = int.from_bytes(os.pread(fd, 8, where), "little")
+            data = os.pread(fd, size, where + 8)
+            where += 8 + size
+            yield marshal.loads(data)
         status = self._reaped()
         if os.WIFSIGNALED(status):
             raise _NoAnswer(os.WTERMSIG(status))
@@ -1348,14 +1353,24 @@ class _ListingProcess:
 
     def close(self) -> None:
         self.stop()
+        if self._told >= 0:
+            os.close(self._told)
+            self._told = -1
         self._answer.close()
 
 
-#: The pipe's reading end is read in pieces this big (a batch of 2,000 items is 250 KB).
-PIPE_BUFFER = 1024 * 1024
+def _anonymous_file() -> IO[bytes]:
+    """A file in memory with no name (memfd_create: no folder to find, and no import of
+    tempfile, a seventieth of a second); else a temporary one."""
+    if hasattr(os, "memfd_create"):
+        with contextlib.suppress(OSError):
+            return open(os.memfd_create("sageplex-listing"), "w+b")  # noqa: SIM115
+    import tempfile
+
+    return tempfile.TemporaryFile()
 
 
-def _run_child(work: Callable[[], Iterable[Any]], write_end: int) -> NoReturn:
+def _run_child(work: Callable[[], Iterable[Any]], answer: IO[bytes], tell: int) -> NoReturn:
     code = 70
     try:
         # The parent's handlers only set its stop event: the child ends as a process does.
@@ -1364,12 +1379,12 @@ def _run_child(work: Callable[[], Iterable[Any]], write_end: int) -> NoReturn:
         for handler in (*logging.getLogger().handlers, *log.handlers):
             if isinstance(handler, logging.handlers.RotatingFileHandler):
                 handler.maxBytes = 0  # the log is the parent's to roll over
-        with open(write_end, "wb", buffering=PIPE_BUFFER) as answer:
-            for value in work():
-                data = marshal.dumps(value)
-                answer.write(len(data).to_bytes(8, "little"))
-                answer.write(data)
-                answer.flush()  # each batch as soon as it is made
+        for value in work():
+            data = marshal.dumps(value)
+            answer.write(len(data).to_bytes(8, "little"))
+            answer.write(data)
+            answer.flush()  # in the file before the byte that tells of it
+            os.write(tell, b"+")
         code = 0
     except BaseException:  # noqa: BLE001 - anything: the parent reads the listing itself
         with contextlib.suppress(BaseException):

@@ -5969,6 +5969,10 @@ class SagePoll:
         self.look_back_ms = int(poll_s * 1000) + LOOK_BACK_EXTRA_MS
         self.last_ms = since_ms  # SageTV's clock when the last poll was sent
         self.playing: set[int] = set()
+        #: The watch records found ended while still in the look-back (airing: its end): a
+        #: poll's time is known to a Date header's second only, so each poll looks that
+        #: much further back, and one end is told once.
+        self.told: dict[int, int] = {}
 
     def stopped(self, sage: SageClient) -> set[int]:
         """The airing ids that stopped since the last poll."""
@@ -5988,6 +5992,7 @@ class SagePoll:
                             "without a 'Result' list")
         cutoff = sage.now_ms() - self.look_back_ms
         playing: set[int] = set()
+        told = {a: end for a, end in self.told.items() if end >= cutoff}
         ended: set[int] = set()
         for airing in airings:
             airing_id = _int_or_none(airing.get("AiringID")) if isinstance(airing, dict) \
@@ -5997,10 +6002,11 @@ class SagePoll:
             real_end = airing.get("RealWatchedEndTime") or 0
             if not isinstance(real_end, int) or real_end < cutoff:
                 playing.add(airing_id)  # listed without a recent record: being played
-            elif real_end > self.last_ms:
+            elif real_end > self.last_ms - CLOCK_JITTER_MS and told.get(airing_id) != real_end:
+                told[airing_id] = real_end
                 ended.add(airing_id)
         ended |= self.playing - playing
-        self.playing, self.last_ms = playing, sent_ms
+        self.playing, self.last_ms, self.told = playing, sent_ms, told
         return ended - playing
 
 

@@ -319,10 +319,14 @@ class Evening:
         steps = "\n".join(f"    {step!r}," for step in self.steps)
         out = self.watch.out.getvalue().splitlines()[-15:]
         err = self.watch.err.getvalue().splitlines()[-10:]
+        log_path = self.env.log_path
+        log = log_path.read_text(encoding="utf-8").splitlines()[-40:] \
+            if log_path.exists() else []
         return (f"{what}\n{self.picture()}\nsteps (to pin: evening.play([...], backstop="
                 f"{self.backstop})):\n{steps}\n"
                 "watcher output (last lines):\n  " + "\n  ".join(out) +
-                "\nwatcher errors (last lines):\n  " + "\n  ".join(err))
+                "\nwatcher errors (last lines):\n  " + "\n  ".join(err) +
+                "\nlog (last lines):\n  " + "\n  ".join(log))
 
     # -- the tool's writes ----------------------------------------------------------------
     def tool_writes(self) -> tuple[set[int], set[int]]:

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -289,3 +290,21 @@ def test_a_sagetv_clock_set_while_watching_still_syncs_a_stop_within_a_poll_and_
     assert {r.function for r in w.env.sage.requests()} <= {"GetRecentlyWatched"}, \
         "the poll took the tool's own write for a new stop"
     assert w.out.getvalue().count(f" {item.rating_key} ") == 1, w.out.getvalue()
+
+
+def test_a_stop_within_the_last_polls_second_is_heard_once(world: World, start: Any) -> None:
+    """A poll's time is known to a Date header's second only: a watch record that ended
+    just before the time the last poll was taken to be sent is still a stop, told once."""
+    item = world.movie("Heat", sage=none(), plex=none())
+    env = start()
+    assert item.airing_id is not None
+    config = sageplex_sync.load_config(env.config_path)
+    with sageplex_sync.SageClient(config.sage) as sage:
+        poll = sageplex_sync.SagePoll(1.0, 0)
+        assert poll.stopped(sage) == set()  # the clock measured
+        end_ms = sage.now_ms() - 2_000
+        env.world.sage.set_watch_record(item.airing_id, 0, 20 * MIN, end_ms - 20 * MIN, end_ms)
+        poll.last_ms = end_ms + 600  # the last poll's time, as its Date header put it
+
+        assert poll.stopped(sage) == {item.airing_id}
+        assert poll.stopped(sage) == set()  # the same end again: not a new stop

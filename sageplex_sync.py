@@ -1286,7 +1286,8 @@ class _NoAnswer(Exception):
 class _ListingProcess:
     """A forked child that runs one generator and hands its values on as it makes them,
     each with marshal (plain values only: a batch of 2,000 items loads in a millisecond)
-    into a temporary file, and a byte on a pipe to say that one more is there. Through a
+    into a file of its own (in memory where it can be), and a byte on a pipe to say that
+    one more is there. Through a
     pipe alone, the child would wait whenever this process cannot read: json.loads of
     SageTV's listing holds the interpreter lock for a second at 100,000 items. It always
     ends with os._exit: it shares the parent's files, buffers and atexit handlers, none of

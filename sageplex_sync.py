@@ -1079,6 +1079,8 @@ class PlexClient(_Client):
                 if error is not None:
                     raise PlexError(*error)
         except _NoAnswer as ended:
+            if ended.signal_number in (signal.SIGINT, signal.SIGTERM):
+                raise KeyboardInterrupt from None  # the user's ^C reached the process group
             if ended.signal_number is not None:
                 raise PlexError(f"Plex's listing process was killed (signal "
                                 f"{ended.signal_number}) while it read the listing") from None

@@ -238,6 +238,22 @@ def test_a_child_killed_by_a_signal_is_a_one_line_error_not_a_second_listing(
     assert not env.plex.requests(function="section_all")
 
 
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "term"])
+def test_a_child_stopped_with_the_process_group_is_an_interrupted_run(
+        world: World, start: Any, monkeypatch: pytest.MonkeyPatch, forked: None,
+        stop: signal.Signals) -> None:
+    declare_library(world)
+    env = start()
+    monkeypatch.setattr(sageplex_sync.PlexClient, "_listing_answer",
+                        lambda self, sections: os.kill(os.getpid(), stop))
+
+    r = env.run("all", "-s", "-y")
+
+    assert r.code == 130
+    assert r.err == "sageplex-sync: interrupted\n"
+    assert env.writes() == []
+
+
 def test_a_failed_sagetv_read_ends_the_listing_process(
         world: World, start: Any, forked: None) -> None:
     declare_library(world)

@@ -1289,11 +1289,10 @@ class _ListingProcess:
     """A forked child that runs one generator and hands its values on as it makes them,
     each with marshal (plain values only: a batch of 2,000 items loads in a millisecond)
     into a file of its own (in memory where it can be), and a byte on a pipe to say that
-    one more is there. Through a
-    pipe alone, the child would wait whenever this process cannot read: json.loads of
-    SageTV's listing holds the interpreter lock for a second at 100,000 items. It always
-    ends with os._exit: it shares the parent's files, buffers and atexit handlers, none of
-    which are its to flush or run."""
+    one more is there. Through a pipe alone, the child would wait whenever this process
+    cannot read: json.loads of SageTV's listing holds the interpreter lock for a second at
+    100,000 items. It always ends with os._exit: it shares the parent's files, buffers and
+    atexit handlers, none of which are its to flush or run."""
 
     def __init__(self, pid: int, answer: IO[bytes], told: int) -> None:
         self.pid, self._answer, self._told = pid, answer, told
@@ -1349,10 +1348,10 @@ class _ListingProcess:
     def stop(self) -> None:
         """The child ended, if it still runs, and reaped (from any thread)."""
         with self._lock:
-            if self._status is None:
+            if self._status is None:  # not reaped: its pid is still its own
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(self.pid, signal.SIGKILL)
-                _, self._status = os.waitpid(self.pid, 0)
+        self._reaped()
 
     def close(self) -> None:
         self.stop()
@@ -1639,15 +1638,9 @@ def _ints(*values: object) -> bool:
     return {*map(type, values)} == _INT  # bool is not int here
 
 
-#: A media file packed as the values a SageItem is made of, in its order (Airing's apart):
-#: what the listing's process hands back, marshal's plain tuples.
-SagePacked = tuple[int, int, tuple[str, ...], int, int, int, int, int, int, bool, bool, bool,
-                   int, int, int, str]
-
-
-def sage_packed(record: object) -> SagePacked | None:
-    """A listing record's values when each is there and of its type (the common case, in
-    one go); None: the record needs sage_item_from_json's field-by-field reading."""
+def _sage_item_fast(record: object) -> SageItem | None:
+    """A listing record as an item when each value is there and of its type (the common
+    case, in one go); None: the record needs sage_item_from_json's field-by-field reading."""
     fields = cast(dict, record)  # anything else fails the lookups below
     try:
         airing_json = fields["Airing"]
@@ -1667,25 +1660,17 @@ def sage_packed(record: object) -> SagePacked | None:
         return None
     (media_file_id, airing_id, file_start, duration, segments, airing_start, airing_end,
      show_duration, watched_end, real_start, real_end) = values
-    return (media_file_id, airing_id, tuple(paths), max(1, segments), file_start, duration,
-            airing_start, airing_end, show_duration, _is_movie(show, show_id),
-            airing_json.get("IsWatched") is True, airing_json.get("IsWatchedCompletely") is True,
-            watched_end, real_start, real_end, show_id)
-
-
-def sage_item_from_packed(packed: SagePacked) -> SageItem:
-    (media_file_id, airing_id, paths, segments, file_start, duration, airing_start, airing_end,
-     show_duration, is_movie, watched, watched_completely, watched_end, real_start, real_end,
-     show_id) = packed
-    return SageItem(media_file_id, airing_id, paths, segments, file_start, duration,
-                    Airing(airing_start, airing_end, show_duration, file_start, is_movie),
-                    watched, watched_completely, watched_end, real_start, real_end, show_id)
+    return SageItem(media_file_id, airing_id, tuple(paths), max(1, segments), file_start,
+                    duration, Airing(airing_start, airing_end, show_duration, file_start,
+                                     _is_movie(show, show_id)),
+                    airing_json.get("IsWatched") is True,
+                    airing_json.get("IsWatchedCompletely") is True, watched_end, real_start,
+                    real_end, show_id)
 
 
 def sage_item_from_json(record: object) -> SageItem:
     """One media file of the listing (SageError naming it when it cannot be read)."""
-    packed = sage_packed(record)
-    return _sage_item_checked(record) if packed is None else sage_item_from_packed(packed)
+    return _sage_item_fast(record) or _sage_item_checked(record)
 
 
 def _is_movie(show: dict, show_id: str) -> bool:
@@ -1837,7 +1822,9 @@ class SageIndex:
     records that could not be read, with the reason."""
 
     def __init__(self, records: Iterable[object]) -> None:
-        """From the listing's records, raw or already converted (convert_media_file)."""
+        """From the listing's records, converted (convert_media_file) as they were parsed,
+        or raw: those the parse could not take for a media file (no object, no
+        MediaFileID), which convert_media_file turns into the reason here."""
         self.items: dict[int, SageItem] = {}
         self.by_name: dict[str, list[SageItem]] = collections.defaultdict(list)
         self.unreadable: dict[str, str] = {}

@@ -395,6 +395,42 @@ def test_timeouts_come_from_the_config(world: World, start: Any) -> None:
     assert_clean(r)
 
 
+# -- replies that set a cookie or redirect: taken as requests' Session.send takes them ----------
+
+def test_a_cookie_plex_sets_is_sent_back_with_its_later_requests(world: World,
+                                                                  start: Any) -> None:
+    declare(world)
+    env: Env = start()
+    env.plex.add_fault(when=lambda r: r.path == "/", times=1,
+                       headers={"Set-Cookie": "plexsession=abc123; Path=/"})
+    r = env.run("all", "-s")
+    assert r.code == 0, r.err
+    requests_ = env.plex.requests()
+    first = next(n for n, request in enumerate(requests_) if request.path == "/")
+    later = [request for request in requests_[first + 1:] if request.method == "GET"
+             and not request.path.startswith(("/:/", "/library/sections/"))]
+    assert later, [request.path for request in requests_]
+    assert all(request.headers.get("cookie") == "plexsession=abc123" for request in later)
+    assert_clean(r)
+
+
+def test_a_redirected_write_is_followed_and_read_back(world: World, start: Any) -> None:
+    items = declare(world)
+    env: Env = start()
+    airing = f"airing:{items.sage1.airing_id}"
+    env.sage.add_fault(function="SetWatched", times=1, status=307,
+                       when=lambda r: r.query.get("1") == [airing],
+                       headers={"Location": f"/sagex/api?c=SetWatched&1={airing}&encoder=json"})
+    r = env.run("all", "-s")
+    assert r.code == 0, r.out + r.err
+    assert "4 updated." in r.total
+    sent = [request for request in env.sage.requests(function="SetWatched")
+            if request.query.get("1") == [airing]]
+    assert len(sent) == 2  # the redirect, then the write where it pointed
+    assert world.sage.airing_json(items.sage1.airing_id)["IsWatched"] is True
+    assert_clean(r)
+
+
 # -- a server that goes away in the middle of a run ---------------------------------------------
 
 def test_sagetv_goes_away_during_the_writes(world: World, start: Any) -> None:

@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -291,7 +291,8 @@ class Fault:
     status with ``body`` (or a short text); ``body`` alone answers 200 with that body
     *without running the app* (so ``body=b"{}"`` is a write that did nothing);
     ``truncate`` runs the app and sends only the first half of its reply, then closes.
-    With only ``delay_s`` the app runs normally after the delay.
+    ``headers`` are added to whatever reply is sent (a cookie, a redirect's Location).
+    With only ``delay_s`` or ``headers`` the app runs normally.
     """
 
     path: str | None = None
@@ -304,6 +305,7 @@ class Fault:
     delay_s: float = 0.0
     drop: bool = False
     truncate: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
     skip: int = 0
     times: int | None = None
     hits: int = 0
@@ -406,6 +408,8 @@ class _Handler(BaseHTTPRequestHandler):
                 fake.errors.append(exc)
                 response = Response(500, f"fake server error: {exc!r}".encode())
             fake._account(app_s=time.perf_counter() - app_started)
+        if fault is not None and fault.headers:
+            response = replace(response, headers={**response.headers, **fault.headers})
         if fault is not None and fault.truncate:
             self._send(response, truncate=True)
             return

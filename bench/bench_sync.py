@@ -33,7 +33,12 @@ After them, the write phase: a first sync of ``--write-size`` (10,000) items, al
 (half a SageTV SetWatched, read back; half a Plex scrobble), every SageTV request taking
 ``--write-sage-ms`` (20) and every Plex request ``--write-plex-ms`` (5), default write
 workers, against its latency bound: the check of the same world plus, for the slower server,
-its requests beyond the check x latency / workers. And, opt-in, a 100,000-item check and
+its requests beyond the check x latency / workers; and against a measured floor: the check
+plus the same requests replayed with http.client by as many threads per server (the
+fastest of ``--write-repeat`` rounds, each in a fresh world). The share of the machine's CPU
+time the hypervisor took meanwhile ("steal", from /proc/stat) is printed with it: a bound
+computed from latencies does not slow down when the host takes the CPUs away, a run does.
+And, opt-in, a 100,000-item check and
 first sync against a SageTV that takes ``--list-delay-s`` 60 s to build its listing
 (``--slow-listing``; default config, so ``sagex.list_timeout`` 600 s).
 
@@ -166,6 +171,57 @@ def worker_floor(spec: dict) -> dict:
     return {**found, "work_s": time.perf_counter() - started}
 
 
+def worker_write_floor(spec: dict) -> dict:
+    """The write phase's floor: the requests a first sync sent beyond its check, as the
+    fakes logged them (method, path and query, headers), replayed with the standard
+    library's HTTP client by as many threads per server as the tool has write workers,
+    both servers at once, each thread on one kept-alive connection; every reply read whole
+    and parsed (``json.loads`` for SageTV's, expat for Plex's). Timed in its process."""
+    started = time.perf_counter()
+    errors: list[BaseException] = []
+
+    def parse_xml(body: bytes) -> None:
+        if body.strip():
+            expat.ParserCreate().Parse(body, True)
+
+    def replay(server: dict, taken: list[int], lock: threading.Lock) -> None:
+        parse = json.loads if server["json"] else parse_xml
+        conn = http.client.HTTPConnection("127.0.0.1", server["port"], timeout=3600)
+        while True:
+            with lock:
+                index = taken[0]
+                taken[0] += 1
+            if index >= len(server["requests"]):
+                break
+            method, url, headers = server["requests"][index]
+            conn.request(method, url, headers=headers)
+            reply = conn.getresponse()
+            body = reply.read()
+            if reply.status >= 300:
+                raise RuntimeError(f"write floor: HTTP {reply.status} for {url}")
+            parse(body)
+        conn.close()
+
+    def guarded(server: dict, taken: list[int], lock: threading.Lock) -> None:
+        try:
+            replay(server, taken, lock)
+        except BaseException as exc:  # reported below, from the main thread
+            errors.append(exc)
+    threads = []
+    for server in spec["servers"]:
+        shared = ([0], threading.Lock())
+        threads += [threading.Thread(target=guarded, args=(server, *shared))
+                    for _ in range(server["workers"])]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return {"requests": sum(len(server["requests"]) for server in spec["servers"]),
+            "work_s": time.perf_counter() - started}
+
+
 def worker_original(spec: dict) -> dict:
     """The original tool's per-item look-up, one request per sampled Plex item."""
     import requests
@@ -183,7 +239,8 @@ def worker_original(spec: dict) -> dict:
     return {"samples": len(spec["names"]), "found": found, "seconds": elapsed}
 
 
-WORKERS = {"floor": worker_floor, "original": worker_original}
+WORKERS = {"floor": worker_floor, "write-floor": worker_write_floor,
+           "original": worker_original}
 
 
 # -----------------------------------------------------------------------------------------
@@ -297,6 +354,7 @@ class ChildRun:
     listings: tuple[int, int] = (0, 0)  # SageTV GetMediaFiles calls, the most at once
     serve_s: dict[str, float] = field(default_factory=dict)  # ... and handling requests
     requests: dict[str, dict[str, int]] = field(default_factory=dict)  # fake -> function -> n
+    steal: float | None = None  # the machine's CPU time stolen by the hypervisor meanwhile
 
 
 class TreeMemory:
@@ -402,15 +460,37 @@ class Spawner:
 SPAWNER: Spawner | None = None
 
 
+def machine_ticks() -> list[int]:
+    """The machine's CPU time so far per kind, in ticks (the first line of /proc/stat:
+    user, nice, system, idle, iowait, irq, softirq, steal, ...); [] where there is none."""
+    try:
+        with open("/proc/stat", encoding="ascii") as stat:
+            return [int(value) for value in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return []
+
+
+def steal_share(before: list[int], after: list[int]) -> float | None:
+    """The share of the machine's CPU time that the hypervisor gave to others meanwhile:
+    a virtual CPU's "steal". A run that waited for its CPUs is slower for it, while a
+    bound computed from latencies is not."""
+    if len(before) < 8 or len(after) < 8:
+        return None
+    spent = [end - start for start, end in zip(before[:8], after[:8], strict=True)]
+    return spent[7] / sum(spent) if sum(spent) else 0.0
+
+
 def run_child(argv: list[str], env: dict[str, str], workdir: Path) -> ChildRun:
     out_path, err_path = workdir / "child.out", workdir / "child.err"
     job = {"argv": argv, "env": env, "cwd": str(ROOT), "out": str(out_path),
            "err": str(err_path)}
+    ticks = machine_ticks()
     result = SPAWNER.run(job) if SPAWNER is not None else spawn(job)
     return ChildRun(result["wall_s"], result["code"], result["tree_rss_kb"] / 1024,
                     result["cpu_s"], out_path.read_text(encoding="utf-8", errors="replace"),
                     err_path.read_text(encoding="utf-8", errors="replace"),
-                    result["children_rss_kb"] / 1024, result["peaks_sum_kb"] / 1024)
+                    result["children_rss_kb"] / 1024, result["peaks_sum_kb"] / 1024,
+                    steal=steal_share(ticks, machine_ticks()))
 
 
 def run_worker(name: str, spec: dict, env: dict[str, str], workdir: Path) -> tuple[ChildRun, dict]:
@@ -527,6 +607,26 @@ class Bench:
             raise RuntimeError(f"sageplex_sync {' '.join(args)} exited {run.code}:\n"
                                f"{run.err[-2000:]}")
         return self._collect(run)
+
+    def replay_spec(self, check: ChildRun, workers: tuple[int, int]) -> dict:
+        """For the write floor: the requests the last run sent beyond those of ``check``
+        (as many of each kind as the check sent are left out), per server, as sent."""
+        servers = []
+        for (name, fake), count, is_json in zip(self._fakes().items(), workers, (True, False),
+                                                strict=True):
+            left = dict(check.requests[name])
+            sent = []
+            for r in fake.requests():
+                kind = r.function or r.path
+                if left.get(kind, 0):
+                    left[kind] -= 1
+                    continue
+                headers = {k: v for k, v in r.headers.items()
+                           if k not in ("content-length", "connection")}
+                sent.append([r.method, path_query(r.path, sorted(r.query.items())), headers])
+            servers.append({"port": fake.port, "workers": count, "json": is_json,
+                            "requests": sent})
+        return {"servers": servers}
 
     def floor(self) -> tuple[ChildRun, dict]:
         self._reset()
@@ -780,6 +880,8 @@ class WritePhase:
     workers: tuple[int, int]  # the tool's default write workers: SageTV, Plex
     check: ChildRun  # a check of the same world and latency: what reading and deciding take
     sync: ChildRun
+    floor: ChildRun  # the sync's requests beyond the check, replayed (worker_write_floor)
+    floor_s: float  # ... timed in its process
 
     def phase_requests(self) -> dict[str, int]:
         """Requests of the sync beyond those of the check: the writes and their read-backs."""
@@ -800,14 +902,16 @@ class WritePhase:
     def ratio(self) -> float:
         return self.sync.wall_s / self.bound_s
 
+    @property
+    def floor_ratio(self) -> float:
+        """The first sync against the check plus its measured floor: what the same
+        requests take with no client work, on this machine at this moment."""
+        return self.sync.wall_s / (self.check.wall_s + self.floor_s)
 
-def measure_write_phase(size: int, sage_ms: float, plex_ms: float, say) -> WritePhase:
-    """A first sync of ``size`` items, every one out of sync, half needing a SageTV
-    SetWatched (watched on Plex only), half a Plex scrobble (watched on SageTV only), against
-    fakes that take ``sage_ms`` / ``plex_ms`` to answer each request; default config."""
-    import sageplex_sync
 
-    workers = (sageplex_sync.DEFAULT_SAGE_WRITE_WORKERS, sageplex_sync.DEFAULT_PLEX_WRITE_WORKERS)
+def write_round(size: int, sage_ms: float, plex_ms: float, workers: tuple[int, int]
+                ) -> tuple[WorldInfo, ChildRun, ChildRun, ChildRun, dict]:
+    """One world: its check, its first sync, then the sync's requests replayed (the floor)."""
     world, info = build_world(size, 100.0, rows=2)
     gc.collect()
     gc.freeze()
@@ -820,12 +924,44 @@ def measure_write_phase(size: int, sage_ms: float, plex_ms: float, say) -> Write
         check_report(check, info, "check before the write-phase sync")
         sync = bench.tool("all", "-s")
         sync_report(sync, info, "write-phase first sync")
+        spec = bench.replay_spec(check, workers)
+        bench._reset()
+        floor, replayed = run_worker("write-floor", spec, bench.env, Path(tmp))
+        bench._collect(floor)
+        for name, fake_requests in floor.requests.items():
+            expected = {kind: count - check.requests[name].get(kind, 0)
+                        for kind, count in sync.requests[name].items()}
+            if fake_requests != {kind: n for kind, n in expected.items() if n}:
+                raise RuntimeError(f"the write floor sent {name} {fake_requests}, the sync "
+                                   f"beyond its check {expected}")
     gc.unfreeze()
     del world
     gc.collect()
-    result = WritePhase(size, info, sage_ms, plex_ms, workers, check, sync)
+    return info, check, sync, floor, replayed
+
+
+def measure_write_phase(size: int, sage_ms: float, plex_ms: float, rounds: int, say
+                        ) -> WritePhase:
+    """A first sync of ``size`` items, every one out of sync, half needing a SageTV
+    SetWatched (watched on Plex only), half a Plex scrobble (watched on SageTV only), against
+    fakes that take ``sage_ms`` / ``plex_ms`` to answer each request; default config. In
+    ``rounds`` fresh worlds, the fastest check, sync and floor kept."""
+    import sageplex_sync
+
+    workers = (sageplex_sync.DEFAULT_SAGE_WRITE_WORKERS, sageplex_sync.DEFAULT_PLEX_WRITE_WORKERS)
+    runs = [write_round(size, sage_ms, plex_ms, workers) for _ in range(max(1, rounds))]
+    info = runs[0][0]
+    check = min((run[1] for run in runs), key=lambda r: r.wall_s)
+    sync = min((run[2] for run in runs), key=lambda r: r.wall_s)
+    floor, replayed = min(((run[3], run[4]) for run in runs), key=lambda r: r[1]["work_s"])
+    result = WritePhase(size, info, sage_ms, plex_ms, workers, check, sync, floor,
+                        replayed["work_s"])
+    syncs = ", ".join(f"{run[2].wall_s:.2f}" for run in runs)
+    floors = ", ".join(f"{run[4]['work_s']:.2f}" for run in runs)
+    say(f"\n== write phase (best of {len(runs)} rounds, each in a fresh world; first syncs "
+        f"{syncs} s, floors {floors} s)")
     done, phase, bound = writes(sync), result.phase_requests(), result.server_bound_s()
-    say(f"\n== write phase: first sync of {size:,} items, all out of sync ({done['SageTV']:,} "
+    say(f"  first sync of {size:,} items, all out of sync ({done['SageTV']:,} "
         f"SageTV + {done['Plex']:,} Plex writes); every SageTV request takes {sage_ms:g} ms, "
         f"every Plex request {plex_ms:g} ms; default write workers {workers[0]} + {workers[1]}")
     say(f"  check of the same world: {check.wall_s:.2f} s wall")
@@ -837,8 +973,17 @@ def measure_write_phase(size: int, sage_ms: float, plex_ms: float, say) -> Write
         f"{sync.wall_s - check.wall_s:.2f} s vs {max(bound.values()):.2f} s); CPU "
         f"{sync.cpu_s:.2f} s ({1000 * (sync.cpu_s - check.cpu_s) / max(1, sum(phase.values())):.2f}"
         f" ms per request beyond the check); peak RSS {sync.rss_mb:.0f} MB")
+    say(f"  floor: the same {replayed['requests']:,} requests replayed with http.client, "
+        f"{workers[0]} + {workers[1]} threads, both servers at once: {result.floor_s:.2f} s "
+        f"(timed in its process); first sync / (check + floor) = {result.floor_ratio:.2f}x")
+    say(f"  CPU time the host's hypervisor took from this machine (steal): "
+        f"{steal_words(sync.steal)} during the sync, {steal_words(floor.steal)} during the floor")
     say(describe_run_requests("sync", sync))
     return result
+
+
+def steal_words(share: float | None) -> str:
+    return "unknown" if share is None else f"{100 * share:.0f} %"
 
 
 # -----------------------------------------------------------------------------------------
@@ -1050,6 +1195,10 @@ def summary(results: list[SizeResult], write: WritePhase | None, startup: Startu
         say(f"  first sync of {write.size:,} items <= {TARGET_WRITE_BOUND}x its latency bound: "
             f"{write.ratio:.2f}x ({write.sync.wall_s:.2f} s vs {write.bound_s:.2f} s) "
             f"{verdict(write.ratio <= TARGET_WRITE_BOUND)}")
+        say(f"  (also) the same first sync against the check and its measured floor: "
+            f"{write.floor_ratio:.2f}x ({write.sync.wall_s:.2f} s vs "
+            f"{write.check.wall_s + write.floor_s:.2f} s); steal {steal_words(write.sync.steal)}"
+            f" during the sync")
     if startup is None:
         say(f"  start-up <= {TARGET_STARTUP}x the imports: not measured")
     else:
@@ -1094,6 +1243,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write-size", type=int, default=10_000,
                         help="items of the write-phase first sync, all out of sync, half each "
                              "way (default 10000; 0: skip)")
+    parser.add_argument("--write-repeat", type=int, default=2,
+                        help="rounds of the write phase, each in a fresh world; the fastest "
+                             "check, sync and floor are kept (default 2)")
     parser.add_argument("--write-sage-ms", type=float, default=20.0,
                         help="what each SageTV request costs in it (default 20)")
     parser.add_argument("--write-plex-ms", type=float, default=5.0,
@@ -1122,6 +1274,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.sizes, args.repeat, args.samples, args.startup_repeat = "1000,10000", 1, 50, 5
+        args.write_repeat = 1
     sizes = [int(s.replace("_", "")) for s in args.sizes.split(",") if s.strip()]
     latency = Latency(args.read_latency_ms, args.write_latency_ms, args.list_delay_s)
 
@@ -1151,7 +1304,7 @@ def main(argv: list[str] | None = None) -> int:
         write = None
         if args.write_size:
             write = measure_write_phase(args.write_size, args.write_sage_ms, args.write_plex_ms,
-                                        say)
+                                        args.write_repeat, say)
         slow = None
         if args.slow_listing:
             reference = next((r for r in results if r.info.size == args.slow_listing_size

@@ -407,6 +407,8 @@ def test_a_cookie_plex_sets_is_sent_back_with_its_later_requests(world: World,
     assert r.code == 0, r.err
     requests_ = env.plex.requests()
     first = next(n for n, request in enumerate(requests_) if request.path == "/")
+    # The reads after it, in the session that got the cookie: the writes have a session
+    # of their own, and the sections' listings may be read in a process forked before.
     later = [request for request in requests_[first + 1:] if request.method == "GET"
              and not request.path.startswith(("/:/", "/library/sections/"))]
     assert later, [request.path for request in requests_]

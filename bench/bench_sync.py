@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import http.client
 import json
@@ -117,7 +118,6 @@ def worker_floor(spec: dict) -> dict:
     gc.disable()
     started = time.perf_counter()
     found = {"records": 0, "videos": 0}
-    errors: list[BaseException] = []
 
     def body_pieces(conn: http.client.HTTPConnection, path: str, headers: dict):
         conn.request("GET", path, headers=headers)
@@ -156,19 +156,26 @@ def worker_floor(spec: dict) -> dict:
         found["videos"] = len(videos)
         conn.close()
 
-    def guarded(read) -> None:
+    in_threads([sage, plex])
+    return {**found, "work_s": time.perf_counter() - started}
+
+
+def in_threads(calls: list) -> None:
+    """Each call on a thread of its own, all at once; the first failure raised here."""
+    errors: list[BaseException] = []
+
+    def guarded(call) -> None:
         try:
-            read()
-        except BaseException as exc:  # reported below, from the main thread
+            call()
+        except BaseException as exc:  # reported below, from the calling thread
             errors.append(exc)
-    threads = [threading.Thread(target=guarded, args=(read,)) for read in (sage, plex)]
+    threads = [threading.Thread(target=guarded, args=(call,)) for call in calls]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     if errors:
         raise errors[0]
-    return {**found, "work_s": time.perf_counter() - started}
 
 
 def worker_write_floor(spec: dict) -> dict:
@@ -178,7 +185,6 @@ def worker_write_floor(spec: dict) -> dict:
     both servers at once, each thread on one kept-alive connection; every reply read whole
     and parsed (``json.loads`` for SageTV's, expat for Plex's). Timed in its process."""
     started = time.perf_counter()
-    errors: list[BaseException] = []
 
     def parse_xml(body: bytes) -> None:
         if body.strip():
@@ -202,22 +208,12 @@ def worker_write_floor(spec: dict) -> dict:
             parse(body)
         conn.close()
 
-    def guarded(server: dict, taken: list[int], lock: threading.Lock) -> None:
-        try:
-            replay(server, taken, lock)
-        except BaseException as exc:  # reported below, from the main thread
-            errors.append(exc)
-    threads = []
+    calls = []
     for server in spec["servers"]:
-        shared = ([0], threading.Lock())
-        threads += [threading.Thread(target=guarded, args=(server, *shared))
-                    for _ in range(server["workers"])]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
+        taken, lock = [0], threading.Lock()  # the next request, shared by the server's threads
+        calls += [functools.partial(replay, server, taken, lock)
+                  for _ in range(server["workers"])]
+    in_threads(calls)
     return {"requests": sum(len(server["requests"]) for server in spec["servers"]),
             "work_s": time.perf_counter() - started}
 

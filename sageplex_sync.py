@@ -36,6 +36,7 @@ import marshal
 import os
 import re
 import signal
+import socket
 import sqlite3
 import sys
 import threading
@@ -1305,14 +1306,15 @@ class _NoAnswer(Exception):
 class _ListingProcess:
     """A forked child that runs one generator and hands its values on as it makes them,
     each with marshal (plain values only: a batch of 2,000 items loads in a millisecond)
-    into a file of its own (in memory where it can be), and a byte on a pipe to say that
-    one more is there. Through a pipe alone, the child would wait whenever this process
-    cannot read: json.loads of SageTV's listing holds the interpreter lock for a second at
-    100,000 items. It always ends with os._exit: it shares the parent's files, buffers and
-    atexit handlers, none of which are its to flush or run."""
+    into a file of its own (in memory where it can be), whose descriptor it sends on a
+    socket; this process reads the file and closes it, which frees it. Through a pipe
+    alone, the child would wait whenever this process cannot read: json.loads of SageTV's
+    listing holds the interpreter lock for a second at 100,000 items. It always ends with
+    os._exit: it shares the parent's files, buffers and atexit handlers, none of which are
+    its to flush or run."""
 
-    def __init__(self, pid: int, answer: IO[bytes], told: int) -> None:
-        self.pid, self._answer, self._told = pid, answer, told
+    def __init__(self, pid: int, told: socket.socket) -> None:
+        self.pid, self._told = pid, told
         self._status: int | None = None
         self._lock = threading.Lock()  # reaped once, by whichever thread comes first
 
@@ -1320,35 +1322,34 @@ class _ListingProcess:
     def start(cls, work: Callable[[], Iterable[Any]]) -> _ListingProcess | None:
         """The child started (None: it could not be, and the caller works in-process)."""
         try:
-            answer = _anonymous_file()
-            told, tell = os.pipe()
+            told, tell = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         except OSError as exc:
-            log.info("no file for Plex's listing process (%s): reading it in this one", exc)
+            log.info("no socket for Plex's listing process (%s): reading it in this one", exc)
             return None
         try:
             pid = os.fork()
         except OSError as exc:
             log.info("no process for Plex's listing (%s): reading it in this one", exc)
-            answer.close()
-            os.close(told)
-            os.close(tell)
+            told.close()
+            tell.close()
             return None
         if pid == 0:
-            os.close(told)
-            _run_child(work, answer, tell)
-        os.close(tell)
-        return cls(pid, answer, told)
+            told.close()
+            _run_child(work, tell)
+        tell.close()
+        return cls(pid, told)
 
     def values(self) -> Iterator[Any]:
         """The child's values as they come; _NoAnswer when it ended without giving them
-        all (its exit status says whether it did). Read with pread: the file's offset is
-        the child's, which writes at it."""
-        where, fd = 0, self._answer.fileno()
-        while os.read(self._told, 1):
-            size = int.from_bytes(os.pread(fd, 8, where), "little")
-            data = os.pread(fd, size, where + 8)
-            where += 8 + size
-            yield marshal.loads(data)
+        all (its exit status says whether it did)."""
+        while (message := socket.recv_fds(self._told, 1, 1))[0]:
+            if not message[1]:  # its file did not come with it (no descriptor left here)
+                log.info("a batch of Plex's listing process came without its file")
+                raise _NoAnswer(None)
+            with open(message[1][0], "rb") as batch:
+                batch.seek(0)  # the child wrote it: the offset they share is at its end
+                value = marshal.load(batch)
+            yield value
         status = self._reaped()
         if os.WIFSIGNALED(status):
             raise _NoAnswer(os.WTERMSIG(status))
@@ -1372,10 +1373,7 @@ class _ListingProcess:
 
     def close(self) -> None:
         self.stop()
-        if self._told >= 0:
-            os.close(self._told)
-            self._told = -1
-        self._answer.close()
+        self._told.close()  # with the batches sent and not read
 
 
 def _anonymous_file() -> IO[bytes]:
@@ -1389,7 +1387,7 @@ def _anonymous_file() -> IO[bytes]:
     return tempfile.TemporaryFile()
 
 
-def _run_child(work: Callable[[], Iterable[Any]], answer: IO[bytes], tell: int) -> NoReturn:
+def _run_child(work: Callable[[], Iterable[Any]], tell: socket.socket) -> NoReturn:
     code = 70
     try:
         # The parent's handlers only set its stop event: the child ends as a process does.
@@ -1399,11 +1397,10 @@ def _run_child(work: Callable[[], Iterable[Any]], answer: IO[bytes], tell: int) 
             if isinstance(handler, logging.handlers.RotatingFileHandler):
                 handler.maxBytes = 0  # the log is the parent's to roll over
         for value in work():
-            data = marshal.dumps(value)
-            answer.write(len(data).to_bytes(8, "little"))
-            answer.write(data)
-            answer.flush()  # in the file before the byte that tells of it
-            os.write(tell, b"+")
+            with _anonymous_file() as batch:
+                marshal.dump(value, batch)
+                batch.flush()  # in the file before its descriptor goes
+                socket.send_fds(tell, [b"+"], [batch.fileno()])
         code = 0
     except BaseException:  # noqa: BLE001 - anything: the parent reads the listing itself
         with contextlib.suppress(BaseException):

@@ -9,6 +9,7 @@ as a real command, where it forks of its own accord.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -130,6 +131,35 @@ def test_many_batches_arrive_whole_and_in_order(world: World, start: Any,
 
     assert same_run(child, own)
     assert "Total: 14 videos" in child.total
+
+
+def listing_files_held() -> int:
+    """Bytes in the listing process's files that this process has open."""
+    held = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if "sageplex-listing" in os.readlink(f"/proc/self/fd/{fd}"):
+                held += os.stat(f"/proc/self/fd/{fd}").st_size
+    return held
+
+
+def test_each_batch_of_the_listing_process_is_freed_once_read() -> None:
+    """What this process holds of the child's batches never grows with the listing (a
+    100,000-item listing is 12 MB of them): each batch's file is closed once read."""
+    batches = 20
+    process = sageplex_sync._ListingProcess.start(
+        lambda: (list(range(first, first + 50_000)) for first in range(0, batches * 50_000,
+                                                                        50_000)))
+    assert process is not None
+    held, received = [], []
+    try:
+        for value in process.values():
+            received.append(value[0])
+            held.append(listing_files_held())
+    finally:
+        process.close()
+    assert received == list(range(0, batches * 50_000, 50_000))
+    assert held == [0] * batches
 
 
 def movie_section_listing(env: Env) -> tuple[str, bytes]:

@@ -357,8 +357,10 @@ class TreeMemory:
     """The memory of a subprocess and of every process it starts (the tool forks one to
     read SageTV's listing), sampled from /proc every few milliseconds while they live:
     the largest sum of their resident sizes at one moment (pages a fork shares with its
-    parent count twice), and each process's own peak (VmHWM). os.wait4's ru_maxrss is
-    the largest of the subprocess and its children, never their sum."""
+    parent count twice), plus the machine's in-memory files grown since the start (the
+    batches Plex's listing process sends in memfd files, which no process's resident size
+    counts while they are on their way), and each process's own peak (VmHWM). os.wait4's
+    ru_maxrss is the largest of the subprocess and its children, never their sum."""
 
     INTERVAL_S = 0.005
 
@@ -366,6 +368,7 @@ class TreeMemory:
         self.pid = pid
         self.peaks_kb: dict[int, int] = {}  # each process's own high-water mark
         self.at_once_kb = 0  # the largest sum at one sample
+        self._shmem_start_kb = self._shmem_kb()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -378,9 +381,18 @@ class TreeMemory:
             return []
         return [int(c) for c in text.split()]
 
+    @staticmethod
+    def _shmem_kb() -> int:
+        """The machine's shared memory (tmpfs and memfd files among it), from /proc/meminfo."""
+        try:
+            found = re.search(r"^Shmem:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
+        except OSError:
+            return 0
+        return int(found[1]) if found else 0
+
     def _sample(self) -> None:
         while not self._stop.wait(self.INTERVAL_S):
-            pending, total = [self.pid], 0
+            pending, total = [self.pid], max(0, self._shmem_kb() - self._shmem_start_kb)
             while pending:
                 pid = pending.pop()
                 pending += self._children(pid)

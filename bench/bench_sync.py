@@ -70,6 +70,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 from xml.parsers import expat
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -893,8 +894,8 @@ class WritePhase:
 
     def phase_requests(self) -> dict[str, int]:
         """Requests of the sync beyond those of the check: the writes and their read-backs."""
-        return {name: sum(self.sync.requests[name].values())
-                - sum(self.check.requests[name].values()) for name in ("SageTV", "Plex")}
+        return {name: sum(kinds.values())
+                for name, kinds in requests_beyond(self.sync, self.check).items()}
 
     def server_bound_s(self) -> dict[str, float]:
         done = self.phase_requests()
@@ -917,8 +918,26 @@ class WritePhase:
         return self.sync.wall_s / (self.check.wall_s + self.floor_s)
 
 
+def requests_beyond(run: ChildRun, check: ChildRun) -> dict[str, dict[str, int]]:
+    """Per server and kind, the requests of ``run`` beyond those of ``check``."""
+    beyond = {}
+    for name, kinds in run.requests.items():
+        counts = {kind: n - check.requests[name].get(kind, 0) for kind, n in kinds.items()}
+        beyond[name] = {kind: n for kind, n in counts.items() if n}
+    return beyond
+
+
+class WriteRound(NamedTuple):
+    info: WorldInfo
+    check: ChildRun
+    sync: ChildRun
+    floor: ChildRun  # the sync's requests beyond the check, replayed
+    floor_s: float  # ... timed in its process
+    replayed: int  # requests replayed
+
+
 def write_round(size: int, sage_ms: float, plex_ms: float, workers: tuple[int, int]
-                ) -> tuple[WorldInfo, ChildRun, ChildRun, ChildRun, dict]:
+                ) -> WriteRound:
     """One world: its check, its first sync, then the sync's requests replayed (the floor)."""
     world, info = build_world(size, 100.0, rows=2)
     gc.collect()
@@ -936,16 +955,13 @@ def write_round(size: int, sage_ms: float, plex_ms: float, workers: tuple[int, i
         bench._reset()
         floor, replayed = run_worker("write-floor", spec, bench.env, Path(tmp))
         bench._collect(floor)
-        for name, fake_requests in floor.requests.items():
-            expected = {kind: count - check.requests[name].get(kind, 0)
-                        for kind, count in sync.requests[name].items()}
-            if fake_requests != {kind: n for kind, n in expected.items() if n}:
-                raise RuntimeError(f"the write floor sent {name} {fake_requests}, the sync "
-                                   f"beyond its check {expected}")
+        if floor.requests != requests_beyond(sync, check):
+            raise RuntimeError(f"the write floor sent {floor.requests}, the sync beyond its "
+                               f"check {requests_beyond(sync, check)}")
     gc.unfreeze()
     del world
     gc.collect()
-    return info, check, sync, floor, replayed
+    return WriteRound(info, check, sync, floor, replayed["work_s"], replayed["requests"])
 
 
 def measure_write_phase(size: int, sage_ms: float, plex_ms: float, rounds: int, say
@@ -958,14 +974,14 @@ def measure_write_phase(size: int, sage_ms: float, plex_ms: float, rounds: int, 
 
     workers = (sageplex_sync.DEFAULT_SAGE_WRITE_WORKERS, sageplex_sync.DEFAULT_PLEX_WRITE_WORKERS)
     runs = [write_round(size, sage_ms, plex_ms, workers) for _ in range(max(1, rounds))]
-    info = runs[0][0]
-    check = min((run[1] for run in runs), key=lambda r: r.wall_s)
-    sync = min((run[2] for run in runs), key=lambda r: r.wall_s)
-    floor, replayed = min(((run[3], run[4]) for run in runs), key=lambda r: r[1]["work_s"])
-    result = WritePhase(size, info, sage_ms, plex_ms, workers, check, sync, floor,
-                        replayed["work_s"])
-    syncs = ", ".join(f"{run[2].wall_s:.2f}" for run in runs)
-    floors = ", ".join(f"{run[4]['work_s']:.2f}" for run in runs)
+    check = min((run.check for run in runs), key=lambda r: r.wall_s)
+    sync = min((run.sync for run in runs), key=lambda r: r.wall_s)
+    fastest = min(runs, key=lambda run: run.floor_s)
+    floor = fastest.floor
+    result = WritePhase(size, runs[0].info, sage_ms, plex_ms, workers, check, sync, floor,
+                        fastest.floor_s)
+    syncs = ", ".join(f"{run.sync.wall_s:.2f}" for run in runs)
+    floors = ", ".join(f"{run.floor_s:.2f}" for run in runs)
     say(f"\n== write phase (best of {len(runs)} rounds, each in a fresh world; first syncs "
         f"{syncs} s, floors {floors} s)")
     done, phase, bound = writes(sync), result.phase_requests(), result.server_bound_s()
@@ -981,7 +997,7 @@ def measure_write_phase(size: int, sage_ms: float, plex_ms: float, rounds: int, 
         f"{sync.wall_s - check.wall_s:.2f} s vs {max(bound.values()):.2f} s); CPU "
         f"{sync.cpu_s:.2f} s ({1000 * (sync.cpu_s - check.cpu_s) / max(1, sum(phase.values())):.2f}"
         f" ms per request beyond the check); peak RSS {sync.rss_mb:.0f} MB")
-    say(f"  floor: the same {replayed['requests']:,} requests replayed with http.client, "
+    say(f"  floor: the same {fastest.replayed:,} requests replayed with http.client, "
         f"{workers[0]} + {workers[1]} threads, both servers at once: {result.floor_s:.2f} s "
         f"(timed in its process); first sync / (check + floor) = {result.floor_ratio:.2f}x")
     say(f"  CPU time the host's hypervisor took from this machine (steal): "

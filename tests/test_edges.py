@@ -419,6 +419,71 @@ def test_sagetv_gone_after_clearwatched_does_not_unwatch_plex_next_run(
     quiet(env, state)
 
 
+
+@pytest.mark.parametrize("failing", ["plex", "sagetv"])
+def test_a_failed_resume_point_is_written_again_over_the_older_position(
+        world: World, start, state: Path, failing: str) -> None:
+    """Synced at 10:00 on both. The user plays on to 25:00 on one side; the sync's write of
+    25:00 to the other fails, which still shows 10:00. A position is not the one the write
+    carried because it is a position too: the next sync writes 25:00 again."""
+    item = world.movie("Ronin", year=1998, duration_ms=2 * HOUR, sage=at(10 * MIN, ago=DAY),
+                       plex=at(10 * MIN, ago=DAY))
+    env: Env = start()
+    user = User(world, env.plex)
+    ok(sync(env, state))
+
+    world.clock.advance(HOUR)
+    if failing == "plex":
+        user.sage_stop_at(item, 25 * MIN)
+        env.plex.add_fault(function="timeline", status=500)
+        env.plex.add_fault(function="progress", status=500)
+    else:
+        user.plex_stop_at(item, 25 * MIN)
+        env.sage.add_fault(function="SetWatchedTimes", status=500)
+    ok(sync(env, state), 1)
+    env.plex.clear_faults()
+    env.sage.clear_faults()
+    assert near(world.plex_item(item).view_offset_ms if failing == "plex"
+                else world.sage_position_ms(item), 10 * MIN)
+
+    world.clock.advance(HOUR)
+    r = ok(sync(env, state))
+    assert near(world.plex_item(item).view_offset_ms, 25 * MIN), world.plex_item(item)
+    assert near(world.sage_position_ms(item), 25 * MIN)
+    assert "out-of-sync, 1 updated" in r.total and "left as is" not in r.total, r.out
+    quiet(env, state)
+
+
+def test_a_killed_runs_write_done_by_the_next_sync_is_never_carried_out_again(
+        world: World, start, state: Path) -> None:
+    """Synced unwatched on both. The user finishes the film on SageTV; the sync is killed
+    (kill -9) before Plex's scrobble, and the next sync scrobbles it. Days later the user
+    marks it unwatched on Plex. That un-watch is the user's latest word: the killed run's
+    scrobble was done long ago, so it is not carried out again, and SageTV follows Plex."""
+    item = world.movie("Ronin", year=1998, sage=none(), plex=none())
+    env: Env = start()
+    user = User(world, env.plex)
+    ok(sync(env, state))
+
+    world.clock.advance(HOUR)
+    user.sage_finish(item)
+    pid: list[int] = []
+    kill_at_write(env.plex, env.world.plex.WRITE_FUNCTIONS, 0, pid)
+    run_killed(env, state, ["all", "-s"], pid)
+    env.plex.clear_faults()
+    assert world.plex_item(item).view_count == 0
+    world.clock.advance(HOUR)
+    ok(sync(env, state))
+    assert world.plex_item(item).view_count == 1
+
+    world.clock.advance(DAY)
+    user.plex_unwatch(item)
+    world.clock.advance(HOUR)
+    ok(sync(env, state))
+    assert world.plex_item(item).view_count == 0, "the killed run's scrobble came back"
+    assert world.sage_watched(item) is False
+    quiet(env, state)
+
 # =============================================================================================
 # 3. A newer viewing beats a stale decision (§6.1, §6.4)
 # =============================================================================================

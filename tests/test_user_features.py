@@ -764,10 +764,20 @@ def test_sandbox_runs_says_what_to_try_next_and_cleans_up(capsys: pytest.Capture
     assert not config.parent.exists()  # its temporary folder is gone
 
 
-def test_sandbox_serve_prints_the_config_and_cleans_up_on_ctrl_c(tmp_path: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "tests.sandbox", "--serve"], cwd=ROOT,
+def _interrupt_as_in_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def serve_sandbox() -> subprocess.Popen[str]:
+    """``python -m tests.sandbox --serve`` as a terminal starts it: Ctrl-C at its default
+    even when the tests themselves run in a background job (which ignores SIGINT)."""
+    return subprocess.Popen([sys.executable, "-m", "tests.sandbox", "--serve"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL)
+                            stdin=subprocess.DEVNULL, preexec_fn=_interrupt_as_in_a_terminal)
+
+
+def test_sandbox_serve_prints_the_config_and_cleans_up_on_ctrl_c(tmp_path: Path) -> None:
+    proc = serve_sandbox()
     assert proc.stderr is not None
     seen = []
     try:
@@ -775,9 +785,11 @@ def test_sandbox_serve_prints_the_config_and_cleans_up_on_ctrl_c(tmp_path: Path)
             seen.append(line)
             if "serving until" in line:
                 break
-        while not any("SAGEPLEX_CFG=" in ln for ln in seen):
+        while not any("SAGEPLEX_CFG=" in ln for ln in seen) and seen[-1:] != [""]:
             seen.append(proc.stderr.readline())
-        config = Path(next(ln for ln in seen if "SAGEPLEX_CFG=" in ln).split("=", 1)[1].strip())
+        said = [ln for ln in seen if "SAGEPLEX_CFG=" in ln]
+        assert said, "".join(seen)
+        config = Path(said[0].split("=", 1)[1].strip())
         assert config.is_file()
         # the tool, pointed at the sandbox from outside, reaches its fakes
         check = subprocess.run([sys.executable, str(TOOL), "--check"], capture_output=True,
@@ -796,9 +808,7 @@ def test_sandbox_serve_prints_the_config_and_cleans_up_on_ctrl_c(tmp_path: Path)
 
 
 def test_sandbox_cleans_up_on_sigterm() -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "tests.sandbox", "--serve"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL)
+    proc = serve_sandbox()
     assert proc.stderr is not None
     try:
         config = None

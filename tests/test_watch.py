@@ -213,14 +213,21 @@ def test_a_manual_sync_runs_while_watching(watching: Callable[..., Watching], it
     assert eventually(lambda: near(world.sage_position_ms(item), 12 * MIN), 5)
 
 
-def test_watch_refuses_options_that_do_not_go_with_it(start: Callable[..., Env]) -> None:
-    start()
-    for extra in (["-n"], ["-p"], ["-m", "1"], ["--plan", "x.json"], ["--why", "1"],
-                  ["--undo"], ["--apply", "x.json"]):
-        err = io.StringIO()
-        code = sageplex_sync.main(["--watch", *extra], out=io.StringIO(), err=err,
-                                  stdin=sys.stdin)
-        assert code == sageplex_sync.ExitCode.USAGE, (extra, err.getvalue())
+@pytest.mark.parametrize("extra", [["-n"], ["-p"], ["-m", "1"], ["--plan", "x.json"],
+                                   ["--why", "1"], ["--undo"], ["--apply", "x.json"]],
+                         ids=lambda extra: extra[0])
+def test_watch_refuses_options_that_do_not_go_with_it(start: Callable[..., Env],
+                                                      extra: list[str]) -> None:
+    env = start()
+    err = io.StringIO()
+    codes: list[int] = []
+    # A --watch that were let through would follow the servers for ever: in a thread.
+    run = threading.Thread(target=lambda: codes.append(sageplex_sync.main(
+        ["--watch", *extra], out=io.StringIO(), err=err, stdin=sys.stdin)), daemon=True)
+    run.start()
+    run.join(30)
+    assert codes == [sageplex_sync.ExitCode.USAGE], err.getvalue()
+    assert env.writes() == []
 
 
 def test_check_reports_the_websocket(start: Callable[..., Env]) -> None:

@@ -1243,25 +1243,32 @@ def _mass_unwatch_world(world: World, count: int) -> list[Item]:
 
 def test_guard_is_twenty_items_whatever_the_library_size(world: World, start,
                                                          state: Path) -> None:
-    """A 300-item library (like a 4,890-item one, where 10 % would be 489): the user un-watches
-    25 episodes on Plex, and the nightly cron run (no terminal, no -y) must refuse them all:
-    exit 1, a message naming 25 and -y, nothing written. With -y they go through."""
+    """A 300-item library (like a 4,890-item one, where 10 % would be 489). The user
+    un-watches 20 episodes on Plex: no more than 20, the nightly cron run (no terminal, no -y)
+    carries them out. Then 21 more: that run must refuse them all: exit 1, a message naming
+    21 and -y, nothing written. With -y they go through."""
     items = _mass_unwatch_world(world, 300)
     env: Env = start()
     user = User(world, env.plex)
     ok(sync(env, state))
 
     world.clock.advance(HOUR)
-    for item in items[:25]:
+    for item in items[:20]:
+        user.plex_unwatch(item)
+    ok(sync(env, state))
+    assert not any(world.sage_watched(item) for item in items[:20])
+
+    world.clock.advance(HOUR)
+    for item in items[20:41]:
         user.plex_unwatch(item)
     r = sync(env, state)
     assert r.code == 1, r.out + r.err
-    assert "25" in r.err and "-y" in r.err, r.err
+    assert "21" in r.err and "-y" in r.err, r.err
     assert env.writes() == []
-    assert all(world.sage_watched(item) for item in items)
+    assert all(world.sage_watched(item) for item in items[20:])
 
     ok(sync(env, state, "-y"))
-    assert not any(world.sage_watched(item) for item in items[:25])
+    assert not any(world.sage_watched(item) for item in items[20:41])
 
 
 def test_guard_counts_positions_moved_back_on_plex(world: World, start, state: Path) -> None:

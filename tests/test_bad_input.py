@@ -144,6 +144,10 @@ def test_config_key_missing(env: Env, key: str) -> None:
     ("plex.timeout", "30", ("'plex.timeout' must be a positive number", '"30"')),
     ("sagex", "127.0.0.1:8080", ("'sagex' must be an object",)),
     ("plex", [], ("'plex' must be an object",)),
+    ("guard", "20", ("'guard' must be a whole number of items", "'20'")),
+    ("guard", -1, ("'guard' must be a whole number of items", "0 turns the guard off")),
+    ("guard", True, ("'guard' must be a whole number",)),
+    ("guard", 20.5, ("'guard' must be a whole number", "20.5")),
 ], ids=lambda v: v if isinstance(v, str) and "." in v and " " not in v else None)
 def test_config_wrong_type(env: Env, key: str, value: Any, says: tuple[str, ...]) -> None:
     data = env.servers.config()

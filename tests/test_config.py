@@ -34,6 +34,13 @@ def test_original_config_file_is_accepted_unchanged(tmp_path: Path) -> None:
     assert config.sage.timeout_s == sageplex_sync.DEFAULT_TIMEOUT_S
 
 
+def test_a_config_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """Windows editors (Notepad until 2019) save UTF-8 with a byte order mark first."""
+    path = write(tmp_path)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    config = load_config(path)
+    assert config.sage.base_url == "http://localhost:8080"
+
 def test_sageplex_cfg_may_name_a_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write(tmp_path / "cfgdir")
     monkeypatch.setenv("SAGEPLEX_CFG", str(tmp_path / "cfgdir"))

@@ -921,6 +921,35 @@ def test_each_servers_clock_offset_comes_from_its_own_date_header(
         assert near(world.sage_position_ms(item), 30 * MIN)
 
 
+def test_the_first_reply_of_a_run_sets_the_clock_offset(world: World, start,
+                                                        state: Path) -> None:
+    """Plex's clock is right when the run starts; after its first reply, its Date headers
+    run two hours ahead (its clock stepped by a bad time source while the tool reads). The
+    run keeps the offset its first reply gave: the user's later viewing on Plex (30:00, five
+    minutes after 20:00 on SageTV) stays the newer one, not two hours older than it is."""
+    item = world.episode("Bones", 4, 1, "Harbingers in a Fountain", duration_ms=60 * MIN,
+                         sage=none(), plex=none())
+    env: Env = start()
+    user = User(world, env.plex)
+    ok(sync(env, state))
+    world.clock.advance(HOUR)
+    user.sage_stop_at(item, 20 * MIN)
+    world.clock.advance(5 * MIN)
+    user.plex_stop_at(item, 30 * MIN)
+
+    replies = [0]
+    right_clock_s = world.plex.date_clock_s
+
+    def stepped_clock_s() -> float:
+        replies[0] += 1
+        return right_clock_s() + (0 if replies[0] == 1 else 2 * HOUR / 1000)
+
+    world.plex.date_clock_s = stepped_clock_s  # type: ignore[method-assign]
+    ok(sync(env, state))
+    assert replies[0] > 1
+    assert near(world.plex_item(item).view_offset_ms, 30 * MIN), world.plex_item(item)
+    assert near(world.sage_position_ms(item), 30 * MIN)
+
 # =============================================================================================
 # 5. State and plans belong to one pair of servers (§6.5)
 # =============================================================================================

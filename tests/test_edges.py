@@ -1467,6 +1467,30 @@ def test_undo_of_a_run_that_decided_a_sibling_again_puts_back_the_state_before_t
     assert near(world.plex_item(b).view_offset_ms, 20 * MIN)
 
 
+def test_a_sibling_decided_again_takes_the_show_flag_for_the_servers_not_the_users(
+        world: World, start, state: Path) -> None:
+    """Synced unwatched. The user finishes A on Plex and stops B on Plex at 20:00. The sync's
+    SetWatched(A) makes B watched through the show flag, and B is decided again on the fresh
+    read: that flag is the run's doing, not a viewing on SageTV newer than Plex's. B keeps
+    its 20:00 on Plex and gets it on SageTV; A is watched on both."""
+    a, b = siblings(world)
+    env: Env = start()
+    user = User(world, env.plex)
+    ok(sync(env, state))
+
+    world.clock.advance(HOUR)
+    user.plex_finish(a)
+    world.clock.advance(10 * MIN)
+    user.plex_stop_at(b, 20 * MIN)
+    world.clock.advance(10 * MIN)
+    r = ok(sync(env, state))
+    assert "decided again" in r.out
+    plex_b = world.plex_item(b)
+    assert plex_b.view_count == 0 and near(plex_b.view_offset_ms, 20 * MIN), plex_b
+    assert not world.sage_watched(b) and near(world.sage_position_ms(b), 20 * MIN)
+    assert world.sage_watched(a) and world.plex_item(a).view_count == 1
+    quiet(env, state)
+
 def test_a_sibling_decided_again_is_journalled_with_the_writes_made_and_the_state_found(
         world: World, start, state: Path) -> None:
     """The journal of a run that decided an item again records the writes it made (clear

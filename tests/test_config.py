@@ -41,6 +41,7 @@ def test_a_config_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
     config = load_config(path)
     assert config.sage.base_url == "http://localhost:8080"
 
+
 def test_sageplex_cfg_may_name_a_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write(tmp_path / "cfgdir")
     monkeypatch.setenv("SAGEPLEX_CFG", str(tmp_path / "cfgdir"))

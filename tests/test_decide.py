@@ -332,7 +332,6 @@ def test_a_pending_decision_is_dropped_when_either_side_changed(
     assert "again" not in again.rule
 
 
-
 def test_a_pending_position_is_not_taken_by_another_position() -> None:
     """A failed write of 0:20:00 to a side that still shows 0:10:00 is still to do: the same
     kind of state is not the state the write carried."""
@@ -342,6 +341,7 @@ def test_a_pending_position_is_not_taken_by_another_position() -> None:
     to_sage = decide(P10, P20, OLD, OLD, Base(P10, P10, pending=(P20, None),
                                                 pending_on=(P10, P20)))
     assert (to_sage.verdict, to_sage.to_sage) == (Verdict.SAGE_OUT_OF_SYNC, P20), to_sage
+
 
 @pytest.mark.parametrize("sage_last_ms, plex_last_ms", [(NEW, NEW), (NEW, OLD), (OLD, NEW)])
 def test_a_side_changed_after_a_failed_write_was_decided_is_newer_whatever_its_stamp(

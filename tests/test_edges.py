@@ -419,7 +419,6 @@ def test_sagetv_gone_after_clearwatched_does_not_unwatch_plex_next_run(
     quiet(env, state)
 
 
-
 @pytest.mark.parametrize("failing", ["plex", "sagetv"])
 def test_a_failed_resume_point_is_written_again_over_the_older_position(
         world: World, start, state: Path, failing: str) -> None:
@@ -487,6 +486,7 @@ def test_a_killed_runs_write_done_by_the_next_sync_is_never_carried_out_again(
 # =============================================================================================
 # 3. A newer viewing beats a stale decision (§6.1, §6.4)
 # =============================================================================================
+
 
 def test_undo_skips_an_item_watched_again_on_plex_after_the_sync(
         world: World, start, state: Path) -> None:
@@ -953,6 +953,7 @@ def test_the_first_reply_of_a_run_sets_the_clock_offset(world: World, start,
 # =============================================================================================
 # 5. State and plans belong to one pair of servers (§6.5)
 # =============================================================================================
+
 
 @contextlib.contextmanager
 def other_servers(tmp_path: Path, name: str, declare: Callable[[World], Item]
@@ -1490,6 +1491,7 @@ def test_a_sibling_decided_again_takes_the_show_flag_for_the_servers_not_the_use
     assert not world.sage_watched(b) and near(world.sage_position_ms(b), 20 * MIN)
     assert world.sage_watched(a) and world.plex_item(a).view_count == 1
     quiet(env, state)
+
 
 def test_a_sibling_decided_again_is_journalled_with_the_writes_made_and_the_state_found(
         world: World, start, state: Path) -> None:

@@ -557,6 +557,55 @@ def test_position_write_failing_after_clear_watched_restores_watched(
     assert_clean(r)
 
 
+def test_position_write_failing_restores_a_watched_mark_from_the_show_flag(world: World,
+                                                                          start: Any) -> None:
+    """Two recordings of one episode: A was watched on SageTV, so B is watched through the
+    show's flag (not watched completely: B has no viewing of its own). Plex re-watches B at
+    10:00, newer. When SetWatchedTimes fails after the ClearWatched, the restore marks B
+    watched again: SageTV is never left less watched."""
+    show = "EP0000555001"
+    world.episode("Castle", 3, 1, "A Deadly Game", duration_ms=60 * MIN, show_external_id=show,
+                  sage=watched(ago=DAY), plex=watched(ago=DAY))
+    b = world.episode("Castle", 3, 1, "A Deadly Game", duration_ms=60 * MIN,
+                      show_external_id=show, sage=none(), plex=at(10 * MIN, ago=HOUR,
+                                                                   view_count=1))
+    env: Env = start()
+    airing = world.sage.airing_json(b.airing_id)
+    assert airing["IsWatched"] is True and airing["IsWatchedCompletely"] is False
+    env.sage.add_fault(function="SetWatchedTimes", status=500)
+
+    r = env.run("all", "-s")
+
+    assert r.code == 1
+    assert "restored what SageTV had" in r.line_for(b.rating_key), r.out
+    assert world.sage.airing_json(b.airing_id)["IsWatched"] is True
+    assert_clean(r)
+
+
+def test_a_plex_position_write_cut_off_is_sent_once_and_taken_next_run(
+        world: World, start: Any, tmp_path: Path) -> None:
+    """Plex's reply to the position write (a timeline, whose reply has a body) is cut off
+    half-way. The write may have taken, so it is never sent again blindly: the item is
+    reported failed, and the next sync finds the position there and writes nothing."""
+    item = world.movie("Ronin", year=1998, sage=at(40 * MIN, ago=HOUR), plex=none())
+    env: Env = start()
+    state = str(tmp_path / "cut.sqlite")
+    env.plex.add_fault(function="timeline", truncate=True)
+    env.plex.add_fault(function="progress", truncate=True)
+
+    r = env.run("all", "-s", "--state", state)
+
+    assert "[failed]" in r.line_for(item.rating_key) and "cut its reply off" in r.out, r.out
+    position_writes = [q for q in env.plex.requests() if q.function in ("timeline", "progress")]
+    assert len(position_writes) == 1
+    assert abs(world.plex_item(item).view_offset_ms - 40 * MIN) < 2_000  # it took
+    env.plex.clear_faults()
+    env.clear_logs()
+    r = env.run("all", "-s", "--state", state)
+    assert r.code == 0 and env.writes() == [], r.out
+    assert_clean(r)
+
+
 def test_position_write_failing_restores_the_old_position(world: World, start: Any) -> None:
     """Row 7, Plex newer and earlier: ClearWatched first; when SetWatchedTimes fails, the
     old SageTV position is written back."""

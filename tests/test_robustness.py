@@ -128,6 +128,10 @@ SAGE_RECORD_EDITS: dict[str, tuple[Callable[[list, int], None], str]] = {
     "media-file-without-airing": (
         lambda records, mf: next(r for r in records if r["MediaFileID"] == mf).pop("Airing"),
         "has no airing"),
+    "airing-id-zero": (
+        lambda records, mf: next(r for r in records if r["MediaFileID"] == mf)["Airing"].update(
+            AiringID=0),
+        "has no airing"),
     "file-start-time-a-string": (
         lambda records, mf: next(r for r in records if r["MediaFileID"] == mf).update(
             FileStartTime="1790020800005"),

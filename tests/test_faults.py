@@ -643,6 +643,42 @@ def test_restore_failing_too_is_reported(world: World, start: Any) -> None:
 
 # -- Ctrl-C in the middle of a sync ---------------------------------------------------------------
 
+def test_ctrl_c_between_an_items_two_writes_finishes_the_item(world: World, start: Any,
+                                                              tmp_path: Path) -> None:
+    """Plex paused a film at 30:00 (never played through); SageTV had it watched, so the sync
+    marked Plex watched. ``--undo`` puts Plex back as unscrobble, then 30:00. Ctrl-C lands
+    while the unscrobble is on its way: the item's second write is still sent, and Plex
+    ends at 30:00, never un-watched without its resume point."""
+    item = world.movie("Ronin", year=1998, sage=watched(ago=HOUR), plex=at(30 * MIN, ago=DAY))
+    env: Env = start()
+    state = str(tmp_path / "undo.sqlite")
+    assert env.run("all", "-s", "--state", state).code == 0
+    assert world.plex_item(item).view_count == 1
+    env.clear_logs()
+    env.plex.add_fault(function="unscrobble", delay_s=0.4)
+    environ = {k: v for k, v in os.environ.items() if k not in PROXY_VARIABLES}
+    environ.update(SAGEPLEX_CFG=str(env.config_path), SAGEPLEX_LOG=str(env.log_path),
+                   PLEXAPI_CONFIG_PATH=os.environ["PLEXAPI_CONFIG_PATH"])
+    process = subprocess.Popen(
+        [sys.executable, str(MAIN / "sageplex_sync.py"), "--undo", "--state", state],
+        cwd=MAIN, env=environ, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: env.plex_writes(), timeout_s=20)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+    assert process.returncode == 130, out + err
+    assert [q.function for q in env.plex_writes()][0] == "unscrobble", out + err
+    plex = world.plex_item(item)
+    assert plex.view_count == 0 and abs(plex.view_offset_ms - 30 * MIN) < 2_000, plex
+    assert "[updated]" in out and "Traceback" not in out + err
+
+
 def test_ctrl_c_prints_the_summary_so_far_and_leaves_no_half_written_item(
         world: World, start: Any) -> None:
     rewatches = [world.episode("Bones", 2, n, f"Rewatch {n}", sage=watched(ago=DAY),

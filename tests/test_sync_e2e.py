@@ -39,6 +39,7 @@ def world(request: pytest.FixtureRequest) -> World:
     leave open: the outcome must be right under each."""
     return World(plex_options=request.param)
 
+
 TOLERANCE_MS = 2_000  # SageTV's watched times do not round-trip to the millisecond
 
 

@@ -147,6 +147,19 @@ def test_a_manual_mark_and_unmark_on_plex_reach_sagetv(
     assert eventually(lambda: not world.sage_watched(item), 5), w.out.getvalue()
 
 
+def test_a_mark_on_plex_while_the_item_plays_waits_for_its_stop(
+        watching: Callable[..., Watching], item: Item, world: World) -> None:
+    """Someone marks the episode watched on another screen while it plays on the TV: that
+    mark is not synced while it plays; the stop that follows is."""
+    w = watching()
+    w.user.plex_play(item, 10 * MIN)
+    w.user.plex_finish(item)
+    time.sleep(1.5)
+    assert w.env.sage_writes() == [], "written while it plays"
+    w.user.plex_stop(item, 12 * MIN)
+    assert eventually(lambda: w.env.sage_writes() != [], 5), w.out.getvalue()
+
+
 def test_a_manual_sagetv_mark_waits_for_the_timed_backstop_pass(
         watching: Callable[..., Watching], item: Item, world: World) -> None:
     """SageTV's "mark watched" stamps no watch time, so GetRecentlyWatched never lists it:
@@ -297,6 +310,26 @@ def test_a_sagetv_clock_set_while_watching_still_syncs_a_stop_within_a_poll_and_
     assert {r.function for r in w.env.sage.requests()} <= {"GetRecentlyWatched"}, \
         "the poll took the tool's own write for a new stop"
     assert w.out.getvalue().count(f" {item.rating_key} ") == 1, w.out.getvalue()
+
+
+def test_a_sagetv_stop_just_after_its_clock_is_set_back_is_heard(
+        watching: Callable[..., Watching], item: Item, world: World) -> None:
+    """Polls 3 s apart. Just after a poll, SageTV's clock is set back 2 minutes and the user
+    stops at once: the next poll finds both, puts the last poll's time on the new clock, and
+    hears the stop (3 s old by then, past the second a poll's time is uncertain by)."""
+    w = watching("--poll", "3")
+
+    def polls() -> int:
+        return len(w.env.sage.requests(function="GetRecentlyWatched"))
+
+    time.sleep(0.5)
+    seen = polls()
+    assert eventually(lambda: polls() > seen, 10)
+    world.sage_skew_ms -= 2 * MIN
+    w.user.sage_play(item, 5 * MIN)
+    w.user.sage_stop(item, 20 * MIN)
+    assert eventually(lambda: near(world.plex_item(item).view_offset_ms, 20 * MIN), 8), \
+        w.out.getvalue() + w.err.getvalue()
 
 
 def test_a_stop_within_the_last_polls_second_is_heard_once(world: World, start: Any) -> None:

@@ -676,6 +676,7 @@ class FakePlex:
                 d for d in self._subdirs if _parent_dir(d) is None and d != "/"}
         # GUESS: an unknown directory lists nothing (200) rather than failing, so plexapi's
         # Library.add raises its own BadRequest('Path: ... does not exist.')
+
         def entry(tag: str, p: str) -> str:
             attrs = _attrs([("key", _browse_key(p)), ("path", p), ("title", _basename(p))])
             return f"<{tag}{attrs}/>"

@@ -4,12 +4,14 @@ the tests act as the user on each side and assert on what the other side shows."
 
 from __future__ import annotations
 
+import fcntl
 import io
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -215,6 +217,24 @@ def test_a_server_down_for_a_while_does_not_end_the_mode(
                       sageplex_sync.RETRY_S + 5), w.err.getvalue()
     assert w.thread is not None and w.thread.is_alive()
     assert w.err.getvalue().count("SageTV: ") == 1, w.err.getvalue()  # logged once
+
+
+def test_an_item_sync_refused_by_a_run_holding_the_state_is_tried_again(
+        watching: Callable[..., Watching], item: Item, world: World, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another run holds the sync state (a manual sync, say) when the user stops on Plex:
+    that item's sync is refused, and tried again a few seconds later, once the state is
+    free, without waiting for the hourly full pass."""
+    monkeypatch.setattr(sageplex_sync, "RETRY_S", 1.0)
+    state = tmp_path / "watch.sqlite"
+    w = watching("--state", str(state))
+    with open(state.with_name(state.name + ".lock"), "a+b") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        w.user.plex_stop(item, 13 * MIN)
+        assert eventually(lambda: "in progress" in w.err.getvalue(), 5), w.err.getvalue()
+        fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    assert eventually(lambda: near(world.sage_position_ms(item), 13 * MIN), 5), \
+        w.err.getvalue()
 
 
 def test_a_manual_sync_runs_while_watching(watching: Callable[..., Watching], item: Item,

@@ -643,6 +643,27 @@ def test_restore_failing_too_is_reported(world: World, start: Any) -> None:
 
 # -- Ctrl-C in the middle of a sync ---------------------------------------------------------------
 
+def interrupted(env: Env, argv: list[str], started: Any) -> tuple[int, str, str]:
+    """The tool as a command, sent Ctrl-C (SIGINT) once ``started()`` holds (the first
+    write has reached a fake): its exit code, stdout and stderr."""
+    environ = {k: v for k, v in os.environ.items() if k not in PROXY_VARIABLES}
+    environ.update(SAGEPLEX_CFG=str(env.config_path), SAGEPLEX_LOG=str(env.log_path),
+                   PLEXAPI_CONFIG_PATH=os.environ["PLEXAPI_CONFIG_PATH"],
+                   PYTHONUNBUFFERED="1")
+    process = subprocess.Popen([sys.executable, str(MAIN / "sageplex_sync.py"), *argv],
+                               cwd=MAIN, env=environ, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(started, timeout_s=20)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    return process.returncode, out, err
+
+
 def test_ctrl_c_between_an_items_two_writes_finishes_the_item(world: World, start: Any,
                                                               tmp_path: Path) -> None:
     """Plex paused a film at 30:00 (never played through); SageTV had it watched, so the sync
@@ -656,23 +677,10 @@ def test_ctrl_c_between_an_items_two_writes_finishes_the_item(world: World, star
     assert world.plex_item(item).view_count == 1
     env.clear_logs()
     env.plex.add_fault(function="unscrobble", delay_s=0.4)
-    environ = {k: v for k, v in os.environ.items() if k not in PROXY_VARIABLES}
-    environ.update(SAGEPLEX_CFG=str(env.config_path), SAGEPLEX_LOG=str(env.log_path),
-                   PLEXAPI_CONFIG_PATH=os.environ["PLEXAPI_CONFIG_PATH"])
-    process = subprocess.Popen(
-        [sys.executable, str(MAIN / "sageplex_sync.py"), "--undo", "--state", state],
-        cwd=MAIN, env=environ, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: env.plex_writes(), timeout_s=20)
-        process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
 
-    assert process.returncode == 130, out + err
+    code, out, err = interrupted(env, ["--undo", "--state", state], env.plex_writes)
+
+    assert code == 130, out + err
     assert [q.function for q in env.plex_writes()][0] == "unscrobble", out + err
     plex = world.plex_item(item)
     assert plex.view_count == 0 and abs(plex.view_offset_ms - 30 * MIN) < 2_000, plex
@@ -690,26 +698,12 @@ def test_ctrl_c_prints_the_summary_so_far_and_leaves_no_half_written_item(
     for function in ("ClearWatched", "SetWatchedTimes", "SetWatched"):
         env.sage.add_fault(function=function, delay_s=0.4)
     before = snapshot(world)
-    environ = {k: v for k, v in os.environ.items() if k not in PROXY_VARIABLES}
-    environ.update(SAGEPLEX_CFG=str(env.config_path), SAGEPLEX_LOG=str(env.log_path),
-                   PLEXAPI_CONFIG_PATH=os.environ["PLEXAPI_CONFIG_PATH"],
-                   PYTHONUNBUFFERED="1")
 
     began = time.monotonic()
-    process = subprocess.Popen([sys.executable, str(MAIN / "sageplex_sync.py"), "all", "-s"],
-                               cwd=MAIN, env=environ, stdin=subprocess.DEVNULL,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: env.sage_writes(), timeout_s=20)
-        process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
+    code, out, err = interrupted(env, ["all", "-s"], env.sage_writes)
     time.sleep(0.5)  # any write still sleeping in the fake lands (none should be left)
 
-    assert process.returncode == 130, out + err
+    assert code == 130, out + err
     assert "Interrupted: finishing the writes already started" in err
     assert "Interrupted: the summary covers the items done so far." in out
     total = next(ln for ln in out.splitlines() if ln.startswith("Total:"))

@@ -637,10 +637,14 @@ class Bench:
                             "requests": sent})
         return {"servers": servers}
 
-    def floor(self) -> tuple[ChildRun, dict]:
+    def worker(self, name: str, spec: dict) -> tuple[ChildRun, dict]:
+        """One of WORKERS in a process of its own, with the fakes' log and stats of it."""
         self._reset()
-        run, result = run_worker("floor", self.floor_spec, self.env, self.workdir)
+        run, result = run_worker(name, spec, self.env, self.workdir)
         return self._collect(run), result
+
+    def floor(self) -> tuple[ChildRun, dict]:
+        return self.worker("floor", self.floor_spec)
 
     def warm_up(self) -> ChildRun:
         """One check (without the listing delay: the fakes render and cache every listing),
@@ -670,9 +674,7 @@ class Bench:
 
         spec = {"sage_url": f"{self.servers.sage.base_url}/sagex/api", "sage_user": SAGE_USER,
                 "sage_password": SAGE_PASSWORD, "names": names}
-        self._reset()
-        run, result = run_worker("original", spec, self.env, self.workdir)
-        return self._collect(run), result
+        return self.worker("original", spec)
 
 
 # -----------------------------------------------------------------------------------------
@@ -951,10 +953,7 @@ def write_round(size: int, sage_ms: float, plex_ms: float, workers: tuple[int, i
         check_report(check, info, "check before the write-phase sync")
         sync = bench.tool("all", "-s")
         sync_report(sync, info, "write-phase first sync")
-        spec = bench.replay_spec(check, workers)
-        bench._reset()
-        floor, replayed = run_worker("write-floor", spec, bench.env, Path(tmp))
-        bench._collect(floor)
+        floor, replayed = bench.worker("write-floor", bench.replay_spec(check, workers))
         if floor.requests != requests_beyond(sync, check):
             raise RuntimeError(f"the write floor sent {floor.requests}, the sync beyond its "
                                f"check {requests_beyond(sync, check)}")

@@ -195,6 +195,13 @@ def run_killed(env: Env, state: Path, argv: list[str], pid: list[int]) -> int:
     return process.returncode
 
 
+def sync_killed_at_plex_write(env: Env, state: Path, k: int) -> None:
+    """A full sync killed (kill -9) at its (k+1)-th Plex write, which is dropped: exactly k
+    write steps reached Plex. The fault stays until the test clears it."""
+    pid: list[int] = []
+    kill_at_write(env.plex, env.world.plex.WRITE_FUNCTIONS, k, pid)
+    run_killed(env, state, ["all", "-s"], pid)
+
 # =============================================================================================
 # 1. Side effects kept only by full syncs (§6.2)
 # =============================================================================================
@@ -375,9 +382,7 @@ def test_killed_between_unscrobble_and_scrobble_is_finished_next_run(
     watched' is pending. It is finished: SageTV stays watched, Plex ends watched."""
     item = _sage_newer_watched_plex_paused(world)
     env: Env = start()
-    pid: list[int] = []
-    kill_at_write(env.plex, env.world.plex.WRITE_FUNCTIONS, 1, pid)
-    run_killed(env, state, ["all", "-s"], pid)
+    sync_killed_at_plex_write(env, state, 1)
     assert functions(env.plex_writes())[:1] == ["unscrobble"]
     env.plex.clear_faults()
 
@@ -466,9 +471,7 @@ def test_a_killed_runs_write_done_by_the_next_sync_is_never_carried_out_again(
 
     world.clock.advance(HOUR)
     user.sage_finish(item)
-    pid: list[int] = []
-    kill_at_write(env.plex, env.world.plex.WRITE_FUNCTIONS, 0, pid)
-    run_killed(env, state, ["all", "-s"], pid)
+    sync_killed_at_plex_write(env, state, 0)
     env.plex.clear_faults()
     assert world.plex_item(item).view_count == 0
     world.clock.advance(HOUR)
@@ -1087,9 +1090,7 @@ def test_killed_between_the_twins_writes_the_second_twin_gets_the_result(
 
     world.clock.advance(HOUR)
     user.sage_finish(film)
-    pid: list[int] = []
-    kill_at_write(env.plex, env.world.plex.WRITE_FUNCTIONS, 1, pid)
-    run_killed(env, state, ["all", "-s"], pid)
+    sync_killed_at_plex_write(env, state, 1)
     assert functions(env.plex_writes()).count("scrobble") == 2  # the second one dropped
     env.plex.clear_faults()
     scrobbled = sum(world.plex.item(k).view_count for k in (film.rating_key, twin))
